@@ -1,0 +1,101 @@
+/* Records and maps shared by the BPF programs and esr/_fast.
+ *
+ * Every record starts with struct esr_event_header; user space reads the
+ * header to learn the type and the session, then the type's struct.
+ * Variable-length parts (paths, argv) are emitted only as far as they are
+ * used, so a typical record is a few hundred bytes, not the struct's size.
+ */
+#ifndef ESR_EVENTS_H
+#define ESR_EVENTS_H
+
+#define ESR_COMM_LEN 16
+#define ESR_PATH_MAX 4096
+/* The argv block is argv[0] plus at least 16 KiB of arguments. */
+#define ESR_ARGV_MAX 20480
+/* A failed exec's argv is walked pointer by pointer at syscall entry. */
+#define ESR_ARGS_MAX 512
+
+/* Which perf buffer a record goes to; also indexes the lost counters. */
+enum esr_buffer {
+	ESR_BUF_COMMAND = 0,
+	ESR_BUF_DISK = 1,
+	ESR_BUF_NETWORK = 2,
+	ESR_BUF_COUNT = 3,
+};
+
+enum esr_event_type {
+	ESR_EVENT_COMMAND = 1,
+	ESR_EVENT_DISK = 2,
+	ESR_EVENT_NETWORK = 3,
+};
+
+struct esr_event_header {
+	__u64 ts_boot_ns;	/* bpf_ktime_get_boot_ns() */
+	__u64 session;		/* the session's cookie: generation << 32 | slot */
+	__u64 cgroup_id;
+	__u32 pid;		/* tgid */
+	__u16 type;		/* enum esr_event_type */
+	__u16 reserved;
+	char comm[ESR_COMM_LEN];
+};
+
+/* struct esr_command_event.flags */
+#define ESR_ARGV_FROM_ENTRY	0x1	/* failed exec: argv read at syscall entry */
+#define ESR_ARGV_INCOMPLETE	0x2	/* failed exec: more than ESR_ARGS_MAX pointers, or a string cut */
+#define ESR_ARGV_UNREADABLE	0x4	/* the argv memory could not be read */
+
+struct esr_command_event {
+	struct esr_event_header hdr;
+	__u32 ppid;
+	__u32 uid;
+	__u32 gid;
+	__s32 return_code;	/* 0 or -errno */
+	__u32 argc;		/* arguments in the image, argv[0] included */
+	__u32 argv_size;	/* bytes of the whole argv block */
+	__u32 argv_len;		/* bytes of it copied to data[] */
+	__u16 path_len;		/* bytes of path copied after the argv block, NUL included */
+	__u16 flags;
+	/* argv block (NUL-separated, argv[0] first), then the executed path */
+	char data[ESR_ARGV_MAX + ESR_PATH_MAX];
+};
+
+struct esr_disk_event {
+	struct esr_event_header hdr;
+	__s32 flags;		/* open flags as passed */
+	__s32 return_code;	/* fd, or -errno */
+	__u16 path_len;		/* NUL included */
+	__u16 path_truncated;
+	__u32 reserved;
+	char path[ESR_PATH_MAX];
+};
+
+struct esr_network_event {
+	struct esr_event_header hdr;
+	__s32 return_code;	/* 0, or -errno; -EINPROGRESS when the outcome was never seen */
+	__u16 family;		/* AF_INET or AF_INET6 */
+	__u16 src_port;		/* 0 when the kernel never bound one */
+	__u16 dst_port;
+	__u16 reserved[3];
+	__u8 src_addr[16];
+	__u8 dst_addr[16];
+};
+
+/* One slot per session; user space maps the array and reads it in place. */
+struct esr_session_state {
+	__u64 session;		/* cookie of the session in this slot, 0 when free */
+	__s64 live_tasks;	/* tracked threads still running (anchors excluded) */
+	__u64 lost[ESR_BUF_COUNT];	/* records this session could not emit */
+	__u64 untracked_forks;	/* children that could not be tracked: the task map was full */
+};
+
+/* struct esr_task.flags */
+#define ESR_TASK_ANCHOR 0x1	/* not recorded itself; what it forks joins the session */
+
+/* Value of the tracked_tasks map, keyed by thread id. */
+struct esr_task {
+	__u64 session;
+	__u32 flags;
+	__u32 reserved;
+};
+
+#endif /* ESR_EVENTS_H */

@@ -1,0 +1,110 @@
+/* Session membership, shared by every esr BPF program.
+ *
+ * The maps are declared __weak so that each *.bpf.c can include this header
+ * and the static linker keeps one copy of each in esr.bpf.o.
+ */
+#ifndef ESR_SESSION_BPF_H
+#define ESR_SESSION_BPF_H
+
+#include "esr_events.h"
+
+/* Thread id -> session; sized by user space from the config. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct esr_task);
+} tracked_tasks __weak SEC(".maps");
+
+/* Slot -> session state; mapped by user space, which reads the counters in place. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct esr_session_state);
+} session_states __weak SEC(".maps");
+
+/* Records lost per buffer, whatever their session. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ESR_BUF_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} buffer_lost __weak SEC(".maps");
+
+static __always_inline __u32 current_tid(void)
+{
+	return (__u32)bpf_get_current_pid_tgid();
+}
+
+/* The state of a live session, or NULL when the cookie is stale. */
+static __always_inline struct esr_session_state *session_state(__u64 session)
+{
+	__u32 slot = (__u32)session;
+	struct esr_session_state *state = bpf_map_lookup_elem(&session_states, &slot);
+
+	if (!state || state->session != session)
+		return NULL;
+	return state;
+}
+
+/* The session the current thread is recorded in, or 0: the one lookup
+ * every process outside a session pays. */
+static __always_inline __u64 recorded_session(void)
+{
+	__u32 tid = current_tid();
+	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+
+	if (!task || (task->flags & ESR_TASK_ANCHOR))
+		return 0;
+	return task->session;
+}
+
+/* The session of a thread that has just exec'd, or 0. A non-leader thread
+ * that execs takes over the leader's pid, and the leader's exit has already
+ * removed that pid from the map: carry the membership over to it. */
+static __always_inline __u64 recorded_session_after_exec(__u32 old_tid, __u32 new_tid)
+{
+	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &old_tid);
+	__u64 session;
+
+	if (!task)
+		return 0;
+	session = task->flags & ESR_TASK_ANCHOR ? 0 : task->session;
+	if (old_tid != new_tid) {
+		bpf_map_update_elem(&tracked_tasks, &new_tid, task, BPF_ANY);
+		bpf_map_delete_elem(&tracked_tasks, &old_tid);
+	}
+	return session;
+}
+
+static __always_inline void fill_header(struct esr_event_header *hdr, __u64 session, __u16 type)
+{
+	hdr->ts_boot_ns = bpf_ktime_get_boot_ns();
+	hdr->session = session;
+	hdr->cgroup_id = bpf_get_current_cgroup_id();
+	hdr->pid = bpf_get_current_pid_tgid() >> 32;
+	hdr->type = type;
+	hdr->reserved = 0;
+	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
+}
+
+/* Send a record; a full buffer is counted against the buffer and the session. */
+static __always_inline void emit(void *ctx, void *events, __u32 buffer, __u64 session,
+				 void *record, __u64 size)
+{
+	struct esr_session_state *state;
+	__u64 *lost;
+
+	if (!bpf_perf_event_output(ctx, events, BPF_F_CURRENT_CPU, record, size))
+		return;
+	lost = bpf_map_lookup_elem(&buffer_lost, &buffer);
+	if (lost)
+		*lost += 1;
+	state = session_state(session);
+	if (state && buffer < ESR_BUF_COUNT)
+		__sync_fetch_and_add(&state->lost[buffer], 1);
+}
+
+#endif /* ESR_SESSION_BPF_H */

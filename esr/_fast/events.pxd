@@ -1,0 +1,71 @@
+# Declarations of bpf/esr_events.h, the records shared with the BPF programs.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+
+cdef extern from "<linux/types.h>":
+    pass
+
+cdef extern from "esr_events.h":
+    enum:
+        ESR_COMM_LEN
+        ESR_PATH_MAX
+        ESR_ARGV_MAX
+        ESR_BUF_COMMAND
+        ESR_BUF_DISK
+        ESR_BUF_NETWORK
+        ESR_BUF_COUNT
+        ESR_EVENT_COMMAND
+        ESR_EVENT_DISK
+        ESR_EVENT_NETWORK
+        ESR_ARGV_FROM_ENTRY
+        ESR_ARGV_INCOMPLETE
+        ESR_ARGV_UNREADABLE
+        ESR_TASK_ANCHOR
+
+    struct esr_event_header:
+        uint64_t ts_boot_ns
+        uint64_t session
+        uint64_t cgroup_id
+        uint32_t pid
+        uint16_t type
+        char comm[16]
+
+    struct esr_command_event:
+        esr_event_header hdr
+        uint32_t ppid
+        uint32_t uid
+        uint32_t gid
+        int32_t return_code
+        uint32_t argc
+        uint32_t argv_size
+        uint32_t argv_len
+        uint16_t path_len
+        uint16_t flags
+        char data[1]
+
+    struct esr_disk_event:
+        esr_event_header hdr
+        int32_t flags
+        int32_t return_code
+        uint16_t path_len
+        uint16_t path_truncated
+        char path[1]
+
+    struct esr_network_event:
+        esr_event_header hdr
+        int32_t return_code
+        uint16_t family
+        uint16_t src_port
+        uint16_t dst_port
+        uint8_t src_addr[16]
+        uint8_t dst_addr[16]
+
+    struct esr_session_state:
+        uint64_t session
+        int64_t live_tasks
+        uint64_t lost[3]
+        uint64_t untracked_forks
+
+    struct esr_task:
+        uint64_t session
+        uint32_t flags
+        uint32_t reserved

@@ -1,0 +1,246 @@
+"""The schema of everything esr records, and its two wire formats.
+
+Recordings hold these Structs as msgpack arrays tagged with a small integer
+(compact, and fast to encode in bulk). The audit log and `esr show --format
+json` render the same Structs as Teleport-style JSON objects: `audit_fields`
+is the only place that knows those names and codes.
+
+Paths, argv and program names are bytes, exactly as the kernel saw them. In
+JSON they become strings with every byte that is not valid UTF-8 escaped as a
+lone surrogate (\\udcXX), and every control character escaped, so they
+round-trip exactly and never reach a terminal raw.
+"""
+
+from __future__ import annotations
+
+import json
+import time as _time
+import uuid
+from typing import Union
+
+import msgspec
+
+
+class Command(msgspec.Struct, tag=1, array_like=True, gc=False):
+    ei: int
+    time: int  # ns since the epoch
+    pid: int
+    ppid: int
+    cgroup_id: int
+    program: bytes
+    path: bytes
+    argv: list[bytes]  # after argv[0]
+    return_code: int
+    unix_uid: int
+    unix_gid: int
+    argv_truncated: bool = False
+    argv_cut_args: int = 0
+    argv_cut_bytes: int = 0
+
+
+class Disk(msgspec.Struct, tag=2, array_like=True, gc=False):
+    ei: int
+    time: int
+    pid: int
+    cgroup_id: int
+    program: bytes
+    path: bytes
+    flags: int
+    return_code: int
+    path_truncated: bool = False
+
+
+class Network(msgspec.Struct, tag=3, array_like=True, gc=False):
+    ei: int
+    time: int
+    pid: int
+    cgroup_id: int
+    program: bytes
+    version: int
+    src_addr: str
+    src_port: int
+    dst_addr: str
+    dst_port: int
+    return_code: int
+    operation: int = 0  # connect
+    action: int = 0  # observed
+
+
+class Lost(msgspec.Struct, tag=4, array_like=True, gc=False):
+    """Records the kernel could not deliver since the previous report."""
+    ei: int
+    time: int
+    command: int
+    disk: int
+    network: int
+    untracked_forks: int = 0
+
+
+class SessionStart(msgspec.Struct, tag=10, array_like=True, gc=False):
+    ei: int
+    time: int
+    sid: str
+    server_id: str
+    server_hostname: str
+    login: str
+    user: str
+    remote_addr: str = ""
+    service: str = ""
+    tty: str = ""
+    command: list[str] = []
+    seed_pid: int = 0
+    audit_sessionid: int | None = None
+    loginuid: int | None = None
+
+
+class SessionLeave(msgspec.Struct, tag=11, array_like=True, gc=False):
+    """The session's leader is gone while some of its processes still run."""
+    ei: int
+    time: int
+    live_tasks: int
+
+
+class SessionEnd(msgspec.Struct, tag=12, array_like=True, gc=False):
+    ei: int
+    time: int
+    reason: str  # "exited" or "recorder stopped"
+    enhanced_recording: bool
+    interactive: bool
+    commands: int
+    disks: int
+    networks: int
+    lost_command: int
+    lost_disk: int
+    lost_network: int
+    untracked_forks: int
+
+
+Event = Union[Command, Disk, Network, Lost, SessionStart, SessionLeave, SessionEnd]
+
+KIND_OF_EVENT = {Command: "command", Disk: "disk", Network: "network"}
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[Event])
+
+
+def encode_events(events: list) -> bytes:
+    return _encoder.encode(events)
+
+
+def decode_events(payload: bytes) -> list:
+    return _decoder.decode(payload)
+
+
+# --- JSON rendering (audit log and `esr show`) ---------------------------------
+
+_NAMES = {
+    Command: ("session.command", "T4000I"),
+    Disk: ("session.disk", "T4001I"),
+    Network: ("session.network", "T4002I"),
+    Lost: ("session.lost", "E4100W"),
+    SessionStart: ("session.start", "T2000I"),
+    SessionLeave: ("session.leave", "T2003I"),
+    SessionEnd: ("session.end", "T2004I"),
+}
+
+_UID_NAMESPACE = uuid.UUID("6f1d3a52-8e0b-4c6a-9d1e-3b7c2a5e4f10")
+
+
+def text(raw: bytes) -> str:
+    """Bytes as a str that round-trips: invalid UTF-8 becomes lone surrogates."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def rfc3339(ns: int) -> str:
+    seconds, frac = divmod(ns, 1_000_000_000)
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + f".{frac:09d}Z"
+
+
+class Identity(msgspec.Struct, frozen=True):
+    """The fields every JSON event of a session repeats."""
+    sid: str
+    server_id: str
+    server_hostname: str
+    login: str
+    user: str
+
+    @classmethod
+    def of(cls, start: SessionStart) -> "Identity":
+        return cls(start.sid, start.server_id, start.server_hostname, start.login, start.user)
+
+    def uid_prefix(self) -> str:
+        # Event ids are the session's own id space: a UUID derived from the
+        # sid, its last 48 bits replaced by the event index.
+        return str(uuid.uuid5(_UID_NAMESPACE, self.sid))[:24]
+
+
+def audit_fields(event, identity: Identity, uid_prefix: str) -> dict:
+    """An event as the Teleport-style JSON object of the audit log."""
+    name, code = _NAMES[type(event)]
+    out = {
+        "event": name,
+        "code": code,
+        "ei": event.ei,
+        "uid": f"{uid_prefix}{event.ei:012x}",
+        "time": rfc3339(event.time),
+        "sid": identity.sid,
+        "namespace": "default",
+        "server_id": identity.server_id,
+        "server_hostname": identity.server_hostname,
+        "login": identity.login,
+        "user": identity.user,
+    }
+    kind = type(event)
+    if kind is Command:
+        out.update(
+            pid=event.pid, ppid=event.ppid, cgroup_id=event.cgroup_id,
+            program=text(event.program), path=text(event.path),
+            argv=[text(a) for a in event.argv], return_code=event.return_code,
+            unix_uid=event.unix_uid, unix_gid=event.unix_gid)
+        if event.argv_truncated:
+            out.update(argv_truncated=True, argv_cut_args=event.argv_cut_args,
+                       argv_cut_bytes=event.argv_cut_bytes)
+    elif kind is Disk:
+        out.update(
+            pid=event.pid, cgroup_id=event.cgroup_id, program=text(event.program),
+            path=text(event.path), flags=event.flags, return_code=event.return_code)
+        if event.path_truncated:
+            out["path_truncated"] = True
+    elif kind is Network:
+        out.update(
+            pid=event.pid, cgroup_id=event.cgroup_id, program=text(event.program),
+            src_addr=event.src_addr, src_port=event.src_port,
+            dst_addr=event.dst_addr, dst_port=event.dst_port,
+            version=event.version, operation=event.operation, action=event.action,
+            return_code=event.return_code)
+    elif kind is Lost:
+        out["lost"] = {"command": event.command, "disk": event.disk, "network": event.network}
+        if event.untracked_forks:
+            out["untracked_forks"] = event.untracked_forks
+    elif kind is SessionStart:
+        out.update({
+            "addr.remote": event.remote_addr, "service": event.service, "tty": event.tty,
+            "command": event.command, "seed_pid": event.seed_pid,
+        })
+        if event.audit_sessionid is not None:
+            out["audit_sessionid"] = event.audit_sessionid
+        if event.loginuid is not None:
+            out["loginuid"] = event.loginuid
+    elif kind is SessionLeave:
+        out["live_tasks"] = event.live_tasks
+    elif kind is SessionEnd:
+        out.update(
+            enhanced_recording=event.enhanced_recording, interactive=event.interactive,
+            participants=[identity.user], reason=event.reason,
+            events={"command": event.commands, "disk": event.disks, "network": event.networks},
+            lost={"command": event.lost_command, "disk": event.lost_disk,
+                  "network": event.lost_network},
+            untracked_forks=event.untracked_forks)
+    return out
+
+
+def audit_line(event, identity: Identity, uid_prefix: str) -> bytes:
+    """One audit log line. ensure_ascii escapes every control character and
+    every byte that was not UTF-8."""
+    return json.dumps(audit_fields(event, identity, uid_prefix), ensure_ascii=True,
+                      separators=(",", ":")).encode("ascii") + b"\n"

@@ -1,0 +1,99 @@
+"""Build esr: the BPF object (clang + bpftool) and the Cython extensions
+(statically linked against libbpf)."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Command, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.extension import Extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BPF_SOURCES = sorted(glob.glob(os.path.join(HERE, "bpf", "*.bpf.c")))
+BPF_OBJECT = os.path.join(HERE, "esr", "bpf", "esr.bpf.o")
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+# Debian's libbpf.a is not position-independent, so it cannot go into a
+# Python extension: `make` builds Debian's libbpf source with -fPIC here.
+LIBBPF = os.environ.get("ESR_LIBBPF", os.path.join(HERE, "build", "libbpf", "usr"))
+LIBBPF_A = os.path.join(LIBBPF, "lib", "libbpf.a")
+LIBBPF_INCLUDE = os.path.join(LIBBPF, "include")
+
+
+def run(cmd):
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+class build_bpf(Command):
+    """Compile bpf/*.bpf.c with clang and link them into esr/bpf/esr.bpf.o.
+
+    vmlinux.h is generated from the build host's BTF; CO-RE relocations let
+    the object load on other kernels."""
+
+    description = "build the BPF object"
+    user_options = []
+
+    def initialize_options(self):
+        pass
+
+    def finalize_options(self):
+        pass
+
+    def run(self):
+        out = os.path.join(HERE, "build", "bpf")
+        os.makedirs(out, exist_ok=True)
+        os.makedirs(os.path.dirname(BPF_OBJECT), exist_ok=True)
+        vmlinux = os.path.join(out, "vmlinux.h")
+        if not os.path.exists(vmlinux):
+            if not os.path.exists(VMLINUX_BTF):
+                sys.exit(f"esr build: {VMLINUX_BTF} is missing: building the BPF object needs a kernel with BTF")
+            with open(vmlinux + ".tmp", "w") as f:
+                subprocess.run(["bpftool", "btf", "dump", "file", VMLINUX_BTF, "format", "c"],
+                               check=True, stdout=f)
+            os.replace(vmlinux + ".tmp", vmlinux)
+        headers = glob.glob(os.path.join(HERE, "bpf", "*.h"))
+        newest_input = max(os.path.getmtime(p) for p in BPF_SOURCES + headers + [vmlinux])
+        if os.path.exists(BPF_OBJECT) and os.path.getmtime(BPF_OBJECT) >= newest_input:
+            return
+        objects = []
+        for src in BPF_SOURCES:
+            obj = os.path.join(out, os.path.basename(src)[:-2] + ".o")
+            run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-D__TARGET_ARCH_x86",
+                 "-I", out, "-I", os.path.join(HERE, "bpf"), "-I", LIBBPF_INCLUDE,
+                 "-c", src, "-o", obj])
+            objects.append(obj)
+        run(["bpftool", "gen", "object", BPF_OBJECT + ".tmp", *objects])
+        os.replace(BPF_OBJECT + ".tmp", BPF_OBJECT)
+
+
+class build_ext_with_bpf(build_ext):
+    def run(self):
+        self.run_command("build_bpf")
+        super().run()
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    if not os.path.exists(LIBBPF_A):
+        sys.exit(f"esr build: {LIBBPF_A} is missing: run `make build`, or point ESR_LIBBPF "
+                 "at a prefix holding a position-independent libbpf.a and its headers")
+    common = dict(include_dirs=[os.path.join(HERE, "bpf"), LIBBPF_INCLUDE],
+                  extra_compile_args=["-O2"])
+    return cythonize(
+        [
+            Extension("esr._fast.probe", ["esr/_fast/probe.pyx"],
+                      extra_objects=[LIBBPF_A], libraries=["elf", "z"], **common),
+            Extension("esr._fast.decode", ["esr/_fast/decode.pyx"], **common),
+        ],
+        compiler_directives={"language_level": 3},
+    )
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_bpf": build_bpf, "build_ext": build_ext_with_bpf},
+)
