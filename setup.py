@@ -12,8 +12,12 @@ from setuptools.command.build_ext import build_ext
 from setuptools.extension import Extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BPF_SOURCES = sorted(glob.glob(os.path.join(HERE, "bpf", "*.bpf.c")))
-BPF_OBJECT = os.path.join(HERE, "esr", "bpf", "esr.bpf.o")
+BPF_DIR = os.path.join(HERE, "bpf")
+# The recorder's programs, statically linked into one object...
+RECORDER_SOURCES = ["session.bpf.c", "exec.bpf.c", "open.bpf.c", "connect.bpf.c"]
+# ...and the probes `esr check` loads one by one.
+FEATURE_PROBE_SOURCE = "feature_probe.bpf.c"
+PACKAGE_BPF_DIR = os.path.join(HERE, "esr", "bpf")
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 # Debian's libbpf.a is not position-independent, so it cannot go into a
 # Python extension: `make` builds Debian's libbpf source with -fPIC here.
@@ -28,7 +32,8 @@ def run(cmd):
 
 
 class build_bpf(Command):
-    """Compile bpf/*.bpf.c with clang and link them into esr/bpf/esr.bpf.o.
+    """Compile bpf/*.bpf.c with clang into esr/bpf/esr.bpf.o (the recorder)
+    and esr/bpf/feature_probe.bpf.o.
 
     vmlinux.h is generated from the build host's BTF; CO-RE relocations let
     the object load on other kernels."""
@@ -45,7 +50,7 @@ class build_bpf(Command):
     def run(self):
         out = os.path.join(HERE, "build", "bpf")
         os.makedirs(out, exist_ok=True)
-        os.makedirs(os.path.dirname(BPF_OBJECT), exist_ok=True)
+        os.makedirs(PACKAGE_BPF_DIR, exist_ok=True)
         vmlinux = os.path.join(out, "vmlinux.h")
         if not os.path.exists(vmlinux):
             if not os.path.exists(VMLINUX_BTF):
@@ -54,19 +59,29 @@ class build_bpf(Command):
                 subprocess.run(["bpftool", "btf", "dump", "file", VMLINUX_BTF, "format", "c"],
                                check=True, stdout=f)
             os.replace(vmlinux + ".tmp", vmlinux)
-        headers = glob.glob(os.path.join(HERE, "bpf", "*.h"))
-        newest_input = max(os.path.getmtime(p) for p in BPF_SOURCES + headers + [vmlinux])
-        if os.path.exists(BPF_OBJECT) and os.path.getmtime(BPF_OBJECT) >= newest_input:
+        headers = glob.glob(os.path.join(BPF_DIR, "*.h")) + [vmlinux]
+        self.link("esr.bpf.o", [self.compile(src, out, headers) for src in RECORDER_SOURCES])
+        self.link("feature_probe.bpf.o", [self.compile(FEATURE_PROBE_SOURCE, out, headers)])
+
+    @staticmethod
+    def compile(source, out, headers):
+        src = os.path.join(BPF_DIR, source)
+        obj = os.path.join(out, source[:-2] + ".o")
+        if os.path.exists(obj) and os.path.getmtime(obj) >= max(
+                os.path.getmtime(p) for p in [src, *headers]):
+            return obj
+        run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-D__TARGET_ARCH_x86",
+             "-I", out, "-I", BPF_DIR, "-I", LIBBPF_INCLUDE, "-c", src, "-o", obj])
+        return obj
+
+    @staticmethod
+    def link(name, objects):
+        target = os.path.join(PACKAGE_BPF_DIR, name)
+        if os.path.exists(target) and os.path.getmtime(target) >= max(
+                os.path.getmtime(o) for o in objects):
             return
-        objects = []
-        for src in BPF_SOURCES:
-            obj = os.path.join(out, os.path.basename(src)[:-2] + ".o")
-            run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-D__TARGET_ARCH_x86",
-                 "-I", out, "-I", os.path.join(HERE, "bpf"), "-I", LIBBPF_INCLUDE,
-                 "-c", src, "-o", obj])
-            objects.append(obj)
-        run(["bpftool", "gen", "object", BPF_OBJECT + ".tmp", *objects])
-        os.replace(BPF_OBJECT + ".tmp", BPF_OBJECT)
+        run(["bpftool", "gen", "object", target + ".tmp", *objects])
+        os.replace(target + ".tmp", target)
 
 
 class build_ext_with_bpf(build_ext):

@@ -43,6 +43,7 @@ struct esr_event_header {
 #define ESR_ARGV_FROM_ENTRY	0x1	/* failed exec: argv read at syscall entry */
 #define ESR_ARGV_INCOMPLETE	0x2	/* failed exec: more than ESR_ARGS_MAX pointers, or a string cut */
 #define ESR_ARGV_UNREADABLE	0x4	/* the argv memory could not be read */
+#define ESR_COMMAND_TTY		0x8	/* the process has a controlling terminal */
 
 struct esr_command_event {
 	struct esr_event_header hdr;

@@ -66,6 +66,8 @@ static __always_inline void fill_identity(struct esr_command_event *e)
 	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
 	e->uid = (__u32)uid_gid;
 	e->gid = uid_gid >> 32;
+	if (BPF_CORE_READ(task, signal, tty))
+		e->flags |= ESR_COMMAND_TTY;
 }
 
 static __always_inline __u64 record_size(const struct esr_command_event *e)
@@ -212,9 +214,9 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	if (!e)
 		return 0;
 	fill_header(&e->hdr, session, ESR_EVENT_COMMAND);
+	e->flags = 0;
 	fill_identity(e);
 	e->return_code = 0;
-	e->flags = 0;
 
 	task = (struct task_struct *)bpf_get_current_task();
 	arg_start = BPF_CORE_READ(task, mm, arg_start);

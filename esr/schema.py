@@ -33,6 +33,7 @@ class Command(msgspec.Struct, tag=1, array_like=True, gc=False):
     return_code: int
     unix_uid: int
     unix_gid: int
+    has_tty: bool = False  # ran with a controlling terminal
     argv_truncated: bool = False
     argv_cut_args: int = 0
     argv_cut_bytes: int = 0
@@ -144,6 +145,10 @@ _NAMES = {
 }
 
 _UID_NAMESPACE = uuid.UUID("6f1d3a52-8e0b-4c6a-9d1e-3b7c2a5e4f10")
+
+
+def event_name(event) -> str:
+    return _NAMES[type(event)][0]
 
 
 def text(raw: bytes) -> str:

@@ -142,7 +142,8 @@ cdef object decode_command(const esr_command_event *e, int64_t time, uint64_t ei
         ei, time, pid_obj(e.hdr.pid), e.ppid, cgroup_obj(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         PyBytes_FromStringAndSize(path, cstr_len(path, e.path_len)),
-        argv, e.return_code, e.uid, e.gid, truncated, cut_args, cut_bytes)
+        argv, e.return_code, e.uid, e.gid, (e.flags & ESR_COMMAND_TTY) != 0,
+        truncated, cut_args, cut_bytes)
 
 
 cdef object decode_disk(const esr_disk_event *e, int64_t time, uint64_t ei):

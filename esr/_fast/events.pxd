@@ -19,6 +19,7 @@ cdef extern from "esr_events.h":
         ESR_ARGV_FROM_ENTRY
         ESR_ARGV_INCOMPLETE
         ESR_ARGV_UNREADABLE
+        ESR_COMMAND_TTY
         ESR_TASK_ANCHOR
 
     struct esr_event_header:

@@ -181,6 +181,11 @@ cdef extern from *:
     int bpf_map__fd(const bpf_map *map)
     bpf_program *bpf_object__next_program(const bpf_object *obj, bpf_program *prog)
     const char *bpf_program__name(const bpf_program *prog)
+    int bpf_program__set_autoload(bpf_program *prog, bint autoload)
+    int libbpf_probe_bpf_map_type(int map_type, const void *opts)
+    enum:
+        BPF_MAP_TYPE_PERF_EVENT_ARRAY
+        BPF_MAP_TYPE_RINGBUF
     bpf_link *bpf_program__attach(const bpf_program *prog)
     int bpf_link__destroy(bpf_link *link)
     int libbpf_num_possible_cpus()
@@ -232,6 +237,48 @@ cdef str libbpf_reason():
     cdef bytes log = esr_libbpf_log
     lines = [l for l in log.decode("utf-8", "replace").splitlines() if l.strip()]
     return lines[-1].strip() if lines else ""
+
+
+def map_type_supported(str kind):
+    """Whether the kernel has the "perf" or "ringbuf" map type."""
+    cdef int map_type = BPF_MAP_TYPE_PERF_EVENT_ARRAY if kind == "perf" else BPF_MAP_TYPE_RINGBUF
+    return libbpf_probe_bpf_map_type(map_type, NULL) == 1
+
+
+def try_program(bytes image not None, str name):
+    """Load and attach one program of an object, alone, and undo it.
+    Returns None when that works, or why not."""
+    cdef bpf_object *obj
+    cdef bpf_program *prog
+    cdef bpf_link *link = NULL
+    cdef bint found = False
+    esr_libbpf_log_reset()
+    obj = bpf_object__open_mem(<const char *>image, len(image), NULL)
+    if obj == NULL:
+        return libbpf_reason() or strerror(errno).decode()
+    try:
+        prog = bpf_object__next_program(obj, NULL)
+        while prog != NULL:
+            if bpf_program__name(prog).decode() == name:
+                found = True
+            else:
+                bpf_program__set_autoload(prog, False)
+            prog = bpf_object__next_program(obj, prog)
+        if not found:
+            return f"no program {name}"
+        if bpf_object__load(obj) != 0:
+            return f"load: {strerror(errno).decode()}"
+        prog = bpf_object__next_program(obj, NULL)
+        while prog != NULL:
+            if bpf_program__name(prog).decode() == name:
+                link = bpf_program__attach(prog)
+                if link == NULL:
+                    return f"attach: {strerror(errno).decode()}"
+                bpf_link__destroy(link)
+            prog = bpf_object__next_program(obj, prog)
+        return None
+    finally:
+        bpf_object__close(obj)
 
 
 cdef class Probe:

@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Not part of the recorder: `esr check` loads each of these alone to learn
+ * which hook types this kernel allows beyond tracepoints. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+SEC("kprobe/do_sys_openat2")
+int probe_kprobe(void *ctx)
+{
+	return 0;
+}
+
+SEC("fentry/do_sys_openat2")
+int BPF_PROG(probe_fentry, int dfd)
+{
+	return 0;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} probe_ringbuf SEC(".maps");
+
+SEC("tp/syscalls/sys_enter_getpid")
+int probe_ringbuf_output(void *ctx)
+{
+	__u32 zero = 0;
+
+	bpf_ringbuf_output(&probe_ringbuf, &zero, sizeof(zero), 0);
+	return 0;
+}

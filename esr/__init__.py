@@ -1,0 +1,3 @@
+"""esr, the Enhanced Session Recorder."""
+
+__version__ = "0.1.0"

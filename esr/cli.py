@@ -1,0 +1,160 @@
+"""The esr command line. Every failure is one line on stderr and a non-zero
+exit status; modules are imported by the command that needs them, so that
+quick commands start quickly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from esr import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"esr: {message} (see `{self.prog} --help`)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="config file (default /etc/esr/esr.yaml)")
+    parser.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="where recordings and the audit log are kept "
+                             "(default: data_dir from the config, or $ESR_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="esr", description="Enhanced Session Recorder: records every program "
+                     "executed, file opened and network connection made in a login session.")
+    parser.add_argument("--version", action="version", version=f"esr {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("run", help="record a command and everything it starts as a session")
+    _common(p)
+    p.add_argument("--sid", help="session id (default: a new UUID)")
+    p.add_argument("--login", help="login name to record (default: the current user)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    p = sub.add_parser("sessions", help="list recorded sessions")
+    _common(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+    p = sub.add_parser("show", help="print a session's events in order")
+    _common(p)
+    p.add_argument("sid", metavar="SID", help="session id, or a unique prefix of one")
+    p.add_argument("--format", choices=("json", "text"), default="json")
+    p.add_argument("--type", choices=("command", "disk", "network"))
+
+    p = sub.add_parser("verify", help="check a recording's frames and hash chain")
+    _common(p)
+    p.add_argument("sid", metavar="SID")
+
+    p = sub.add_parser("check", help="report what this kernel offers esr")
+    _common(p)
+    return parser
+
+
+def _config(args):
+    from esr import config
+
+    data_dir = getattr(args, "data_dir", None) or os.environ.get("ESR_DATA_DIR") or None
+    return config.load(getattr(args, "config", None), data_dir)
+
+
+def _cmd_run(args) -> int:
+    from esr.run import run
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise UsageError("run: no command given (esr run -- CMD [ARGS...])")
+    return run(_config(args), argv, args.sid, args.login)
+
+
+def _cmd_sessions(args) -> int:
+    from esr.datadir import DataDir
+    from esr.show import sessions, sessions_text
+
+    rows = sessions(DataDir(_config(args).data_dir))
+    if args.format == "json":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=True))
+    else:
+        print(sessions_text(rows))
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from esr.datadir import DataDir
+    from esr.show import show
+
+    show(DataDir(_config(args).data_dir), args.sid, args.format, args.type)
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from esr.datadir import DataDir
+    from esr.show import verify
+
+    print(verify(DataDir(_config(args).data_dir), args.sid))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from esr.check import check
+
+    ok = True
+    for line, good in check(_config(args)):
+        print(line)
+        ok = ok and good
+    return 0 if ok else 1
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "sessions": _cmd_sessions,
+    "show": _cmd_show,
+    "verify": _cmd_verify,
+    "check": _cmd_check,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _expected_errors() -> tuple:
+    from esr.config import ConfigError
+    from esr.datadir import DataDirError
+    from esr.loader import LoadError
+    from esr.recorder import SessionError
+    from esr.sessions import RegistryFull
+    from esr.show import Broken
+
+    return (ConfigError, DataDirError, LoadError, SessionError, RegistryFull, Broken, UsageError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`esr show | head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"esr: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except _expected_errors() as err:
+        print(f"esr: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""esr's configuration: YAML decoded into typed Structs.
+
+Any problem is reported as a ConfigError whose message is one line naming
+the key, so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated
+
+import msgspec
+
+DEFAULT_PATH = "/etc/esr/esr.yaml"
+
+Pages = Annotated[int, msgspec.Meta(ge=1, le=65536)]
+
+
+class ConfigError(Exception):
+    pass
+
+
+class EnhancedRecording(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The reference's keys, with its defaults. Buffer sizes are per-CPU
+    pages of each perf buffer, and are applied exactly as given."""
+
+    enabled: bool = True
+    command_buffer_size: Pages = 8
+    disk_buffer_size: Pages = 128
+    network_buffer_size: Pages = 8
+    # Where cgroup v2 is mounted; found in /proc/self/mounts when empty.
+    cgroup_path: str = ""
+    # esr follows sessions by process tree, not by cgroup, and creates no
+    # cgroups: the key is accepted so a Teleport block can be pasted as is.
+    root_path: str = "/teleport"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enhanced_recording: EnhancedRecording = msgspec.field(default_factory=EnhancedRecording)
+    data_dir: str = "/var/lib/esr"
+    control_socket: str = "/run/esr/esr.sock"
+    # Sessions recorded at once, and threads they may have alive at once.
+    max_sessions: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
+    max_tracked_tasks: Annotated[int, msgspec.Meta(ge=64, le=4194304)] = 65536
+    # zstd level of the recordings' frames.
+    compression_level: Annotated[int, msgspec.Meta(ge=1, le=19)] = 3
+    # How often buffers are drained to disk, at the latest.
+    flush_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=200)] = 100
+    # session.disk events are in every recording; in the JSON audit log only
+    # when asked, as they outnumber everything else by orders of magnitude.
+    audit_disk_events: bool = False
+
+    def buffer_pages(self) -> tuple[int, int, int]:
+        r = self.enhanced_recording
+        return (r.command_buffer_size, r.disk_buffer_size, r.network_buffer_size)
+
+
+# The largest record of each buffer must fit in it, or it could never be sent.
+_MIN_PAGES = {"command_buffer_size": 8, "disk_buffer_size": 2, "network_buffer_size": 1}
+
+
+def _check(config: Config) -> None:
+    r = config.enhanced_recording
+    for key, least in _MIN_PAGES.items():
+        pages = getattr(r, key)
+        if pages & (pages - 1):
+            raise ConfigError(f"enhanced_recording.{key}: {pages} is not a power of two "
+                              "(perf buffers are 2^n pages)")
+        if pages < least:
+            raise ConfigError(f"enhanced_recording.{key}: {pages} pages is too small: "
+                              f"the largest record needs {least}")
+    for key in ("data_dir", "control_socket"):
+        if not os.path.isabs(getattr(config, key)):
+            raise ConfigError(f"{key}: must be an absolute path")
+    if r.cgroup_path and not os.path.isabs(r.cgroup_path):
+        raise ConfigError("enhanced_recording.cgroup_path: must be an absolute path")
+
+
+def _where(message: str) -> str:
+    """'... - at `$.a.b`' -> 'a.b'."""
+    m = re.search(r" - at `\$\.?([^`]*)`", message)
+    return m.group(1) if m else ""
+
+
+def _explain(err: msgspec.ValidationError) -> str:
+    message = str(err)
+    where = _where(message)
+    what = message.split(" - at ")[0]
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", what)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{key}: unknown key"
+    what = re.sub(r"`([^`]*)`", r"\1", what)
+    return f"{where}: {what[0].lower()}{what[1:]}" if where else what
+
+
+def parse(raw: bytes, source: str) -> Config:
+    try:
+        data = msgspec.yaml.decode(raw)
+    except msgspec.DecodeError as err:
+        detail = " ".join(str(err).replace('in "<byte string>", ', "").split())
+        raise ConfigError(f"{source}: malformed YAML: {detail}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{source}: {_explain(err)}") from None
+    try:
+        _check(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
+
+
+def load(path: str | None = None, data_dir: str | None = None) -> Config:
+    """The config at path (default /etc/esr/esr.yaml, which may be absent),
+    with data_dir overridden when given."""
+    source = path or DEFAULT_PATH
+    try:
+        with open(source, "rb") as f:
+            config = parse(f.read(), source)
+    except FileNotFoundError:
+        if path:
+            raise ConfigError(f"{source}: no such file") from None
+        config = Config()
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: permission denied") from None
+    if data_dir:
+        if not os.path.isabs(data_dir):
+            data_dir = os.path.abspath(data_dir)
+        config = msgspec.structs.replace(config, data_dir=data_dir)
+    return config

@@ -1,0 +1,289 @@
+"""The recorder: drains the probe, routes each batch to its sessions, and
+writes their recordings and the audit log.
+
+`esr run` and `esr daemon` both record through this class; they differ only
+in who asks for sessions to open and close.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+
+from esr import recording, schema
+from esr._fast.decode import decode_batch
+from esr.audit import AuditLog
+from esr.config import Config
+from esr.datadir import DataDir, DataDirError, check_sid
+from esr.recording import KIND_END, KIND_EVENTS, KIND_START, Writer
+from esr.sessions import Registry, Session
+
+# How many times one flush drains the buffers while producers keep them
+# full, before it lets the caller's loop run.
+MAX_DRAINS_PER_FLUSH = 8
+
+
+class SessionError(Exception):
+    pass
+
+
+def _boot_to_epoch_ns() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _noop_log(event: str, **fields) -> None:
+    pass
+
+
+class Recorder:
+    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log):
+        """probe is an esr._fast.probe.Probe, or None when enhanced recording
+        is disabled: sessions then get start and end events only."""
+        self.config = config
+        self.probe = probe
+        self.datadir = datadir
+        self.log = log
+        datadir.ensure()
+        self.server_id = datadir.server_id()
+        self.hostname = socket.gethostname()
+        self.audit = AuditLog(datadir.log_dir, self.server_id)
+        self.registry = Registry(config.max_sessions)
+        self.started = time.monotonic()
+        self.events = {"command": 0, "disk": 0, "network": 0}
+        self.orphans = 0
+        self.closed_bytes = 0
+        self.write_errors = 0
+        self.lost_in_user_space = 0
+        self._audit_kinds = (schema.Command, schema.Network, schema.Lost) + (
+            (schema.Disk,) if config.audit_disk_events else ())
+
+    # --- sessions ------------------------------------------------------------
+
+    def open_session(self, *, login: str, user: str, seed_pid: int = 0, anchor_pid: int = 0,
+                     sid: str | None = None, remote_addr: str = "", service: str = "",
+                     tty: str = "", command: list[str] | None = None,
+                     audit_sessionid: int | None = None, loginuid: int | None = None,
+                     interactive: bool = False) -> Session:
+        """Start recording a session seeded with seed_pid (recorded itself,
+        with everything it forks) or anchor_pid (only what it forks from now
+        on is recorded)."""
+        try:
+            sid = check_sid(sid) if sid else str(uuid.uuid4())
+        except DataDirError as err:
+            raise SessionError(str(err)) from None
+        if sid in self.registry.by_sid:
+            raise SessionError(f"session {sid} is already being recorded")
+        path = self.datadir.recording(sid)
+        try:
+            writer = Writer.create(path, sid, self.config.compression_level)
+        except FileExistsError:
+            raise SessionError(f"session {sid} already exists in {self.datadir.path}") from None
+        slot, cookie = self.registry.allocate()
+        start = schema.SessionStart(
+            ei=0, time=time.time_ns(), sid=sid, server_id=self.server_id,
+            server_hostname=self.hostname, login=login, user=user, remote_addr=remote_addr,
+            service=service, tty=tty, command=command or [], seed_pid=seed_pid or anchor_pid,
+            audit_sessionid=audit_sessionid, loginuid=loginuid)
+        identity = schema.Identity.of(start)
+        session = Session(sid=sid, slot=slot, cookie=cookie, start=start, identity=identity,
+                          uid_prefix=identity.uid_prefix(), writer=writer, path=path,
+                          anchor_pid=anchor_pid, seed_pid=seed_pid, interactive=interactive)
+        try:
+            writer.append(KIND_START, [start])
+            self.audit.write(schema.audit_line(start, identity, session.uid_prefix))
+            if self.probe is not None:
+                self.probe.open_session(slot, cookie)
+                if seed_pid:
+                    self.probe.track(seed_pid, cookie)
+                if anchor_pid:
+                    self.probe.track(anchor_pid, cookie, anchor=True)
+        except OSError as err:
+            if self.probe is not None:
+                self.probe.close_session(slot)
+            self.registry.release(slot)
+            writer.close()
+            raise SessionError(f"cannot start session {sid}: {err.strerror or err}") from None
+        self.registry.add(session)
+        self.log("session.start", sid=sid, login=login, user=user, seed_pid=seed_pid,
+                 anchor_pid=anchor_pid, service=service, remote=remote_addr)
+        return session
+
+    def live_tasks(self, session: Session) -> int:
+        if self.probe is None:
+            return 0
+        return max(self.probe.session_counters(session.slot)[0], 0)
+
+    def leave(self, session: Session) -> int:
+        """The session's leader is gone (its command exited, or PAM closed it).
+        It ends once its last process has exited; returns how many remain."""
+        if session.leader_gone:
+            return self.live_tasks(session)
+        session.leader_gone = True
+        if session.anchor_pid and self.probe is not None:
+            self.probe.untrack(session.anchor_pid)
+        self.flush()
+        if session.sid not in self.registry.by_sid:
+            return 0
+        remaining = self.live_tasks(session)
+        if remaining == 0:
+            self.end(session, "exited")
+        else:
+            self._append(session, [schema.SessionLeave(
+                session.pending.next_ei, time.time_ns(), remaining)])
+            session.pending.next_ei += 1
+        return remaining
+
+    def end(self, session: Session, reason: str) -> None:
+        """Write session.end and close the recording."""
+        self._flush_session(session)
+        lost = session.lost
+        end = schema.SessionEnd(
+            ei=session.pending.next_ei, time=time.time_ns(), reason=reason,
+            enhanced_recording=self.probe is not None, interactive=session.interactive,
+            commands=session.commands, disks=session.disks, networks=session.networks,
+            lost_command=lost[0], lost_disk=lost[1], lost_network=lost[2],
+            untracked_forks=session.untracked_forks)
+        session.pending.next_ei += 1
+        if self.probe is not None:
+            self.probe.close_session(session.slot)
+        self.registry.remove(session)
+        try:
+            session.writer.append(KIND_END, [end])
+        except OSError as err:
+            self._write_failed(session, err, 1)
+        self.audit.write(schema.audit_line(end, session.identity, session.uid_prefix))
+        session.writer.close()
+        self.closed_bytes += session.writer.bytes_written
+        self.log("session.end", sid=session.sid, reason=reason, commands=session.commands,
+                 disks=session.disks, networks=session.networks,
+                 lost=sum(lost), untracked_forks=session.untracked_forks)
+
+    def close(self, reason: str = "recorder stopped") -> None:
+        """End every open session, then release the probe."""
+        self.flush()
+        for session in self.registry:
+            self.end(session, reason)
+        self.audit.close()
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
+    # --- the data path -------------------------------------------------------
+
+    def flush(self) -> None:
+        """Drain the buffers into the sessions' recordings and the audit log."""
+        if self.probe is not None:
+            for _ in range(MAX_DRAINS_PER_FLUSH):
+                if not self.probe.consume():
+                    break
+                self.orphans += decode_batch(self.probe.batch_view(),
+                                             self.registry.pending_by_cookie,
+                                             _boot_to_epoch_ns())
+                self.probe.clear_batch()
+        for session in self.registry:
+            self._flush_session(session)
+            if session.leader_gone and self.live_tasks(session) == 0:
+                self.end(session, "exited")
+
+    def _flush_session(self, session: Session) -> None:
+        pending = session.pending
+        newly_lost = [0, 0, 0]
+        if self.probe is not None:
+            _live, *lost, untracked = self.probe.session_counters(session.slot)
+            if lost != session.lost or untracked != session.untracked_forks:
+                newly_lost = [now - before for now, before in zip(lost, session.lost)]
+                pending.events.append(schema.Lost(
+                    pending.next_ei, time.time_ns(), *newly_lost,
+                    untracked - session.untracked_forks))
+                pending.next_ei += 1
+                session.lost = lost
+                session.untracked_forks = untracked
+        if not pending.events:
+            return
+        events, (commands, disks, networks) = pending.take()
+        session.commands += commands
+        session.disks += disks
+        session.networks += networks
+        self.events["command"] += commands
+        self.events["disk"] += disks
+        self.events["network"] += networks
+        self._append(session, events, (commands, disks, networks, *newly_lost))
+        if commands and not session.interactive:
+            session.interactive = any(type(e) is schema.Command and e.has_tty for e in events)
+
+    def _append(self, session: Session, events: list, counts=(0, 0, 0, 0, 0, 0)) -> None:
+        try:
+            session.writer.append(KIND_EVENTS, events, counts)
+        except OSError as err:
+            self._write_failed(session, err, len(events))
+        kinds = self._audit_kinds
+        lines = [schema.audit_line(e, session.identity, session.uid_prefix)
+                 for e in events if type(e) in kinds]
+        if lines:
+            try:
+                self.audit.write(b"".join(lines))
+            except OSError as err:
+                self.write_errors += 1
+                self.log("audit.write_failed", level="error", error=err.strerror)
+
+    def _write_failed(self, session: Session, err: OSError, count: int) -> None:
+        self.write_errors += 1
+        self.lost_in_user_space += count
+        session.writer.discard_partial()
+        self.log("recording.write_failed", level="error", sid=session.sid, error=err.strerror,
+                 events=count)
+
+    # --- status ----------------------------------------------------------------
+
+    def status(self) -> dict:
+        lost = self.probe.buffer_lost() if self.probe is not None else (0, 0, 0)
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "enhanced_recording": self.probe is not None,
+            "buffer_pages": dict(zip(("command", "disk", "network"),
+                                     self.config.buffer_pages())),
+            "events": dict(self.events),
+            "lost": {
+                "buffer": dict(zip(("command", "disk", "network"), lost)),
+                "user_space": self.lost_in_user_space,
+                "sessions": {s.sid: dict(zip(("command", "disk", "network"), s.lost))
+                             for s in self.registry},
+            },
+            "orphan_records": self.orphans,
+            "sessions_open": len(self.registry),
+            "bytes_written": sum(s.writer.bytes_written for s in self.registry)
+            + self.closed_bytes + self.audit.bytes_written,
+            "write_errors": self.write_errors,
+        }
+
+
+def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
+    """End every recording a previous recorder left open (it was stopped or
+    crashed) with an explicit "recorder stopped" session.end."""
+    ended = []
+    for sid in datadir.sids():
+        path = datadir.recording(sid)
+        summary, damage = recording.scan(path, sid)
+        if summary.closed or (damage and not damage.truncated):
+            continue
+        try:
+            writer, summary, cut = Writer.resume(path, sid, level)
+        except recording.Damage as err:
+            log("recording.damaged", level="warning", sid=sid, error=str(err))
+            continue
+        start = recording.read_frame(path, summary.frame_offsets[0]).events()[0]
+        end = schema.SessionEnd(
+            ei=summary.last_ei + 1, time=time.time_ns(), reason="recorder stopped",
+            enhanced_recording=True, interactive=False, commands=summary.commands,
+            disks=summary.disks, networks=summary.networks, lost_command=summary.lost[0],
+            lost_disk=summary.lost[1], lost_network=summary.lost[2], untracked_forks=0)
+        writer.append(KIND_END, [end])
+        writer.close()
+        identity = schema.Identity.of(start)
+        AuditLog(datadir.log_dir, start.server_id).write(
+            schema.audit_line(end, identity, identity.uid_prefix()))
+        log("session.recovered", sid=sid, cut_bytes=cut)
+        ended.append(sid)
+    return ended

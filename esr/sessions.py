@@ -1,0 +1,78 @@
+"""The session registry: which sessions are open, and the kernel slot and
+cookie each one is known by.
+
+A cookie is generation << 32 | slot. Records carry it, so a record still in
+flight for a session that has ended (and whose slot was reused) never lands
+in the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esr import schema
+from esr._fast.decode import SessionEvents
+from esr.recording import Writer
+
+
+class RegistryFull(Exception):
+    pass
+
+
+@dataclass
+class Session:
+    sid: str
+    slot: int
+    cookie: int
+    start: schema.SessionStart
+    identity: schema.Identity
+    uid_prefix: str
+    writer: Writer
+    path: str
+    pending: SessionEvents = field(default_factory=SessionEvents)
+    anchor_pid: int = 0
+    seed_pid: int = 0
+    commands: int = 0
+    disks: int = 0
+    networks: int = 0
+    # Kernel counters already written into the recording as Lost records.
+    lost: list[int] = field(default_factory=lambda: [0, 0, 0])
+    untracked_forks: int = 0
+    interactive: bool = False
+    leader_gone: bool = False
+
+
+class Registry:
+    def __init__(self, max_sessions: int):
+        self.max_sessions = max_sessions
+        self.by_sid: dict[str, Session] = {}
+        # What the decoder routes records with: cookie -> pending events.
+        self.pending_by_cookie: dict[int, SessionEvents] = {}
+        self._free = list(range(max_sessions - 1, -1, -1))
+        self._generation = 0
+
+    def allocate(self) -> tuple[int, int]:
+        """A free slot and a cookie never used before."""
+        if not self._free:
+            raise RegistryFull(f"all {self.max_sessions} session slots are in use")
+        slot = self._free.pop()
+        self._generation = (self._generation + 1) & 0xFFFFFFFF or 1
+        return slot, (self._generation << 32) | slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def add(self, session: Session) -> None:
+        self.by_sid[session.sid] = session
+        self.pending_by_cookie[session.cookie] = session.pending
+
+    def remove(self, session: Session) -> None:
+        del self.by_sid[session.sid]
+        del self.pending_by_cookie[session.cookie]
+        self.release(session.slot)
+
+    def __iter__(self):
+        return iter(list(self.by_sid.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_sid)

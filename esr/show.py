@@ -1,0 +1,161 @@
+"""Reading recordings back: `esr sessions`, `esr show` and `esr verify`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+from esr import recording, schema
+from esr.datadir import DataDir
+
+TYPES = {"command": schema.Command, "disk": schema.Disk, "network": schema.Network}
+
+
+class Broken(Exception):
+    """A recording is damaged; the message says where."""
+
+
+def _printable(raw: bytes) -> str:
+    """Bytes for a terminal: anything not printable is escaped, so recorded
+    escape sequences can't act on the auditor's terminal."""
+    out = []
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    text = "".join(out)
+    return shlex.quote(text) if text != shlex.quote(text) and text else text or "''"
+
+
+def _text_line(event) -> str:
+    kind = type(event)
+    when = schema.rfc3339(event.time)
+    if kind is schema.Command:
+        argv = " ".join(_printable(a) for a in event.argv)
+        cut = (f" [argv truncated: {event.argv_cut_args} args, {event.argv_cut_bytes} bytes cut]"
+               if event.argv_truncated else "")
+        detail = (f"pid={event.pid} ppid={event.ppid} uid={event.unix_uid} rc={event.return_code} "
+                  f"{_printable(event.path)} {argv}{cut}")
+    elif kind is schema.Disk:
+        detail = (f"pid={event.pid} {_printable(event.program)} flags={event.flags:#o} "
+                  f"rc={event.return_code} {_printable(event.path)}")
+    elif kind is schema.Network:
+        src = f"[{event.src_addr}]" if event.version == 6 else event.src_addr
+        dst = f"[{event.dst_addr}]" if event.version == 6 else event.dst_addr
+        detail = (f"pid={event.pid} {_printable(event.program)} {src}:{event.src_port} -> "
+                  f"{dst}:{event.dst_port} rc={event.return_code}")
+    elif kind is schema.Lost:
+        detail = (f"LOST command={event.command} disk={event.disk} network={event.network}"
+                  + (f" untracked_forks={event.untracked_forks}" if event.untracked_forks else ""))
+    elif kind is schema.SessionStart:
+        detail = (f"sid={event.sid} login={event.login} user={event.user} "
+                  f"remote={event.remote_addr or '-'} service={event.service or '-'} "
+                  f"tty={event.tty or '-'}")
+    elif kind is schema.SessionLeave:
+        detail = f"leader gone, {event.live_tasks} tasks still running"
+    else:
+        detail = (f"reason={event.reason!r} commands={event.commands} disks={event.disks} "
+                  f"networks={event.networks} lost={event.lost_command + event.lost_disk + event.lost_network}")
+    return f"{when} {event.ei:>6} {schema.event_name(event):<15} {detail}"
+
+
+def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> None:
+    """Print a session's events in order; raise Broken after printing what
+    precedes the damage."""
+    out = out or sys.stdout
+    sid = datadir.resolve(sid)
+    wanted = TYPES.get(kind) if kind else None
+    identity = prefix = None
+    reader = recording.Reader(datadir.recording(sid), sid)
+    try:
+        for frame in reader:
+            lines = []
+            for event in frame.events():
+                if identity is None:
+                    identity = schema.Identity.of(event)
+                    prefix = identity.uid_prefix()
+                if wanted is not None and type(event) is not wanted:
+                    continue
+                if fmt == "json":
+                    lines.append(json.dumps(schema.audit_fields(event, identity, prefix),
+                                            ensure_ascii=True, separators=(",", ":")))
+                else:
+                    lines.append(_text_line(event))
+            if lines:
+                out.write("\n".join(lines) + "\n")
+    except recording.Damage as err:
+        out.flush()
+        raise Broken(f"{sid}: {err}; the events above are intact") from None
+
+
+def verify(datadir: DataDir, sid: str) -> str:
+    sid = datadir.resolve(sid)
+    try:
+        s = recording.verify(datadir.recording(sid), sid)
+    except recording.Damage as err:
+        intact = err.intact
+        good = (f"frames 0..{err.frame - 1} (events 0..{intact.last_ei}) are intact"
+                if err.frame else "nothing before it is intact")
+        raise Broken(f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; "
+                     f"{good}") from None
+    state = "closed" if s.closed else "not closed: still recording, or the recorder stopped"
+    return (f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}")
+
+
+def _first_command(path: str, summary: recording.Summary) -> str:
+    for offset in summary.command_frames[:1]:
+        for event in recording.read_frame(path, offset).events():
+            if type(event) is schema.Command and event.return_code == 0:
+                return " ".join(schema.text(a) for a in [event.path, *event.argv])
+    return ""
+
+
+def sessions(datadir: DataDir) -> list[dict]:
+    rows = []
+    for sid in datadir.sids():
+        path = datadir.recording(sid)
+        summary, damage = recording.scan(path, sid)
+        row = {"sid": sid, "start": None, "end": None, "login": "", "user": "",
+               "command": "", "events": {"command": summary.commands, "disk": summary.disks,
+                                         "network": summary.networks},
+               "lost": dict(zip(("command", "disk", "network"), summary.lost)),
+               "state": "closed" if summary.closed else "open",
+               "damaged": str(damage) if damage else None}
+        try:
+            if summary.frame_offsets:
+                start = recording.read_frame(path, summary.frame_offsets[0]).events()[0]
+                row.update(start=schema.rfc3339(start.time), login=start.login, user=start.user)
+                row["command"] = " ".join(start.command) or _first_command(path, summary)
+            if summary.closed:
+                end = recording.read_frame(path, summary.frame_offsets[-1]).events()[0]
+                row.update(end=schema.rfc3339(end.time), reason=end.reason)
+        except Exception as err:  # a damaged frame must not hide the other sessions
+            row["damaged"] = row["damaged"] or f"unreadable: {err}"
+        rows.append(row)
+    rows.sort(key=lambda r: r["start"] or "")
+    return rows
+
+
+def sessions_text(rows: list[dict]) -> str:
+    lines = [f"{'SID':36}  {'START':19}  {'END':19}  {'LOGIN/USER':16}  {'CMD':>5} {'DISK':>7} "
+             f"{'NET':>5} {'LOST':>5}  COMMAND"]
+    for r in rows:
+        lost = sum(r["lost"].values())
+        end = (r["end"] or r["state"])[:19]
+        who = r["login"] if r["login"] == r["user"] else f"{r['login']}/{r['user']}"
+        command = _printable(r["command"].encode("utf-8", "surrogateescape"))[:60]
+        if r["damaged"]:
+            command += "  [DAMAGED]"
+        lines.append(f"{r['sid']:36}  {(r['start'] or '-')[:19]:19}  {end:19}  {who:16}  "
+                     f"{r['events']['command']:>5} {r['events']['disk']:>7} "
+                     f"{r['events']['network']:>5} {lost:>5}  {command}")
+    return "\n".join(lines)
