@@ -63,7 +63,7 @@ class Recorder:
 
     def open_session(self, *, login: str, user: str, seed_pid: int = 0, anchor_pid: int = 0,
                      sid: str | None = None, remote_addr: str = "", service: str = "",
-                     tty: str = "", command: list[str] | None = None,
+                     tty: str = "", command: list[bytes] | None = None,
                      audit_sessionid: int | None = None, loginuid: int | None = None,
                      interactive: bool = False) -> Session:
         """Start recording a session seeded with seed_pid (recorded itself,

@@ -85,7 +85,7 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
     try:
         tty = os.ttyname(0) if os.isatty(0) else ""
         session = recorder.open_session(login=login, user=user, seed_pid=pid, sid=sid,
-                                        command=argv, tty=tty, interactive=bool(tty))
+                                        command=[os.fsencode(a) for a in argv], tty=tty, interactive=bool(tty))
     except BaseException:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -88,7 +88,7 @@ class SessionStart(msgspec.Struct, tag=10, array_like=True, gc=False):
     remote_addr: str = ""
     service: str = ""
     tty: str = ""
-    command: list[str] = []
+    command: list[bytes] = []  # what `esr run` was asked to run
     seed_pid: int = 0
     audit_sessionid: int | None = None
     loginuid: int | None = None
@@ -225,7 +225,7 @@ def audit_fields(event, identity: Identity, uid_prefix: str) -> dict:
     elif kind is SessionStart:
         out.update({
             "addr.remote": event.remote_addr, "service": event.service, "tty": event.tty,
-            "command": event.command, "seed_pid": event.seed_pid,
+            "command": [text(a) for a in event.command], "seed_pid": event.seed_pid,
         })
         if event.audit_sessionid is not None:
             out["audit_sessionid"] = event.audit_sessionid

@@ -134,7 +134,8 @@ def sessions(datadir: DataDir) -> list[dict]:
             if summary.frame_offsets:
                 start = recording.read_frame(path, summary.frame_offsets[0]).events()[0]
                 row.update(start=schema.rfc3339(start.time), login=start.login, user=start.user)
-                row["command"] = " ".join(start.command) or _first_command(path, summary)
+                row["command"] = (" ".join(schema.text(a) for a in start.command)
+                                  or _first_command(path, summary))
             if summary.closed:
                 end = recording.read_frame(path, summary.frame_offsets[-1]).events()[0]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)

@@ -1,0 +1,61 @@
+# Everything starts from a fresh Debian 12 as root: `make run`, `make test`.
+
+PYTHON := /usr/bin/python3
+VENV := .venv
+BUILD := build
+LIBBPF := $(BUILD)/libbpf/usr
+
+# What building, running and testing esr need from Debian.
+APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make \
+	python3-venv python3-dev openssh-server openssh-client procps iproute2
+
+PY_DEPS := cython msgspec zstandard PyYAML pytest pyinstaller wheel setuptools
+
+.PHONY: all deps build run test clean
+
+all: build
+
+deps: $(BUILD)/.deps
+
+$(BUILD)/.deps: Makefile
+	@mkdir -p $(BUILD)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+# Debian's libbpf.a is not built with -fPIC, so it cannot be linked into a
+# Python extension: build the same Debian source here, position-independent.
+$(LIBBPF)/lib/libbpf.a: $(BUILD)/.deps
+	rm -rf $(BUILD)/libbpf-src && mkdir -p $(BUILD)/libbpf-src/lists/partial
+	printf 'deb-src http://deb.debian.org/debian bookworm main\ndeb-src http://deb.debian.org/debian-security bookworm-security main\ndeb-src http://deb.debian.org/debian bookworm-updates main\n' > $(BUILD)/libbpf-src/sources.list
+	cd $(BUILD)/libbpf-src && APT="-q -o Dir::Etc::SourceList=$$PWD/sources.list -o Dir::Etc::SourceParts=/nonexistent -o Dir::State::Lists=$$PWD/lists -o APT::Sandbox::User=root" && \
+		apt-get $$APT update >/dev/null && apt-get $$APT source libbpf >/dev/null 2>&1
+	mkdir -p $(BUILD)/libbpf-src/obj
+	$(MAKE) -s -C $$(ls -d $(BUILD)/libbpf-src/libbpf-*/src) BUILD_STATIC_ONLY=1 \
+		EXTRA_CFLAGS="-fPIC -O2" OBJDIR=$(CURDIR)/$(BUILD)/libbpf-src/obj \
+		DESTDIR=$(CURDIR)/$(BUILD)/libbpf PREFIX=/usr LIBDIR=/usr/lib install >/dev/null
+
+$(VENV)/.deps: $(BUILD)/.deps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(PY_DEPS)
+	@touch $@
+
+$(VENV)/bin/esr: $(VENV)/.deps $(LIBBPF)/lib/libbpf.a pyproject.toml setup.py
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	@touch $@
+
+# The BPF object and the extensions, rebuilt when their sources change.
+build: $(VENV)/bin/esr
+	$(VENV)/bin/python setup.py -q build_ext --inplace
+
+run: build
+	$(VENV)/bin/esr --data-dir $(CURDIR)/$(BUILD)/data run -- bash
+
+test: build
+	$(VENV)/bin/pytest -q tests
+
+clean:
+	rm -rf $(BUILD) $(VENV) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info

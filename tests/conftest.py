@@ -1,0 +1,93 @@
+"""Shared fixtures: the esr CLI under test, a private data dir per test, and
+the BPF gate (skip without root/BPF; fail instead under ESR_REQUIRE_BPF=1)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ESR = os.environ.get("ESR_BIN", str(ROOT / ".venv" / "bin" / "esr"))
+REQUIRE_BPF = os.environ.get("ESR_REQUIRE_BPF") == "1"
+
+
+@functools.cache
+def bpf_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to load BPF programs"
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "the kernel has no BTF"
+    r = subprocess.run([ESR, "check"], capture_output=True, text=True)
+    if r.returncode != 0:
+        bad = [l for l in r.stdout.splitlines() if "missing" in l or "cannot" in l]
+        return f"`esr check` failed: {(bad or r.stderr.splitlines() or ['?'])[-1]}"
+    return None
+
+
+def require_bpf():
+    reason = bpf_unavailable()
+    if reason:
+        if REQUIRE_BPF:
+            pytest.fail(f"ESR_REQUIRE_BPF=1, but BPF is unavailable: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def bpf():
+    require_bpf()
+
+
+class Esr:
+    """The esr command line, pointed at one data dir."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.env = dict(os.environ, ESR_DATA_DIR=str(data_dir))
+
+    def __call__(self, *args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run([ESR, *args], capture_output=True, env=self.env, timeout=timeout, **kw)
+        if check and r.returncode != 0:
+            raise AssertionError(f"esr {' '.join(map(str, args))} exited {r.returncode}:\n"
+                                 f"{r.stderr.decode(errors='replace')}")
+        return r
+
+    def popen(self, *args, **kw) -> subprocess.Popen:
+        return subprocess.Popen([ESR, *args], env=self.env, **kw)
+
+    def record(self, *argv, check=True, **kw) -> str:
+        """Run argv under `esr run`; returns the session id."""
+        r = self("run", "--", *argv, check=check, **kw)
+        return sid_from_stderr(r.stderr)
+
+    def events(self, sid: str, kind: str | None = None) -> list[dict]:
+        args = ["show", sid] + (["--type", kind] if kind else [])
+        return [json.loads(line) for line in self(*args).stdout.splitlines()]
+
+    def sessions(self) -> list[dict]:
+        return [json.loads(l) for l in self("sessions", "--format", "json").stdout.splitlines()]
+
+
+def sid_from_stderr(stderr: bytes) -> str:
+    for line in stderr.decode(errors="replace").splitlines():
+        if line.startswith("esr: recording session "):
+            return line.split()[-1]
+    raise AssertionError(f"no session id in esr's stderr:\n{stderr.decode(errors='replace')}")
+
+
+@pytest.fixture
+def esr(tmp_path) -> Esr:
+    return Esr(tmp_path / "data")
+
+
+def commands(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["event"] == "session.command"]
+
+
+def executed(events: list[dict]) -> list[list[str]]:
+    """[path, *argv] of every successful exec."""
+    return [[e["path"], *e["argv"]] for e in commands(events) if e["return_code"] == 0]
