@@ -91,6 +91,15 @@ struct esr_session_state {
 
 /* struct esr_task.flags */
 #define ESR_TASK_ANCHOR 0x1	/* not recorded itself; what it forks joins the session */
+#define ESR_TASK_ANCHOR_CHILD 0x2	/* forked by an anchor, has not exec'd yet */
+
+/* The esr executable. A session's anchor (sshd's monitor, su) runs the PAM
+ * hook as a direct child: that child leaves the session when it execs esr,
+ * so the hook's own work is not recorded as the user's. */
+struct esr_exe {
+	__u64 dev;	/* as the kernel encodes it: major << 20 | minor */
+	__u64 ino;
+};
 
 /* Value of the tracked_tasks map, keyed by thread id. */
 struct esr_task {

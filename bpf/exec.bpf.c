@@ -20,6 +20,14 @@ struct {
 	__uint(value_size, sizeof(__u32));
 } command_events SEC(".maps");
 
+/* Set by user space: see struct esr_exe. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct esr_exe);
+} recorder_exe SEC(".maps");
+
 /* The record being built, per CPU: too large for the BPF stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -195,19 +203,39 @@ int execat_exit(struct trace_event_raw_sys_exit *ctx)
 	return report_failed_exec(ctx, ctx->ret);
 }
 
+static __always_inline bool is_recorder_exe(struct task_struct *task)
+{
+	__u32 zero = 0;
+	struct esr_exe *exe = bpf_map_lookup_elem(&recorder_exe, &zero);
+	struct inode *inode = BPF_CORE_READ(task, mm, exe_file, f_inode);
+
+	return exe && exe->ino && BPF_CORE_READ(inode, i_ino) == exe->ino &&
+	       BPF_CORE_READ(inode, i_sb, s_dev) == exe->dev;
+}
+
 SEC("tp/sched/sched_process_exec")
 int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 {
 	__u32 old_tid = ctx->old_pid, new_tid = ctx->pid;
-	__u64 session = recorded_session_after_exec(old_tid, new_tid);
-	struct task_struct *task;
+	struct esr_task *tracked = task_after_exec(old_tid, new_tid);
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct esr_command_event *e;
 	unsigned long arg_start, arg_end, start_stack;
-	__u64 argc = 0, size, len, copied;
+	__u64 argc = 0, size, len, copied, session;
 	long n;
 
-	if (!session)
+	if (!tracked)
 		return 0;
+	if (tracked->flags & ESR_TASK_ANCHOR_CHILD) {
+		if (is_recorder_exe(task)) {
+			untrack(new_tid, tracked);
+			return 0;
+		}
+		tracked->flags &= ~ESR_TASK_ANCHOR_CHILD;
+	}
+	if (tracked->flags & ESR_TASK_ANCHOR)
+		return 0;
+	session = tracked->session;
 	/* The exec succeeded: its entry-time record is not needed. */
 	bpf_map_delete_elem(&exec_in_flight, &old_tid);
 	e = scratch_record();
@@ -218,7 +246,6 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	fill_identity(e);
 	e->return_code = 0;
 
-	task = (struct task_struct *)bpf_get_current_task();
 	arg_start = BPF_CORE_READ(task, mm, arg_start);
 	arg_end = BPF_CORE_READ(task, mm, arg_end);
 	start_stack = BPF_CORE_READ(task, mm, start_stack);

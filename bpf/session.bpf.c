@@ -22,6 +22,7 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	if (!state)
 		return 0;
 	child.session = parent->session;
+	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD : 0;
 	child_tid = ctx->child_pid;
 	if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_ANY)) {
 		__sync_fetch_and_add(&state->untracked_forks, 1);
@@ -36,13 +37,8 @@ int untrack_exit(void *ctx)
 {
 	__u32 tid = current_tid();
 	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
-	struct esr_session_state *state;
 
-	if (!task)
-		return 0;
-	state = session_state(task->session);
-	if (state && !(task->flags & ESR_TASK_ANCHOR))
-		__sync_fetch_and_add(&state->live_tasks, -1);
-	bpf_map_delete_elem(&tracked_tasks, &tid);
+	if (task)
+		untrack(tid, task);
 	return 0;
 }

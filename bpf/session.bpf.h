@@ -49,6 +49,16 @@ static __always_inline struct esr_session_state *session_state(__u64 session)
 	return state;
 }
 
+/* Forget a tracked thread; it no longer counts as alive in its session. */
+static __always_inline void untrack(__u32 tid, struct esr_task *task)
+{
+	struct esr_session_state *state = session_state(task->session);
+
+	if (state && !(task->flags & ESR_TASK_ANCHOR))
+		__sync_fetch_and_add(&state->live_tasks, -1);
+	bpf_map_delete_elem(&tracked_tasks, &tid);
+}
+
 /* The session the current thread is recorded in, or 0: the one lookup
  * every process outside a session pays. */
 static __always_inline __u64 recorded_session(void)
@@ -61,22 +71,18 @@ static __always_inline __u64 recorded_session(void)
 	return task->session;
 }
 
-/* The session of a thread that has just exec'd, or 0. A non-leader thread
- * that execs takes over the leader's pid, and the leader's exit has already
- * removed that pid from the map: carry the membership over to it. */
-static __always_inline __u64 recorded_session_after_exec(__u32 old_tid, __u32 new_tid)
+/* The membership of a thread that has just exec'd, or NULL. A non-leader
+ * thread that execs takes over the leader's pid, and the leader's exit has
+ * already removed that pid from the map: carry the membership over to it. */
+static __always_inline struct esr_task *task_after_exec(__u32 old_tid, __u32 new_tid)
 {
 	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &old_tid);
-	__u64 session;
 
-	if (!task)
-		return 0;
-	session = task->flags & ESR_TASK_ANCHOR ? 0 : task->session;
-	if (old_tid != new_tid) {
-		bpf_map_update_elem(&tracked_tasks, &new_tid, task, BPF_ANY);
-		bpf_map_delete_elem(&tracked_tasks, &old_tid);
-	}
-	return session;
+	if (!task || old_tid == new_tid)
+		return task;
+	bpf_map_update_elem(&tracked_tasks, &new_tid, task, BPF_ANY);
+	bpf_map_delete_elem(&tracked_tasks, &old_tid);
+	return bpf_map_lookup_elem(&tracked_tasks, &new_tid);
 }
 
 static __always_inline void fill_header(struct esr_event_header *hdr, __u64 session, __u16 type)

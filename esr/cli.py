@@ -55,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="report what this kernel offers esr")
     _common(p)
+
+    p = sub.add_parser("daemon", help="record every session PAM or `esr run` opens (foreground)")
+    _common(p)
+
+    p = sub.add_parser("status", help="print the running daemon's counters")
+    _common(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+    p = sub.add_parser("pam", help="the PAM session hook (run by pam_exec), or set it up",
+                       description="Without an action: the hook pam_exec runs at session "
+                       "open and close. With one: add the hook to the PAM configuration, "
+                       "remove it, or tell whether it is there.")
+    _common(p)
+    p.add_argument("action", nargs="?", choices=("enable", "disable", "status"))
+    p.add_argument("--fail-closed", action="store_true",
+                   help="deny the session when it cannot be recorded (default: allow it)")
+    p.add_argument("--timeout", type=float, default=0.8, metavar="SECONDS",
+                   help="give up on the daemon after this long (default 0.8)")
     return parser
 
 
@@ -113,7 +131,64 @@ def _cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def _cmd_daemon(args) -> int:
+    from esr.daemon import main
+
+    data_dir = getattr(args, "data_dir", None) or os.environ.get("ESR_DATA_DIR") or None
+    return main(getattr(args, "config", None), data_dir)
+
+
+def _cmd_status(args) -> int:
+    from esr import control
+
+    config = _config(args)
+    reply = control.request(config.control_socket, control.Status(), timeout=5)
+    if not reply.ok:
+        raise control.ControlError(reply.error)
+    status = reply.status
+    if args.format == "json":
+        print(json.dumps(status, indent=2))
+        return 0
+    lost = status["lost"]
+    print(f"uptime: {status['uptime_s']} s")
+    print(f"enhanced recording: {status['enhanced_recording']}, buffers (pages per CPU): "
+          + ", ".join(f"{k} {v}" for k, v in status["buffer_pages"].items()))
+    print(f"sessions open: {status['sessions_open']}")
+    print("events: " + ", ".join(f"{k} {v}" for k, v in status["events"].items()))
+    print("lost per buffer: " + ", ".join(f"{k} {v}" for k, v in lost["buffer"].items())
+          + f"; in user space: {lost['user_space']}")
+    for sid, counts in lost["sessions"].items():
+        print(f"lost in session {sid}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"bytes written: {status['bytes_written']}")
+    return 0
+
+
+def _cmd_pam(args) -> int:
+    from esr import pam
+
+    config_path = getattr(args, "config", None)
+    if args.action is None:
+        from esr import config
+
+        try:
+            socket_path = _config(args).control_socket
+        except config.ConfigError as err:
+            # Still let the login through (or not, if fail-closed).
+            print(f"esr: {err}", file=sys.stderr)
+            return 1 if args.fail_closed else 0
+        return pam.hook(socket_path, args.timeout, args.fail_closed)
+    if args.action == "status":
+        enabled, text = pam.status()
+        print(text)
+        return 0 if enabled else 3
+    print(pam.enable(config_path) if args.action == "enable" else pam.disable())
+    return 0
+
+
 COMMANDS = {
+    "daemon": _cmd_daemon,
+    "status": _cmd_status,
+    "pam": _cmd_pam,
     "run": _cmd_run,
     "sessions": _cmd_sessions,
     "show": _cmd_show,
@@ -128,13 +203,17 @@ class UsageError(Exception):
 
 def _expected_errors() -> tuple:
     from esr.config import ConfigError
+    from esr.control import ControlError
+    from esr.daemon import DaemonError
     from esr.datadir import DataDirError
     from esr.loader import LoadError
+    from esr.pam import PamSetupError
     from esr.recorder import SessionError
     from esr.sessions import RegistryFull
     from esr.show import Broken
 
-    return (ConfigError, DataDirError, LoadError, SessionError, RegistryFull, Broken, UsageError)
+    return (ConfigError, ControlError, DaemonError, DataDirError, LoadError, PamSetupError,
+            SessionError, RegistryFull, Broken, UsageError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,12 @@ def _noop_log(event: str, **fields) -> None:
     pass
 
 
+def _audit_kinds(config: Config) -> tuple:
+    """The events the audit log gets besides session start, leave and end."""
+    return (schema.Command, schema.Network, schema.Lost) + (
+        (schema.Disk,) if config.audit_disk_events else ())
+
+
 class Recorder:
     def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log):
         """probe is an esr._fast.probe.Probe, or None when enhanced recording
@@ -56,8 +62,7 @@ class Recorder:
         self.closed_bytes = 0
         self.write_errors = 0
         self.lost_in_user_space = 0
-        self._audit_kinds = (schema.Command, schema.Network, schema.Lost) + (
-            (schema.Disk,) if config.audit_disk_events else ())
+        self._audit_kinds = _audit_kinds(config)
 
     # --- sessions ------------------------------------------------------------
 
@@ -109,6 +114,32 @@ class Recorder:
         self.log("session.start", sid=sid, login=login, user=user, seed_pid=seed_pid,
                  anchor_pid=anchor_pid, service=service, remote=remote_addr)
         return session
+
+    def session_of_task(self, pid: int) -> Session | None:
+        """The session recording pid, if any (an anchor is not recorded)."""
+        if self.probe is None:
+            return None
+        tracked = self.probe.task_session(pid)
+        if tracked is None or tracked[1]:
+            return None
+        return self.registry.by_cookie.get(tracked[0])
+
+    def find_session(self, sid: str = "", anchor_pid: int = 0,
+                     audit_sessionid: int | None = None) -> Session | None:
+        if sid:
+            return self.registry.by_sid.get(sid)
+        for session in self.registry:
+            if (anchor_pid and session.anchor_pid == anchor_pid and not session.leader_gone
+                    and session.start.audit_sessionid == audit_sessionid):
+                return session
+        return None
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply what can change while recording (see daemon.RELOADABLE)."""
+        self.config = config
+        self._audit_kinds = _audit_kinds(config)
+        for session in self.registry:
+            session.writer.set_level(config.compression_level)
 
     def live_tasks(self, session: Session) -> int:
         if self.probe is None:

@@ -260,6 +260,9 @@ class Writer:
         self.bytes_written += len(data)
         return len(data)
 
+    def set_level(self, level: int) -> None:
+        self._zstd = zstandard.ZstdCompressor(level=level)
+
     def discard_partial(self) -> None:
         """After a failed write (disk full): cut what part of the frame made
         it, so the recording stays valid and later frames can follow."""

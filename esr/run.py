@@ -1,7 +1,8 @@
 """`esr run -- CMD`: record CMD and everything it starts as one session.
 
 The command is forked, held on a pipe until its pid is tracked in the
-kernel, then released to exec: its first exec is already recorded.
+kernel, then released to exec: its first exec is already recorded. A
+running daemon records the session; without one, this process does.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import signal
 import sys
 import time
 
-from esr import loader
+from esr import control, loader
 from esr.config import Config
 from esr.datadir import DataDir
-from esr.recorder import Recorder
+from esr.recorder import Recorder, SessionError
 
 
 def _user_name(uid: int) -> str:
@@ -52,6 +53,12 @@ def _spawn_held(argv: list[str]) -> tuple[int, int]:
     return pid, release_w
 
 
+def _kill(pid: int) -> None:
+    """Kill and reap a child still held before exec."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 def _exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -77,18 +84,69 @@ class _Signals:
 
 
 def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> int:
-    datadir = DataDir(config.data_dir)
+    """Record argv as a session; returns its exit status. A running daemon
+    records it; otherwise this process loads the programs and records."""
     login, user = identity(login)
-    probe = loader.load(config)
-    recorder = Recorder(config, probe, datadir)
     pid, release = _spawn_held(argv)
     try:
         tty = os.ttyname(0) if os.isatty(0) else ""
-        session = recorder.open_session(login=login, user=user, seed_pid=pid, sid=sid,
-                                        command=[os.fsencode(a) for a in argv], tty=tty, interactive=bool(tty))
+        request = control.Open(login=login, user=user, seed_pid=pid, sid=sid,
+                               command=[os.fsencode(a) for a in argv], tty=tty,
+                               interactive=bool(tty))
+        try:
+            reply = control.request(config.control_socket, request, timeout=10)
+        except control.DaemonUnavailable:
+            reply = None
+        if reply is not None and not reply.ok:
+            raise SessionError(reply.error)
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _kill(pid)
+        raise
+    if reply is None:
+        return _record(config, pid, release, request)
+    note = " (inside an already recorded session)" if reply.nested else " by the esr daemon"
+    print(f"esr: recording session {reply.sid}{note}", file=sys.stderr, flush=True)
+    signals = _Signals()
+    os.write(release, b"x")
+    os.close(release)
+    while True:
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            pass
+        finally:
+            for sig in signals.read():
+                if sig in (signal.SIGTERM, signal.SIGHUP):
+                    os.kill(pid, sig)
+    status = _exit_code(wait_status)
+    if not reply.nested:
+        try:
+            closed = control.request(config.control_socket, control.Close(sid=reply.sid),
+                                     timeout=10)
+            if closed.remaining:
+                print(f"esr: {argv[0]} exited; the daemon keeps recording the {closed.remaining} "
+                      "tasks it left running", file=sys.stderr, flush=True)
+        except control.ControlError as err:
+            print(f"esr: warning: {err}", file=sys.stderr, flush=True)
+    return status
+
+
+def _record(config: Config, pid: int, release: int, request: control.Open) -> int:
+    """No daemon: load the programs here, and record until the command and
+    every task it left running have exited (or an interrupt after it exited)."""
+    try:
+        probe = loader.load(config)
+        recorder = Recorder(config, probe, DataDir(config.data_dir))
+    except BaseException:
+        _kill(pid)
+        raise
+    try:
+        session = recorder.open_session(
+            login=request.login, user=request.user, seed_pid=pid, sid=request.sid,
+            command=request.command, tty=request.tty, interactive=request.interactive)
+    except BaseException:
+        _kill(pid)
         recorder.close()
         raise
     signals = _Signals()
@@ -96,6 +154,7 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
     os.write(release, b"x")
     os.close(release)
 
+    argv0 = os.fsdecode(request.command[0])
     status = None
     pidfd = os.pidfd_open(pid)
     selector = selectors.DefaultSelector()
@@ -115,7 +174,7 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
                     os.close(pidfd)
                     remaining = recorder.leave(session)
                     if remaining:
-                        print(f"esr: {argv[0]} exited; recording {remaining} tasks it left "
+                        print(f"esr: {argv0} exited; recording {remaining} tasks it left "
                               f"running (interrupt to stop)", file=sys.stderr, flush=True)
                 elif key.data == "signal":
                     for sig in signals.read():

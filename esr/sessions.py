@@ -46,6 +46,7 @@ class Registry:
     def __init__(self, max_sessions: int):
         self.max_sessions = max_sessions
         self.by_sid: dict[str, Session] = {}
+        self.by_cookie: dict[int, Session] = {}
         # What the decoder routes records with: cookie -> pending events.
         self.pending_by_cookie: dict[int, SessionEvents] = {}
         self._free = list(range(max_sessions - 1, -1, -1))
@@ -64,10 +65,12 @@ class Registry:
 
     def add(self, session: Session) -> None:
         self.by_sid[session.sid] = session
+        self.by_cookie[session.cookie] = session
         self.pending_by_cookie[session.cookie] = session.pending
 
     def remove(self, session: Session) -> None:
         del self.by_sid[session.sid]
+        del self.by_cookie[session.cookie]
         del self.pending_by_cookie[session.cookie]
         self.release(session.slot)
 

@@ -75,7 +75,7 @@ class Esr:
 def sid_from_stderr(stderr: bytes) -> str:
     for line in stderr.decode(errors="replace").splitlines():
         if line.startswith("esr: recording session "):
-            return line.split()[-1]
+            return line.split()[3]
     raise AssertionError(f"no session id in esr's stderr:\n{stderr.decode(errors='replace')}")
 
 

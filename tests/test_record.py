@@ -461,7 +461,7 @@ def test_kill_minus_9_of_the_recorder_keeps_complete_frames(esr):
     while sid is None:
         line = p.stderr.readline()
         if line.startswith(b"esr: recording session"):
-            sid = line.split()[-1].decode()
+            sid = line.split()[3].decode()
     time.sleep(1.0)
     p.kill()
     p.wait()

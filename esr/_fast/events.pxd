@@ -21,6 +21,7 @@ cdef extern from "esr_events.h":
         ESR_ARGV_UNREADABLE
         ESR_COMMAND_TTY
         ESR_TASK_ANCHOR
+        ESR_TASK_ANCHOR_CHILD
 
     struct esr_event_header:
         uint64_t ts_boot_ns
@@ -65,6 +66,10 @@ cdef extern from "esr_events.h":
         int64_t live_tasks
         uint64_t lost[3]
         uint64_t untracked_forks
+
+    struct esr_exe:
+        uint64_t dev
+        uint64_t ino
 
     struct esr_task:
         uint64_t session

@@ -493,6 +493,16 @@ cdef class Probe:
             if state.session == task.session:
                 esr_atomic_add(<long long *>&state.live_tasks, -1)
 
+    def set_recorder_exe(self, uint64_t dev, uint64_t ino):
+        """Name the esr executable (kernel dev encoding, inode): an anchor's
+        child that execs it is the PAM hook, and leaves the session."""
+        cdef uint32_t zero = 0
+        cdef esr_exe exe
+        exe.dev = dev
+        exe.ino = ino
+        if bpf_map_update_elem(self._fd(b"recorder_exe"), &zero, &exe, BPF_ANY) != 0:
+            raise OSError(errno, strerror(errno).decode())
+
     def task_session(self, uint32_t tid):
         """(cookie, anchor) of the session thread tid is tracked in, or None."""
         cdef esr_task task

@@ -1,0 +1,115 @@
+"""The control socket's protocol: one JSON request per connection, answered
+by one JSON reply, each a line of at most MAX_MESSAGE bytes."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Union
+
+import msgspec
+
+MAX_MESSAGE = 64 * 1024
+
+
+class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=True,
+           kw_only=True):
+    """Record a new session seeded with seed_pid, or anchored at anchor_pid."""
+    login: str
+    user: str = ""
+    seed_pid: int = 0
+    anchor_pid: int = 0
+    sid: str | None = None
+    remote_addr: str = ""
+    service: str = ""
+    tty: str = ""
+    command: list[bytes] = []
+    audit_sessionid: int | None = None
+    loginuid: int | None = None
+    interactive: bool = False
+
+
+class Close(msgspec.Struct, tag="close", tag_field="op", forbid_unknown_fields=True,
+            kw_only=True):
+    """The session's leader is gone: by sid, or by the anchor PAM opened it at."""
+    sid: str = ""
+    anchor_pid: int = 0
+    audit_sessionid: int | None = None
+
+
+class Status(msgspec.Struct, tag="status", tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+Request = Union[Open, Close, Status]
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    error: str = ""
+    sid: str = ""
+    nested: bool = False  # already inside a recorded session: recorded there
+    remaining: int = 0  # tasks of the session still running after a close
+    status: dict | None = None
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+class ControlError(Exception):
+    pass
+
+
+class DaemonUnavailable(ControlError):
+    """No daemon answers on the socket."""
+
+
+def decode_request(line: bytes) -> Request:
+    """Raises ValueError with a one-line reason."""
+    try:
+        return _request_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise ValueError(f"bad request: {str(err).splitlines()[0]}") from None
+
+
+def encode(message) -> bytes:
+    return msgspec.json.encode(message) + b"\n"
+
+
+def request(path: str, message, timeout: float) -> Reply:
+    """Send one request and wait for its reply, all within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    data = encode(message)
+    if len(data) > MAX_MESSAGE:
+        raise ControlError(f"request of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            raise DaemonUnavailable(f"no esr daemon on {path}: {err.strerror}") from None
+        except OSError as err:
+            raise ControlError(f"cannot reach the esr daemon on {path}: "
+                               f"{err.strerror or err}") from None
+        reply = b""
+        try:
+            sock.sendall(data)
+            while not reply.endswith(b"\n") and len(reply) <= MAX_MESSAGE:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        except socket.timeout:
+            raise ControlError(f"the esr daemon on {path} did not answer within "
+                               f"{timeout:g} s") from None
+        except OSError as err:
+            raise ControlError(f"talking to the esr daemon on {path}: {err.strerror or err}") from None
+        try:
+            return _reply_decoder.decode(reply)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise ControlError(f"the esr daemon on {path} sent an unreadable reply") from None
+    finally:
+        sock.close()

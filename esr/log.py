@@ -1,0 +1,25 @@
+"""Structured logs: one logfmt line per event on stderr, where journald
+collects them."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _value(v) -> str:
+    s = str(v)
+    if s and not any(c in s for c in ' "=\\') and s.isprintable():
+        return s
+    return '"' + s.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+
+
+def log(event: str, level: str = "info", **fields) -> None:
+    parts = [f"time={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", f"level={level}",
+             f"event={event}"]
+    parts += [f"{k}={_value(v)}" for k, v in fields.items() if v not in (None, "")]
+    try:
+        sys.stderr.write(" ".join(parts) + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass

@@ -1,0 +1,194 @@
+"""PAM integration.
+
+`esr pam` is what pam_exec runs at session open and close. It runs in a
+child of the process that opened the PAM session (sshd's privileged monitor,
+su, login), and registers that process as the session's anchor: everything
+it forks from then on (sshd's unprivileged child, the shell, and all they
+start) is recorded, the anchor itself is not.
+
+Recording must never lock anyone out: unless --fail-closed is given, any
+failure is logged to syslog and the login goes ahead. The whole exchange
+with the daemon is bounded by --timeout.
+
+`esr pam enable|disable|status` installs the hook the Debian way: a
+pam-auth-update profile (common-session, interactive services only), or,
+without pam-auth-update, a line in /etc/pam.d/sshd. Files are backed up to
+FILE.esr-backup before their first change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import syslog
+
+from esr import control
+
+PROFILE = "/usr/share/pam-configs/esr"
+COMMON_SESSION = "/etc/pam.d/common-session"
+SSHD = "/etc/pam.d/sshd"
+MARK = "# esr: record this session"
+
+
+class PamSetupError(Exception):
+    pass
+
+
+def _proc_id(name: str) -> int | None:
+    """The audit loginuid or sessionid; None when audit never set it."""
+    try:
+        with open(f"/proc/self/{name}") as f:
+            value = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if value == 0xFFFFFFFF else value
+
+
+def _report(message: str) -> None:
+    syslog.openlog("esr-pam", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    syslog.syslog(syslog.LOG_WARNING, message)
+    print(f"esr: {message}", file=sys.stderr)
+
+
+def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
+    """Run by pam_exec. Returns the exit status PAM sees."""
+    env = os.environ
+    kind = env.get("PAM_TYPE", "")
+    user = env.get("PAM_USER", "")
+    anchor = os.getppid()
+    audit_sessionid = _proc_id("sessionid")
+    if kind == "open_session":
+        message = control.Open(
+            login=user, user=env.get("PAM_RUSER") or user, anchor_pid=anchor,
+            remote_addr=env.get("PAM_RHOST", ""), service=env.get("PAM_SERVICE", ""),
+            tty=env.get("PAM_TTY", ""), audit_sessionid=audit_sessionid,
+            loginuid=_proc_id("loginuid"))
+    elif kind == "close_session":
+        message = control.Close(anchor_pid=anchor, audit_sessionid=audit_sessionid)
+    else:
+        return 0  # only sessions are recorded
+    what = f"{kind} for {user or '?'} ({env.get('PAM_SERVICE', '?')})"
+    try:
+        reply = control.request(socket_path, message, timeout)
+    except control.ControlError as err:
+        _report(f"{what} not recorded: {err}")
+        return 1 if fail_closed else 0
+    if not reply.ok:
+        _report(f"{what} not recorded: {reply.error}")
+        return 1 if fail_closed else 0
+    return 0
+
+
+# --- set-up -----------------------------------------------------------------------
+
+
+def _hook_command(config_path: str | None) -> str:
+    exe = os.path.realpath(sys.argv[0]) if not getattr(sys, "frozen", False) else sys.executable
+    if os.path.realpath(exe) == os.path.realpath("/usr/lib/esr/esr"):
+        exe = "/usr/bin/esr"
+    return f"{exe} pam" + (f" --config {config_path}" if config_path else "")
+
+
+def _line(config_path: str | None) -> str:
+    # optional: a failing hook must not fail the session (see --fail-closed).
+    return f"session optional pam_exec.so quiet {_hook_command(config_path)}"
+
+
+def _profile(config_path: str | None) -> str:
+    line = _line(config_path).split(None, 1)[1]
+    return ("Name: Record login sessions with esr (Enhanced Session Recorder)\n"
+            "Default: no\n"
+            "Priority: 0\n"
+            "Session-Interactive-Only: yes\n"
+            "Session-Type: Additional\n"
+            "Session:\n"
+            f"\t{line}\n")
+
+
+def _backup(path: str) -> None:
+    backup = path + ".esr-backup"
+    if os.path.exists(path) and not os.path.exists(backup):
+        shutil.copy2(path, backup)
+
+
+def _hooked(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return any("pam_exec.so" in l and " pam" in l and "esr" in l
+                       and not l.lstrip().startswith("#") for l in f)
+    except FileNotFoundError:
+        return False
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.esr-new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    if os.path.exists(path):
+        shutil.copymode(path, tmp)
+    os.replace(tmp, path)
+
+
+def _pam_auth_update(*args: str) -> None:
+    r = subprocess.run(["pam-auth-update", "--package", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        detail = (r.stderr or r.stdout).strip().splitlines()
+        raise PamSetupError(f"pam-auth-update {' '.join(args)} failed: "
+                            f"{detail[-1] if detail else r.returncode}")
+
+
+def enable(config_path: str | None) -> str:
+    if shutil.which("pam-auth-update"):
+        profile = _profile(config_path)
+        try:
+            with open(PROFILE) as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != profile:
+            os.makedirs(os.path.dirname(PROFILE), exist_ok=True)
+            _write(PROFILE, profile)
+        if _hooked(COMMON_SESSION) and current == profile:
+            return f"already enabled in {COMMON_SESSION}"
+        _backup(COMMON_SESSION)
+        _pam_auth_update("--enable", "esr")
+        if not _hooked(COMMON_SESSION):
+            raise PamSetupError(f"pam-auth-update left {COMMON_SESSION} without the esr hook "
+                                "(was it edited by hand? see pam-auth-update(8) --force)")
+        return f"enabled in {COMMON_SESSION} (profile {PROFILE})"
+    if _hooked(SSHD):
+        return f"already enabled in {SSHD}"
+    _backup(SSHD)
+    with open(SSHD) as f:
+        text = f.read()
+    _write(SSHD, text.rstrip("\n") + f"\n{MARK}\n{_line(config_path)}\n")
+    return f"enabled in {SSHD}"
+
+
+def disable() -> str:
+    done = []
+    if shutil.which("pam-auth-update") and os.path.exists(PROFILE):
+        if _hooked(COMMON_SESSION):
+            _backup(COMMON_SESSION)
+        _pam_auth_update("--remove", "esr")
+        done.append(COMMON_SESSION)
+    if _hooked(SSHD):
+        _backup(SSHD)
+        with open(SSHD) as f:
+            lines = f.read().splitlines()
+        kept = [l for l in lines if l != MARK and not ("pam_exec.so" in l and "esr" in l
+                                                       and " pam" in l)]
+        _write(SSHD, "\n".join(kept) + "\n")
+        done.append(SSHD)
+    if _hooked(COMMON_SESSION):
+        raise PamSetupError(f"{COMMON_SESSION} still runs the esr hook")
+    return f"disabled ({', '.join(done)})" if done else "already disabled"
+
+
+def status() -> tuple[bool, str]:
+    where = [p for p in (COMMON_SESSION, SSHD) if _hooked(p)]
+    if where:
+        return True, f"enabled in {', '.join(where)}"
+    return False, "disabled"

@@ -1,0 +1,397 @@
+"""Boot a real systemd Debian bookworm guest under qemu, for end-to-end tests.
+
+    from guest import Guest, ensure_image
+    with Guest() as g:                      # builds the image on first use
+        g.copy_to("esr.deb", "/tmp/esr.deb")
+        g.ssh("apt-get install -y /tmp/esr.deb")
+        g.reboot()
+
+Stdlib only. The image (rootfs made with debootstrap, turned into an ext4 raw
+disk without loop mounts) is cached outside the repo, keyed by the recipe, and
+each Guest boots a throwaway qcow2 overlay on top of it. See README.md.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bump when the build steps change in a way the hash below can't see.
+RECIPE_VERSION = "bookworm-1"
+SUITE = "bookworm"
+MIRROR = os.environ.get("ESR_GUEST_MIRROR", "http://deb.debian.org/debian")
+DEFAULT_CACHE = "/var/cache/esr-test-guest"
+DISK_SIZE = "4G"  # sparse; room for tests to install packages
+
+# On top of --variant=minbase. dbus + libpam-systemd give ssh logins a real
+# logind session, as on any ordinary server (a session recorder cares).
+PACKAGES = [
+    "systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd",
+    "linux-image-amd64", "initramfs-tools", "kmod", "e2fsprogs",
+    "openssh-server", "libpam-runtime", "libelf1", "zlib1g",
+    "iproute2", "procps", "python3", "sudo",
+]
+
+# Files written into the rootfs after debootstrap (path -> content).
+FILES = {
+    "/etc/hostname": "esr-guest\n",
+    "/etc/hosts": "127.0.0.1 localhost\n127.0.1.1 esr-guest\n",
+    "/etc/fstab": "/dev/vda / ext4 rw,errors=remount-ro 0 1\n",
+    # debootstrap copied the host's resolv.conf; point at slirp's DNS instead.
+    "/etc/resolv.conf": "nameserver 10.0.2.3\n",
+    # Match the virtio NIC whatever predictable name it gets (ens3, enp0s3...).
+    "/etc/systemd/network/20-wired.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+}
+
+# Run in the chroot after FILES are written.
+CHROOT_CMDS = [
+    "systemctl enable systemd-networkd.service",
+    # Timers that would burn emulated CPU (or try the network) mid-test.
+    "systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer"
+    " fstrim.timer dpkg-db-backup.timer",
+    # Empty root password: lets a human log in on the serial console when
+    # debugging. sshd still refuses empty passwords; ssh uses the baked key.
+    "passwd -d root",
+    "apt-get clean",
+]
+
+KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 panic=0"
+
+
+class GuestError(Exception):
+    """The guest could not be built, booted or reached."""
+
+
+class GuestUnavailable(GuestError):
+    """The host lacks what is needed (tools, root): tests should skip."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESR_GUEST_CACHE", DEFAULT_CACHE))
+
+
+def recipe_key() -> str:
+    h = hashlib.sha256(repr((RECIPE_VERSION, SUITE, PACKAGES, FILES, CHROOT_CMDS,
+                             DISK_SIZE)).encode()).hexdigest()
+    return f"{RECIPE_VERSION}-{h[:10]}"
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    dir: Path
+    disk: Path      # raw ext4 image of the rootfs; never written to
+    kernel: Path
+    initrd: Path
+    key: Path       # ssh private key, authorized for root in the image
+
+    @classmethod
+    def at(cls, d: Path) -> ImagePaths:
+        return cls(d, d / "disk.raw", d / "vmlinuz", d / "initrd.img", d / "id_ed25519")
+
+
+def unavailable(cache: Path | None = None) -> str | None:
+    """Why a guest can't run on this host (None if it can): a skip reason."""
+    need = ["qemu-system-x86_64", "qemu-img", "ssh", "scp"]
+    if not ImagePaths.at(Path(cache or cache_dir()) / recipe_key()).disk.exists():
+        need += ["debootstrap", "mke2fs", "ssh-keygen", "chroot"]
+        if os.geteuid() != 0:
+            return "building the guest image needs root (debootstrap)"
+    missing = [t for t in need if not shutil.which(t, path=os.environ.get("PATH", "")
+                                                   + ":/usr/sbin:/sbin")]
+    if missing:
+        return ("guest tools missing: " + " ".join(missing) + " (apt-get install"
+                " qemu-system-x86 qemu-utils debootstrap e2fsprogs openssh-client)")
+    return None
+
+
+def _run(cmd, log: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run a build step; on failure raise with the tail of its output."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8",
+               PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, **kw)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(map(str, cmd))}\n{r.stdout}\n")
+    if r.returncode != 0:
+        tail = "\n".join(r.stdout.splitlines()[-30:])
+        raise GuestError(f"{shlex.join(map(str, cmd))} exited {r.returncode}:\n{tail}")
+    return r
+
+
+def _rmtree(path: Path) -> None:
+    # An interrupted debootstrap can leave /proc or /sys mounted in the
+    # rootfs: never descend into other filesystems while deleting.
+    if path.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
+def ensure_image(cache: Path | str | None = None) -> ImagePaths:
+    """Return the cached guest image, building it first if needed (~3 min).
+
+    The build happens in a temp dir inside the cache and is renamed into place
+    only when complete, so an interrupted build is never used; a lock keeps
+    concurrent test runs from building twice."""
+    cache = Path(cache or cache_dir())
+    final = ImagePaths.at(cache / recipe_key())
+    if final.disk.exists():
+        return final
+    reason = unavailable(cache)
+    if reason:
+        raise GuestUnavailable(reason)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.disk.exists():  # someone else built it while we waited
+            return final
+        for stale in cache.glob(".build-*"):  # leftovers of interrupted builds
+            _rmtree(stale)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+        try:
+            _build(ImagePaths.at(tmp), tmp / "rootfs")
+            _rmtree(tmp / "rootfs")
+            tmp.rename(final.dir)
+        finally:
+            _rmtree(tmp)
+    return final
+
+
+def _build(img: ImagePaths, root: Path) -> None:
+    log = img.dir / "build.log"
+    t0 = time.monotonic()
+    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
+          SUITE, root, MIRROR], log)
+    t1 = time.monotonic()
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "esr-test-guest",
+          "-f", img.key], log)
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(img.key.with_suffix(".pub"), ssh_dir / "authorized_keys")
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    for path, content in FILES.items():
+        p = root / path.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.unlink(missing_ok=True)  # may be a symlink (resolv.conf)
+        p.write_text(content)
+    for cmd in CHROOT_CMDS:
+        _run(["chroot", root, "sh", "-c", cmd], log)
+    # Boot with -kernel/-initrd: take them out of the rootfs's /boot.
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise GuestError(f"expected one kernel in {root}/boot, found {kernels}")
+    release = kernels[0].name.removeprefix("vmlinuz-")
+    shutil.copy(kernels[0], img.kernel)
+    shutil.copy(root / "boot" / f"initrd.img-{release}", img.initrd)
+    # mke2fs -d populates the filesystem straight from a directory: no loop
+    # mount, no guestfish. Written under a temp name: disk.raw marks "done".
+    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "esr-root", "-d", root,
+          img.dir / "disk.tmp", DISK_SIZE], log)
+    (img.dir / "disk.tmp").rename(img.disk)
+    (img.dir / "kernel-release").write_text(release + "\n")
+    with open(log, "a") as f:
+        f.write(f"debootstrap {t1 - t0:.0f}s, total {time.monotonic() - t0:.0f}s\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Guest:
+    """One qemu VM on a copy-on-write overlay of the cached image.
+
+    Use as a context manager; qemu is always killed on exit. Pass workdir
+    (e.g. pytest's tmp_path) to keep console.log after the test; otherwise a
+    temp dir is used and removed. `console_log` is the serial console."""
+
+    def __init__(self, image: ImagePaths | None = None, *, workdir: Path | str | None = None,
+                 smp: int = 2, memory: int = 2048, boot_timeout: float = 180,
+                 accel: str | None = None, qemu_args: list[str] = ()):
+        self.image = image
+        self.smp, self.memory, self.boot_timeout = smp, memory, boot_timeout
+        self.accel = accel or os.environ.get("ESR_GUEST_ACCEL", "tcg")
+        self.qemu_args = list(qemu_args)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else None
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> Guest:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.image = self.image or ensure_image()
+        if self._own_workdir:
+            self.workdir = Path(tempfile.mkdtemp(prefix="esr-guest-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        overlay = self.workdir / "overlay.qcow2"
+        overlay.unlink(missing_ok=True)
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+              "-b", self.image.disk.resolve(), overlay])
+        # The free port can be taken between our probe and qemu's bind; qemu
+        # then exits at once, so retry with another port.
+        for _ in range(5):
+            self.port = _free_port()
+            self._launch(overlay)
+            try:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                break
+            if "forwarding" not in self.qemu_log.read_text():
+                break
+        self.wait_ssh(self.boot_timeout)
+
+    def _launch(self, overlay: Path) -> None:
+        cmd = [
+            "qemu-system-x86_64", "-accel", self.accel, "-cpu", "max",
+            "-smp", str(self.smp), "-m", str(self.memory),
+            "-nodefaults", "-display", "none", "-no-user-config",
+            "-kernel", self.image.kernel, "-initrd", self.image.initrd,
+            "-append", KERNEL_ARGS,
+            # cache=unsafe: the overlay is thrown away, so skip host fsyncs.
+            "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
+            # restrict=on: the guest reaches nothing outside (tests must not
+            # depend on the network); hostfwd still lets us in for ssh.
+            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-device", "virtio-net-pci,netdev=n0",
+            # Entropy for early-boot getrandom() (sshd) under slow TCG.
+            "-device", "virtio-rng-pci",
+            "-serial", f"file:{self.console_log}",
+            *self.qemu_args,
+        ]
+        with open(self.qemu_log, "w") as log:
+            self.proc = subprocess.Popen(list(map(str, cmd)), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.workdir:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            else:
+                (self.workdir / "overlay.qcow2").unlink(missing_ok=True)
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            qemu = self.qemu_log.read_text(errors="replace") if self.qemu_log.exists() else ""
+            raise GuestError(f"qemu is not running (exit {self.proc and self.proc.returncode})"
+                             f"\n{qemu}\n--- console ---\n{self.console_tail()}")
+
+    # -- ssh ---------------------------------------------------------------
+
+    def _ssh_opts(self) -> list[str]:
+        return ["-F", "/dev/null", "-i", str(self.image.key), "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=15"]
+
+    def ssh(self, cmd: str | list[str], user: str = "root", check: bool = True,
+            timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run cmd (a shell string, or an argv that gets quoted) in the guest.
+        Text output is captured; check=True raises GuestError on non-zero."""
+        if not isinstance(cmd, str):
+            cmd = shlex.join(cmd)
+        argv = ["ssh", *self._ssh_opts(), "-p", str(self.port), f"{user}@127.0.0.1", cmd]
+        r = subprocess.run(argv, input=input, capture_output=True, text=True,
+                           timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise GuestError(f"guest command {cmd!r} as {user} exited {r.returncode}:\n"
+                             f"stdout: {r.stdout}\nstderr: {r.stderr}")
+        return r
+
+    def copy_to(self, local: Path | str, remote: str, user: str = "root") -> None:
+        """scp a file or directory (recursively) into the guest."""
+        _run(["scp", *self._ssh_opts(), "-r", "-P", str(self.port), local,
+              f"{user}@127.0.0.1:{remote}"])
+
+    def copy_from(self, remote: str, local: Path | str, user: str = "root") -> None:
+        _run(["scp", *self._ssh_opts(), "-r", "-P", str(self.port),
+              f"{user}@127.0.0.1:{remote}", local])
+
+    def _boot_id(self) -> str | None:
+        """The guest's boot id, or None if ssh doesn't answer (yet)."""
+        try:
+            r = self.ssh("cat /proc/sys/kernel/random/boot_id", check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    def wait_ssh(self, timeout: float | None = None, not_boot: str | None = None) -> str:
+        """Wait until root can ssh in (into a boot other than `not_boot`);
+        returns the boot id."""
+        deadline = time.monotonic() + (timeout or self.boot_timeout)
+        while time.monotonic() < deadline:
+            self._check_alive()
+            boot = self._boot_id()
+            if boot and boot != not_boot:
+                return boot
+            time.sleep(1)
+        raise GuestError(f"no ssh on port {self.port} after {timeout or self.boot_timeout:.0f}s;"
+                         f" console ({self.console_log}):\n{self.console_tail()}")
+
+    def reboot(self, timeout: float | None = None) -> None:
+        """`systemctl reboot` in the guest; qemu resets the VM (same kernel and
+        initrd, same overlay) and this returns once ssh answers in the new boot."""
+        old = self._boot_id()
+        if old is None:
+            raise GuestError("reboot: guest is not reachable by ssh")
+        # --no-block: return before sshd is stopped, so our ssh exits cleanly.
+        try:
+            self.ssh("systemctl --no-block reboot", check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        # Polling for a *different* boot id covers "ssh went away and came back"
+        # without racing to catch the moment it is down.
+        self.wait_ssh(timeout, not_boot=old)
+
+    def poweroff(self, timeout: float = 120) -> None:
+        """Shut the guest down cleanly; qemu exits when it powers off."""
+        try:
+            self.ssh("systemctl --no-block poweroff", check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"guest did not power off in {timeout}s:\n{self.console_tail()}")

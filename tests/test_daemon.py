@@ -1,0 +1,514 @@
+"""`esr daemon`: real OpenSSH logins on loopback recorded through PAM, the
+control socket, and the daemon's life cycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ESR, Esr, commands, executed, require_bpf, sid_from_stderr
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+class Daemon:
+    def __init__(self, root: Path, socket_path: Path | None = None):
+        self.root = root
+        self.config = root / "esr.yaml"
+        self.socket = socket_path or root / "esr.sock"
+        self.log = root / "daemon.log"
+        self.data_dir = root / "data"
+        self.config.write_text(f"data_dir: {self.data_dir}\ncontrol_socket: {self.socket}\n")
+        self.esr = Esr(self.data_dir)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([ESR, "daemon", "--config", str(self.config)],
+                                     stderr=open(self.log, "ab"))
+        deadline = time.time() + 20
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.time() < deadline, "daemon did not answer on its socket"
+            try:
+                if self.request(b'{"op": "status"}\n', timeout=1)["ok"]:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def request(self, raw: bytes, timeout=5) -> dict:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.socket))
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            return json.loads(s.recv(65536))
+
+    def sessions(self, login=None) -> list[dict]:
+        rows = self.esr.sessions()
+        return [r for r in rows if login is None or r["login"] == login]
+
+    def wait_closed(self, login: str, count: int, timeout=15) -> list[dict]:
+        deadline = time.time() + timeout
+        while True:
+            rows = [r for r in self.sessions(login) if r["state"] == "closed"]
+            if len(rows) >= count or time.time() > deadline:
+                return rows
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def daemon_root(tmp_path_factory):
+    require_bpf()
+    return tmp_path_factory.mktemp("daemon")
+
+
+@pytest.fixture
+def daemon(daemon_root):
+    d = Daemon(daemon_root).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd(daemon_root):
+    """sshd on loopback with its own PAM service (named after its argv[0])
+    running the esr hook, and a test user with a key. All undone after."""
+    service = f"esr-test-sshd-{secrets.token_hex(3)}"
+    user = f"esrt{secrets.token_hex(3)}"
+    work = daemon_root / "sshd"
+    work.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "host_key"], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "user_key"], check=True)
+    subprocess.run(["useradd", "-m", "-s", "/bin/bash", user], check=True)
+    pam_file = Path("/etc/pam.d") / service
+    try:
+        home = Path(pwd.getpwnam(user).pw_dir)
+        (home / ".ssh").mkdir(mode=0o700)
+        shutil.copy(work / "user_key.pub", home / ".ssh" / "authorized_keys")
+        shutil.chown(home / ".ssh", user, user)
+        shutil.chown(home / ".ssh" / "authorized_keys", user, user)
+        hook = f"session optional pam_exec.so quiet {ESR} pam --config {daemon_root / 'esr.yaml'}"
+        pam_file.write_text(Path("/etc/pam.d/sshd").read_text() + hook + "\n")
+        os.symlink(SSHD, work / service)
+        os.makedirs("/run/sshd", exist_ok=True)
+        port = _free_port()
+        proc = subprocess.Popen([str(work / service), "-D", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
+                                 "-o", f"HostKey={work / 'host_key'}", "-o", "UsePAM=yes",
+                                 "-o", "PidFile=none", "-E", str(work / "sshd.log")])
+        _wait_port(port)
+        yield SshServer(port, user, work / "user_key", service)
+        proc.terminate()
+        proc.wait(10)
+    finally:
+        pam_file.unlink(missing_ok=True)
+        subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+        subprocess.run(["userdel", "-r", "-f", user], check=False, capture_output=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+class SshServer:
+    def __init__(self, port, user, key, service):
+        self.port, self.user, self.key, self.service = port, user, key, service
+
+    def ssh(self, *cmd, tty=False, input=None, timeout=60) -> subprocess.CompletedProcess:
+        args = ["ssh", "-i", str(self.key), "-p", str(self.port), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+        args += ["-tt"] if tty else []
+        return subprocess.run(args + [f"{self.user}@127.0.0.1", *cmd], input=input,
+                              capture_output=True, timeout=timeout)
+
+
+def _listener():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def accept():
+        while True:
+            try:
+                srv.accept()[0].close()
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    return srv
+
+
+def _only_new(rows_before, rows_after):
+    old = {r["sid"] for r in rows_before}
+    return [r for r in rows_after if r["sid"] not in old]
+
+
+def test_ssh_command_session_is_recorded(daemon, sshd):
+    srv = _listener()
+    port = srv.getsockname()[1]
+    before = daemon.sessions(sshd.user)
+    connect = f"import socket; socket.create_connection(('127.0.0.1', {port})).close()"
+    r = sshd.ssh(f"ls /; cat /etc/hostname; python3 -c \"{connect}\"")
+    assert r.returncode == 0, r.stderr
+    assert open("/etc/hostname").read().strip().encode() in r.stdout
+    [row] = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
+    events = daemon.esr.events(row["sid"])
+
+    start = events[0]
+    assert start["event"] == "session.start"
+    assert (start["login"], start["user"]) == (sshd.user, sshd.user)
+    assert start["addr.remote"] == "127.0.0.1" and start["service"] == sshd.service
+    assert start["audit_sessionid"] > 0 and start["loginuid"] == pwd.getpwnam(sshd.user).pw_uid
+
+    run = executed(events)
+    assert ["/usr/bin/ls", "/"] in run and ["/usr/bin/cat", "/etc/hostname"] in run
+    assert any(c[0].endswith("python3") or "python3" in c[0] for c in run)
+    assert [e for e in events if e["event"] == "session.disk" and e["path"] == "/etc/hostname"]
+    [net] = [e for e in events if e["event"] == "session.network"]
+    assert (net["dst_addr"], net["dst_port"], net["return_code"]) == ("127.0.0.1", port, 0)
+    end = events[-1]
+    assert end["event"] == "session.end" and end["enhanced_recording"] is True
+    assert end["reason"] == "exited"
+
+    # The privileged monitor (the anchor) and the PAM hook are not the user's activity.
+    anchor = start["seed_pid"]
+    assert not [e for e in events if e.get("pid") == anchor]
+    assert not [c for c in commands(events) if "pam" in c["argv"]]
+    assert all(c["unix_uid"] == pwd.getpwnam(sshd.user).pw_uid for c in commands(events))
+
+    # The audit log has the same session.
+    log = daemon.data_dir / "log" / "events.log"
+    logged = [json.loads(l) for l in log.read_text().splitlines()]
+    mine = [e for e in logged if e["sid"] == row["sid"]]
+    assert {"session.start", "session.command", "session.network", "session.end"} <= {e["event"] for e in mine}
+    srv.close()
+
+
+def test_interactive_ssh_session_is_recorded(daemon, sshd):
+    before = daemon.sessions(sshd.user)
+    r = sshd.ssh(tty=True, input=b"stty -echo\nhead -c3 /etc/hostname\nuname -s\nexit\n")
+    assert r.returncode == 0, r.stderr
+    [row] = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
+    events = daemon.esr.events(row["sid"])
+    run = executed(events)
+    assert ["/usr/bin/head", "-c3", "/etc/hostname"] in run
+    assert ["/usr/bin/uname", "-s"] in run
+    assert ["/usr/bin/stty", "-echo"] in run
+    assert events[-1]["interactive"] is True
+
+
+def test_two_concurrent_ssh_sessions_keep_their_events_apart(daemon, sshd):
+    before = daemon.sessions(sshd.user)
+    procs = [subprocess.Popen(
+        ["ssh", "-i", str(sshd.key), "-p", str(sshd.port), "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+         f"{sshd.user}@127.0.0.1",
+         f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; sleep 0.02; done; true"])
+        for k in range(2)]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 2))
+    assert len(rows) == 2
+    seen = set()
+    for row in rows:
+        paths = {e["path"] for e in daemon.esr.events(row["sid"], "disk")
+                 if e["path"].startswith("/nonexistent/ssh-")}
+        ks = {p.split("-")[1] for p in paths}
+        assert len(ks) == 1 and len(paths) == 15
+        seen |= ks
+    assert seen == {"0", "1"}
+
+
+def test_ssh_sftp_and_scp_are_recorded(daemon, sshd, tmp_path):
+    before = daemon.sessions(sshd.user)
+    local = tmp_path / "payload.txt"
+    local.write_text("hello\n")
+    base = ["-i", str(sshd.key), "-P", str(sshd.port), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+    r = subprocess.run(["scp", *base, str(local), f"{sshd.user}@127.0.0.1:copied.txt"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
+    assert rows
+    disk = [e for row in rows for e in daemon.esr.events(row["sid"], "disk")]
+    assert [e for e in disk if e["path"].endswith("copied.txt") and e["return_code"] >= 0]
+
+
+def test_login_succeeds_while_the_daemon_is_down_or_hung(daemon_root, sshd):
+    d = Daemon(daemon_root)
+    assert not d.socket.exists()
+    t0 = time.monotonic()
+    r = sshd.ssh("echo up")
+    assert r.returncode == 0 and r.stdout.strip() == b"up"
+    down = time.monotonic() - t0
+
+    d.start()
+    try:
+        d.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = sshd.ssh("echo hung")
+        hung = time.monotonic() - t0
+        assert r.returncode == 0 and r.stdout.strip() == b"hung"
+        # Open and close each wait at most the hook's timeout (0.8 s).
+        assert hung < down + 2 * 1.0 + 1.0
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        d.stop()
+
+
+def test_restart_between_sessions_and_sigterm_during_one(daemon_root, sshd):
+    d = Daemon(daemon_root).start()
+    try:
+        before = d.sessions(sshd.user)
+        assert sshd.ssh("true").returncode == 0
+        assert len(_only_new(before, d.wait_closed(sshd.user, len(before) + 1))) == 1
+        d.stop()
+        d.start()
+        before = d.sessions(sshd.user)
+        assert sshd.ssh("head -c1 /etc/hostname").returncode == 0
+        [row] = _only_new(before, d.wait_closed(sshd.user, len(before) + 1))
+        assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(d.esr.events(row["sid"]))
+
+        # SIGTERM while a session is open: it is ended cleanly.
+        before = d.sessions(sshd.user)
+        ssh = subprocess.Popen(["ssh", "-i", str(sshd.key), "-p", str(sshd.port), "-o",
+                                "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1", "sleep 3"])
+        deadline = time.time() + 10
+        while not _only_new(before, d.sessions(sshd.user)) and time.time() < deadline:
+            time.sleep(0.1)
+        d.stop()
+        [row] = _only_new(before, d.sessions(sshd.user))
+        assert row["state"] == "closed" and row["reason"] == "recorder stopped"
+        assert b"intact" in d.esr("verify", row["sid"]).stdout
+        assert ssh.wait(20) == 0
+    finally:
+        d.stop()
+
+
+def test_a_killed_daemon_sessions_are_ended_on_next_start(daemon_root):
+    d = Daemon(daemon_root).start()
+    try:
+        r = d.esr.popen("run", "--config", str(d.config), "--", "sleep", "5",
+                        stderr=subprocess.PIPE)
+        sid = sid_from_stderr(r.stderr.readline())
+        time.sleep(0.3)
+        d.stop(signal.SIGKILL)
+        r.kill()
+        [row] = [x for x in d.sessions() if x["sid"] == sid]
+        assert row["state"] == "open"
+        d.start()
+        [row] = [x for x in d.sessions() if x["sid"] == sid]
+        assert row["state"] == "closed" and row["reason"] == "recorder stopped"
+        assert b"closed" in d.esr("verify", sid).stdout
+        assert "session.ended_by_restart" in d.log.read_text()
+    finally:
+        d.stop()
+
+
+def test_esr_run_registers_with_the_daemon(daemon):
+    r = daemon.esr("run", "--config", str(daemon.config), "--", "sh", "-c", "cat /etc/hostname")
+    assert b"by the esr daemon" in r.stderr
+    sid = sid_from_stderr(r.stderr)
+    deadline = time.time() + 10
+    while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert ["/usr/bin/cat", "/etc/hostname"] in executed(daemon.esr.events(sid))
+
+
+def test_ten_parallel_esr_run_sessions_under_one_daemon(daemon):
+    procs = [daemon.esr.popen("run", "--config", str(daemon.config), "--", "sh", "-c",
+                              f"for i in $(seq 1 20); do cat /nonexistent/d-{k}-$i 2>/dev/null; done; true",
+                              stderr=subprocess.PIPE) for k in range(10)]
+    sids = [sid_from_stderr(p.communicate(timeout=60)[1]) for p in procs]
+    deadline = time.time() + 15
+    while any(r["state"] != "closed" for r in daemon.sessions() if r["sid"] in sids):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    for k, sid in enumerate(sids):
+        paths = sorted(e["path"] for e in daemon.esr.events(sid, "disk")
+                       if e["path"].startswith("/nonexistent/d-"))
+        assert paths == sorted(f"/nonexistent/d-{k}-{i}" for i in range(1, 21))
+
+
+def test_status_reports_counters(daemon):
+    daemon.esr("run", "--config", str(daemon.config), "--", "cat", "/etc/hostname")
+    r = daemon.esr("status", "--config", str(daemon.config), "--format", "json")
+    status = json.loads(r.stdout)
+    assert status["events"]["command"] >= 1 and status["events"]["disk"] >= 1
+    assert status["lost"]["buffer"] == {"command": 0, "disk": 0, "network": 0}
+    assert status["buffer_pages"] == {"command": 8, "disk": 128, "network": 8}
+    assert status["uptime_s"] >= 0 and status["bytes_written"] > 0
+    text = daemon.esr("status", "--config", str(daemon.config)).stdout.decode()
+    assert "sessions open:" in text and "lost per buffer:" in text
+
+
+def test_second_daemon_on_the_same_data_dir_fails(daemon):
+    r = subprocess.run([ESR, "daemon", "--config", str(daemon.config)], capture_output=True, timeout=30)
+    assert r.returncode != 0
+    assert r.stderr.decode().strip().splitlines() == [
+        f"esr: an esr daemon (pid {daemon.proc.pid}) is already recording into {daemon.data_dir}"]
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"this is not json\n", "bad request"),
+    (b'{"op": "open"}\n', "bad request"),
+    (b'{"op": "launch"}\n', "bad request"),
+    (b'{"op": "open", "login": "x", "seed_pid": 1, "anchor_pid": 1}\n', "exactly one"),
+    (b'{"op": "open", "login": "x", "seed_pid": 999999999}\n', "no process"),
+    (b'{"op": "status"', "incomplete request"),
+    (b"\xff\xfe\x00garbage\n", "bad request"),
+    (b"{}" * 40000, "too large"),
+])
+def test_bad_requests_get_an_error_and_the_daemon_keeps_recording(daemon, raw, error):
+    reply = daemon.request(raw)
+    assert reply["ok"] is False and error in reply["error"]
+    sid = sid_from_stderr(daemon.esr("run", "--config", str(daemon.config), "--", "true").stderr)
+    assert sid
+
+
+def test_half_sent_request_times_out(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(daemon.socket))
+        s.sendall(b'{"op": "sta')
+        t0 = time.monotonic()
+        reply = json.loads(s.recv(65536))
+        assert time.monotonic() - t0 < 5
+    assert reply["ok"] is False and "timed out" in reply["error"]
+
+
+def test_non_root_clients_are_refused_and_logged(tmp_path):
+    require_bpf()
+    # A socket nobody can reach (0600, in root's private dirs) would refuse
+    # everyone at connect(); open it up to exercise the daemon's own check.
+    daemon = Daemon(tmp_path, Path(f"/run/esr-test-{secrets.token_hex(4)}/esr.sock")).start()
+    os.chmod(daemon.socket, 0o666)
+    script = ("import socket, sys\n"
+              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+              "s.sendall(b'{\"op\": \"open\", \"login\": \"mallory\", \"seed_pid\": 1}\\n')\n"
+              "print(s.recv(4096).decode())\n")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "/usr/bin/python3", "-c", script, str(daemon.socket)],
+                       capture_output=True, timeout=30)
+    reply = json.loads(r.stdout)
+    assert reply["ok"] is False and "permission denied" in reply["error"]
+    daemon.stop()
+    shutil.rmtree(daemon.socket.parent, ignore_errors=True)
+    assert "event=control.refused" in daemon.log.read_text() and "peer_uid=65534" in daemon.log.read_text()
+
+
+def test_a_flood_of_requests_does_not_starve_recording(daemon):
+    stop = threading.Event()
+    errors = []
+
+    def flood():
+        while not stop.is_set():
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(str(daemon.socket))
+                    s.sendall(b'{"op": "status"}\n')
+                    s.recv(65536)
+            except OSError as err:
+                errors.append(err)
+    # Connections that never finish their request, holding client slots.
+    idle = []
+    for _ in range(100):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(daemon.socket))
+        s.sendall(b'{"op"')
+        idle.append(s)
+    threads = [threading.Thread(target=flood) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        t0 = time.monotonic()
+        r = daemon.esr("run", "--config", str(daemon.config), "--", "sh", "-c",
+                       "for i in $(seq 1 200); do head -c1 /etc/hostname >/dev/null; done")
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for s in idle:
+            s.close()
+    sid = sid_from_stderr(r.stderr)
+    deadline = time.time() + 15
+    while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    heads = [c for c in commands(daemon.esr.events(sid)) if c["path"] == "/usr/bin/head"]
+    assert len(heads) == 200
+    assert took < 30
+
+
+def test_pam_enable_disable_status_on_this_host():
+    if os.geteuid() != 0 or not shutil.which("pam-auth-update"):
+        pytest.skip("needs root and pam-auth-update")
+    watched = ["/etc/pam.d/common-session", "/etc/pam.d/common-session-noninteractive",
+               "/etc/pam.d/sshd"] + [str(p) for p in Path("/var/lib/pam").glob("*")]
+    saved = {p: Path(p).read_bytes() for p in watched if Path(p).exists()}
+    profile = Path("/usr/share/pam-configs/esr")
+    had_profile = profile.exists()
+    backups = [Path(p + ".esr-backup") for p in watched]
+    had_backup = {b: b.exists() for b in backups}
+    try:
+        status = subprocess.run([ESR, "pam", "status"], capture_output=True, text=True)
+        assert status.returncode == 3 and status.stdout.strip() == "disabled"
+        r = subprocess.run([ESR, "pam", "enable"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        common = Path("/etc/pam.d/common-session").read_text()
+        assert f"pam_exec.so quiet {ESR} pam" in common
+        assert "esr" not in Path("/etc/pam.d/common-session-noninteractive").read_text()
+        assert Path("/etc/pam.d/common-session.esr-backup").read_bytes() == saved["/etc/pam.d/common-session"]
+        again = subprocess.run([ESR, "pam", "enable"], capture_output=True, text=True)
+        assert again.returncode == 0 and "already enabled" in again.stdout
+        assert Path("/etc/pam.d/common-session").read_text() == common
+        assert subprocess.run([ESR, "pam", "status"], capture_output=True).returncode == 0
+        r = subprocess.run([ESR, "pam", "disable"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert Path("/etc/pam.d/common-session").read_bytes() == saved["/etc/pam.d/common-session"]
+        again = subprocess.run([ESR, "pam", "disable"], capture_output=True, text=True)
+        assert again.returncode == 0
+        assert subprocess.run([ESR, "pam", "status"], capture_output=True).returncode == 3
+    finally:
+        for path, data in saved.items():
+            Path(path).write_bytes(data)
+        if not had_profile:
+            profile.unlink(missing_ok=True)
+        for b in backups:
+            if not had_backup[b]:
+                b.unlink(missing_ok=True)
+        subprocess.run(["pam-auth-update", "--package", "--remove", "esr"], capture_output=True)
+        for path, data in saved.items():
+            Path(path).write_bytes(data)
