@@ -51,8 +51,9 @@ $(VENV)/bin/esr: $(VENV)/.deps $(LIBBPF)/lib/libbpf.a pyproject.toml setup.py
 build: $(VENV)/bin/esr
 	$(VENV)/bin/python setup.py -q build_ext --inplace
 
+# The daemon in the foreground, default config, data kept in build/data.
 run: build
-	$(VENV)/bin/esr --data-dir $(CURDIR)/$(BUILD)/data run -- bash
+	$(VENV)/bin/esr daemon --data-dir $(CURDIR)/$(BUILD)/data
 
 test: build
 	$(VENV)/bin/pytest -q tests
