@@ -73,7 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deny the session when it cannot be recorded (default: allow it)")
     p.add_argument("--timeout", type=float, default=0.8, metavar="SECONDS",
                    help="give up on the daemon after this long (default 0.8)")
+    p = sub.add_parser("bench", help="measure event throughput and overhead, side by side with "
+                       "the C floor and the bcc peer")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few thousand events per run: check the accounting and the figures")
+    p.add_argument("--offline", action="store_true",
+                   help="only the user-space hot path on a synthetic corpus (no root needed)")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each run (default 2)")
+    p.add_argument("--workloads", type=_list(str), default="open,exec,connect,mixed")
+    p.add_argument("--rates", type=_list(int), default="10000,50000,100000,200000,0",
+                   help="events/s, 0 for flat out (default 10000,50000,100000,200000,0)")
+    p.add_argument("--modes", type=_list(str),
+                   default="none,outside,esr,floor,esr-pydecode,bcc,bcc-wk64")
     return parser
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of {kind.__name__}: {text!r}") from None
+    return parse
 
 
 def _config(args):
@@ -185,7 +208,28 @@ def _cmd_pam(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from esr.bench import run
+
+    config = _config(args)
+    if args.offline:
+        from esr.bench.offline import measure
+
+        print(json.dumps(measure(level=config.compression_level), indent=1))
+        return 0
+    for name, chosen, known in (("workload", args.workloads, run.WORKLOADS),
+                                ("mode", args.modes, run.MODES)):
+        unknown = set(chosen) - set(known)
+        if unknown:
+            raise UsageError(f"bench: unknown {name} {', '.join(sorted(unknown))} "
+                             f"(choose from {', '.join(known)})")
+    if args.smoke:
+        return run.main(run.WORKLOADS, [5000], run.MODES, 0.5, args.json, True, config)
+    return run.main(args.workloads, args.rates, args.modes, args.seconds, args.json, False, config)
+
+
 COMMANDS = {
+    "bench": _cmd_bench,
     "daemon": _cmd_daemon,
     "status": _cmd_status,
     "pam": _cmd_pam,
@@ -211,9 +255,10 @@ def _expected_errors() -> tuple:
     from esr.recorder import SessionError
     from esr.sessions import RegistryFull
     from esr.show import Broken
+    from esr.bench.run import BenchError
 
-    return (ConfigError, ControlError, DaemonError, DataDirError, LoadError, PamSetupError,
-            SessionError, RegistryFull, Broken, UsageError)
+    return (BenchError, ConfigError, ControlError, DaemonError, DataDirError, LoadError,
+            PamSetupError, SessionError, RegistryFull, Broken, UsageError)
 
 
 def main(argv: list[str] | None = None) -> int:

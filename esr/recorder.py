@@ -44,11 +44,14 @@ def _audit_kinds(config: Config) -> tuple:
 
 
 class Recorder:
-    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log):
+    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log,
+                 decode=decode_batch):
         """probe is an esr._fast.probe.Probe, or None when enhanced recording
-        is disabled: sessions then get start and end events only."""
+        is disabled: sessions then get start and end events only. decode is
+        swapped only by the benchmark, to measure what the Cython one buys."""
         self.config = config
         self.probe = probe
+        self.decode = decode
         self.datadir = datadir
         self.log = log
         datadir.ensure()
@@ -209,9 +212,9 @@ class Recorder:
             for _ in range(MAX_DRAINS_PER_FLUSH):
                 if not self.probe.consume():
                     break
-                self.orphans += decode_batch(self.probe.batch_view(),
-                                             self.registry.pending_by_cookie,
-                                             _boot_to_epoch_ns())
+                self.orphans += self.decode(self.probe.batch_view(),
+                                            self.registry.pending_by_cookie,
+                                            _boot_to_epoch_ns())
                 self.probe.clear_batch()
         for session in self.registry:
             self._flush_session(session)

@@ -246,9 +246,16 @@ class Writer:
         """Write events (consecutive ei) as one frame. counts: the commands,
         disks and networks among them, and the command, disk and network
         events their Lost records report. Returns bytes written."""
-        payload = self._zstd.compress(schema.encode_events(events))
-        head = HEADER.pack(MAGIC, VERSION, kind, 0, len(payload), len(events), events[0].ei,
-                           events[-1].ei, *counts, b"")[:-DIGEST_SIZE]
+        return self.append_compressed(kind, self.compress(schema.encode_events(events)),
+                                      events[0].ei, events[-1].ei, counts)
+
+    def compress(self, payload: bytes) -> bytes:
+        return self._zstd.compress(payload)
+
+    def append_compressed(self, kind: int, payload: bytes, first_ei: int, last_ei: int,
+                          counts: tuple) -> int:
+        head = HEADER.pack(MAGIC, VERSION, kind, 0, len(payload), last_ei - first_ei + 1,
+                           first_ei, last_ei, *counts, b"")[:-DIGEST_SIZE]
         digest = _digest(self.digest, head, payload)
         data = head + digest + payload
         view = memoryview(data)

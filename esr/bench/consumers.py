@@ -1,0 +1,172 @@
+"""The consumers the benchmark compares, all driven the same way over a pipe:
+they print `ready`, take `track PID` (answer `tracking`) and `stop` (answer
+one JSON line of counts, losses and their own CPU since `track`).
+
+esr's own recorder runs in a forked child of `esr bench`, through the same
+Recorder class as `esr daemon`; the C floor and the bcc peer are programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import selectors
+import subprocess
+import time
+
+from esr import loader
+from esr.config import Config, EnhancedRecording
+from esr.datadir import DataDir
+from esr.recorder import Recorder
+
+
+class ConsumerError(Exception):
+    pass
+
+
+class Consumer:
+    """A consumer process behind two pipes."""
+
+    def __init__(self, name: str, pid: int, input, output):
+        self.name = name
+        self.pid = pid
+        self.input = input
+        self.output = output
+        self._expect("ready", timeout=120)
+
+    def _expect(self, prefix: str, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.output, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.kill()
+            raise ConsumerError(f"{self.name}: no '{prefix}' within {timeout:g} s")
+        line = self.output.readline().strip()
+        if not line.startswith(prefix):
+            self.kill()
+            detail = line
+            try:
+                detail = json.loads(line).get("error", line)
+            except (ValueError, AttributeError):
+                pass
+            raise ConsumerError(f"{self.name}: {detail or 'exited'}")
+        return line
+
+    def track(self, pid: int) -> None:
+        self.input.write(f"track {pid}\n")
+        self._expect("tracking", timeout=30)
+
+    def stop(self) -> dict:
+        self.input.write("stop\n")
+        result = json.loads(self._expect("{", timeout=120))
+        self.wait()
+        return result
+
+    def wait(self) -> None:
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self.input.close()
+        self.output.close()
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def start_program(name: str, argv: list[str]) -> Consumer:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, bufsize=1)
+    return Consumer(name, proc.pid, proc.stdin, proc.stdout)
+
+
+def start_esr(pages: tuple[int, int, int], data_dir: str, python_decoder: bool = False,
+              cpu: int = 0) -> Consumer:
+    """esr's recorder in a forked child (works the same from a venv and from
+    the single binary, which can't run `python -m`)."""
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(down_w)
+            os.close(up_r)
+            status = _serve(os.fdopen(down_r, "r"), os.fdopen(up_w, "w", buffering=1), pages,
+                            data_dir, python_decoder, cpu)
+        except BaseException as err:  # the parent reads the reason as the reply
+            try:
+                os.write(up_w, (json.dumps({"error": str(err) or type(err).__name__}) + "\n").encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(status)
+    os.close(down_r)
+    os.close(up_w)
+    name = "esr (pure-Python decoder)" if python_decoder else "esr"
+    return Consumer(name, pid, os.fdopen(down_w, "w", buffering=1), os.fdopen(up_r, "r"))
+
+
+def _cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _peak_rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
+    os.sched_setaffinity(0, {cpu})
+    r = EnhancedRecording(command_buffer_size=pages[0], disk_buffer_size=pages[1],
+                          network_buffer_size=pages[2])
+    config = Config(enhanced_recording=r, data_dir=data_dir, max_sessions=64)
+    decode = {}
+    if python_decoder:
+        from esr.bench.pydecode import decode_batch
+        decode["decode"] = decode_batch
+    recorder = Recorder(config, loader.load(config), DataDir(data_dir), **decode)
+    probe = recorder.probe
+    replies.write("ready\n")
+    selector = selectors.DefaultSelector()
+    selector.register(commands, selectors.EVENT_READ, "command")
+    selector.register(probe.fileno(), selectors.EVENT_READ, "probe")
+    interval = config.flush_interval_ms / 1000
+    session = None
+    start_cpu = (0.0, 0.0)
+    next_flush = time.monotonic() + interval
+    while True:
+        for key, _ in selector.select(max(0.0, next_flush - time.monotonic())):
+            if key.data != "command":
+                continue
+            words = commands.readline().split()
+            if words[:1] == ["track"]:
+                session = recorder.open_session(login="bench", user="bench", seed_pid=int(words[1]))
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # restart the peak RSS count
+                start_cpu = _cpu()
+                replies.write("tracking\n")
+            elif words[:1] == ["stop"] or not words:
+                recorder.flush()
+                end_cpu = _cpu()
+                result = {"records": {"command": session.commands, "disk": session.disks,
+                                      "network": session.networks},
+                          "lost": dict(zip(("command", "disk", "network"), session.lost)),
+                          "lost_user": recorder.lost_in_user_space + recorder.orphans,
+                          "user_s": end_cpu[0] - start_cpu[0], "sys_s": end_cpu[1] - start_cpu[1],
+                          "max_rss_kb": _peak_rss_kb()}
+                path = session.path
+                recorder.end(session, "exited")
+                result["bytes"] = os.path.getsize(path)
+                recorder.close()
+                replies.write(json.dumps(result) + "\n")
+                return 0
+        recorder.flush()
+        next_flush = time.monotonic() + interval
