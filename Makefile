@@ -7,11 +7,15 @@ LIBBPF := $(BUILD)/libbpf/usr
 
 # What building, running and testing esr need from Debian.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make \
-	python3-venv python3-dev openssh-server openssh-client procps iproute2
+	python3-venv python3-dev openssh-server openssh-client procps iproute2 \
+	lintian systemd
 
 PY_DEPS := cython msgspec zstandard PyYAML pytest pyinstaller wheel setuptools
 
-.PHONY: all deps build run test clean
+.PHONY: all deps build run test binary deb clean
+
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' esr/__init__.py)
+DEB := $(BUILD)/esr_$(VERSION)_amd64.deb
 
 all: build
 
@@ -57,6 +61,18 @@ run: build
 
 test: build
 	$(VENV)/bin/pytest -q tests
+
+# The single binary: PyInstaller onedir in build/dist/esr.
+binary: build
+	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN \
+		--distpath $(BUILD)/dist --workpath $(BUILD)/pyinstaller packaging/esr.spec
+	@$(BUILD)/dist/esr/esr --version
+
+deb: binary
+	$(VENV)/bin/python -c "from esr.pam import profile; print(profile('/usr/bin/esr pam'), end='')" \
+		> $(BUILD)/pam-profile
+	deb/build.sh $(VERSION) $(BUILD)/dist/esr $(BUILD)/bench $(BUILD)/pam-profile $(BUILD)
+	lintian --fail-on error $(DEB)
 
 clean:
 	rm -rf $(BUILD) $(VENV) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info

@@ -84,8 +84,24 @@ class build_bpf(Command):
         os.replace(target + ".tmp", target)
 
 
+def write_commit():
+    """esr/_commit.py names the commit built, for `esr --version`."""
+    try:
+        commit = subprocess.run(["git", "-C", HERE, "describe", "--always", "--dirty",
+                                 "--abbrev=12"], check=True, capture_output=True,
+                                text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    path = os.path.join(HERE, "esr", "_commit.py")
+    text = f'COMMIT = "{commit}"\n'
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 class build_ext_with_bpf(build_ext):
     def run(self):
+        write_commit()
         self.run_command("build_bpf")
         super().run()
 

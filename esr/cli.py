@@ -12,6 +12,14 @@ import sys
 from esr import __version__
 
 
+def _version() -> str:
+    try:
+        from esr._commit import COMMIT
+    except ImportError:
+        COMMIT = "unknown"
+    return f"esr {__version__} (commit {COMMIT})"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"esr: {message} (see `{self.prog} --help`)\n")
@@ -28,7 +36,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="esr", description="Enhanced Session Recorder: records every program "
                      "executed, file opened and network connection made in a login session.")
-    parser.add_argument("--version", action="version", version=f"esr {__version__}")
+    parser.add_argument("--version", action="version", version=_version())
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

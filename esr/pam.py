@@ -91,20 +91,20 @@ def _hook_command(config_path: str | None) -> str:
     return f"{exe} pam" + (f" --config {config_path}" if config_path else "")
 
 
-def _line(config_path: str | None) -> str:
+def _rule(command: str) -> str:
     # optional: a failing hook must not fail the session (see --fail-closed).
-    return f"session optional pam_exec.so quiet {_hook_command(config_path)}"
+    return f"optional pam_exec.so quiet {command}"
 
 
-def _profile(config_path: str | None) -> str:
-    line = _line(config_path).split(None, 1)[1]
+def profile(command: str) -> str:
+    """The pam-auth-update profile; the package ships it for /usr/bin/esr."""
     return ("Name: Record login sessions with esr (Enhanced Session Recorder)\n"
             "Default: no\n"
             "Priority: 0\n"
             "Session-Interactive-Only: yes\n"
             "Session-Type: Additional\n"
             "Session:\n"
-            f"\t{line}\n")
+            f"\t{_rule(command)}\n")
 
 
 def _backup(path: str) -> None:
@@ -141,16 +141,16 @@ def _pam_auth_update(*args: str) -> None:
 
 def enable(config_path: str | None) -> str:
     if shutil.which("pam-auth-update"):
-        profile = _profile(config_path)
+        wanted = profile(_hook_command(config_path))
         try:
             with open(PROFILE) as f:
                 current = f.read()
         except FileNotFoundError:
             current = None
-        if current != profile:
+        if current != wanted:
             os.makedirs(os.path.dirname(PROFILE), exist_ok=True)
-            _write(PROFILE, profile)
-        if _hooked(COMMON_SESSION) and current == profile:
+            _write(PROFILE, wanted)
+        if _hooked(COMMON_SESSION) and current == wanted:
             return f"already enabled in {COMMON_SESSION}"
         _backup(COMMON_SESSION)
         _pam_auth_update("--enable", "esr")
@@ -163,7 +163,7 @@ def enable(config_path: str | None) -> str:
     _backup(SSHD)
     with open(SSHD) as f:
         text = f.read()
-    _write(SSHD, text.rstrip("\n") + f"\n{MARK}\n{_line(config_path)}\n")
+    _write(SSHD, text.rstrip("\n") + f"\n{MARK}\nsession {_rule(_hook_command(config_path))}\n")
     return f"enabled in {SSHD}"
 
 

@@ -1,0 +1,38 @@
+#!/bin/sh
+# Stage and build the Debian package:
+#   deb/build.sh VERSION BINARY_DIR BENCH_DIR PAM_PROFILE OUT_DIR
+# BINARY_DIR is the PyInstaller onedir tree, BENCH_DIR holds gen, nop and
+# floor, PAM_PROFILE is the pam-auth-update profile esr.pam makes for /usr/bin/esr.
+set -eu
+version=$1 binary=$2 bench=$3 profile=$4 out=$5
+here=$(cd "$(dirname "$0")" && pwd)
+pkg=$out/esr_${version}_amd64
+rm -rf "$pkg"
+mkdir -p "$pkg/DEBIAN" "$pkg/usr/lib" "$pkg/usr/bin" "$pkg/lib/systemd/system" \
+	"$pkg/etc/esr" "$pkg/usr/share/pam-configs" "$pkg/usr/share/man/man1" \
+	"$pkg/usr/share/doc/esr" "$pkg/usr/lib/esr/bench"
+
+cp -a "$binary" "$pkg/usr/lib/esr.tmp"
+mv "$pkg/usr/lib/esr.tmp"/* "$pkg/usr/lib/esr/"
+rmdir "$pkg/usr/lib/esr.tmp"
+ln -s ../lib/esr/esr "$pkg/usr/bin/esr"
+install -m 0755 "$bench/gen" "$bench/nop" "$bench/floor" "$pkg/usr/lib/esr/bench/"
+install -m 0644 "$here/../bench/bccpeer.py" "$pkg/usr/lib/esr/bench/"
+
+install -m 0644 "$here/esr.service" "$pkg/lib/systemd/system/esr.service"
+install -m 0644 "$here/esr.yaml" "$pkg/etc/esr/esr.yaml"
+install -m 0644 "$profile" "$pkg/usr/share/pam-configs/esr"
+gzip -9n < "$here/esr.1" > "$pkg/usr/share/man/man1/esr.1.gz"
+install -m 0644 "$here/copyright" "$pkg/usr/share/doc/esr/copyright"
+gzip -9n < "$here/changelog" > "$pkg/usr/share/doc/esr/changelog.gz"
+install -d -m 0700 "$pkg/var/lib/esr"
+
+install -m 0755 "$here/postinst" "$here/prerm" "$here/postrm" "$pkg/DEBIAN/"
+echo /etc/esr/esr.yaml > "$pkg/DEBIAN/conffiles"
+size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$size/" "$here/control" > "$pkg/DEBIAN/control"
+find "$pkg" -type d -exec chmod go-w {} +
+chmod 0700 "$pkg/var/lib/esr"
+dpkg-deb --root-owner-group -Zxz --build "$pkg" "$out/esr_${version}_amd64.deb" >/dev/null
+rm -rf "$pkg"
+echo "$out/esr_${version}_amd64.deb"

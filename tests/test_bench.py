@@ -1,0 +1,36 @@
+"""`esr bench --smoke`: a few thousand events per run, every consumer;
+asserts only that the accounting is exact and every figure is produced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import ESR
+
+pytestmark = pytest.mark.usefixtures("bpf")
+
+
+def test_bench_smoke_accounts_for_every_event():
+    r = subprocess.run([ESR, "bench", "--smoke", "--json"], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    runs = report["runs"]
+    modes = {x["mode"] for x in runs}
+    assert {"none", "outside", "esr", "floor", "esr-pydecode"} <= modes
+    for run in runs:
+        if run["error"]:
+            assert run["mode"].startswith("bcc"), run
+            continue
+        assert run["process_ns_per_op"] > 0 and run["events_per_s"] > 0
+        if run["mode"] in ("none", "outside"):
+            continue
+        assert run["generated"] > 0
+        assert run["generated"] == run["recorded"] + run["lost_kernel"] + run["lost_user"], run
+        assert run["recorder_ns_per_event"] > 0 and run["peak_rss_mb"] > 0
+    assert {x["workload"] for x in runs} == {"open", "exec", "connect", "mixed"}
+    assert report["offline"]["ns_per_event"]["decode"] > 0
+    assert "[1/" in r.stderr  # progress was shown
