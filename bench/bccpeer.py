@@ -468,7 +468,10 @@ static __always_inline u64 record_size(struct command_event *e)
     return offsetof(struct command_event, data) + used;
 }
 
-/* Failed exec: argv walked at entry, pointer by pointer (a bounded loop). */
+/* Failed exec: argv walked at entry, pointer by pointer, in a bounded loop
+ * (esr uses bpf_loop, which bcc's one-function-per-section programs cannot).
+ * Unlike esr the walk stops when the argv budget is used up (the verifier
+ * cannot follow more paths): argc then counts what was walked. */
 static __always_inline int stash_exec(const char *filename, const char *const *argv)
 {
     u64 session = recorded_session();
@@ -498,7 +501,7 @@ static __always_inline int stash_exec(const char *filename, const char *const *a
         argc++;
         if (off >= ESR_ARGV_MAX) {
             flags |= ARGV_INCOMPLETE;
-            continue;
+            break;
         }
         n = bpf_probe_read_user_str(&buf->data[off], ESR_ARGV_MAX - off, arg);
         if (n <= 0) {
@@ -788,9 +791,8 @@ class Unbuildable(Exception):
 
 # ---------------------------------------------------------------- BTF
 
-_BTF_INT, _BTF_PTR, _BTF_ARRAY, _BTF_STRUCT, _BTF_UNION, _BTF_ENUM = 1, 2, 3, 4, 5, 6
-_BTF_TYPEDEF, _BTF_VOLATILE, _BTF_CONST, _BTF_RESTRICT = 8, 9, 10, 11
-_BTF_FLOAT, _BTF_TYPE_TAG, _BTF_ENUM64 = 16, 18, 19
+_BTF_PTR, _BTF_ARRAY, _BTF_STRUCT, _BTF_UNION = 2, 3, 4, 5
+_BTF_TYPEDEF, _BTF_VOLATILE, _BTF_CONST, _BTF_RESTRICT, _BTF_TYPE_TAG = 8, 9, 10, 11, 18
 _BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}                       # fixed tail
 _BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}    # per member
 
@@ -845,10 +847,7 @@ def btf_field_offsets(fields: dict, path: str = BTF_PATH) -> dict:
         for i in range(vlen):
             m_name, m_type, m_off = struct.unpack_from("<III", data, mpos + 12 * i)
             bits = m_off & 0xFFFFFF if kflag else m_off
-            if kflag and m_off >> 24:
-                bitfield = True
-            else:
-                bitfield = False
+            bitfield = bool(kflag and m_off >> 24)
             if m_name and name(m_name) == member:
                 if bitfield or bits % 8:
                     raise ValueError(f"{member} is a bit field")
@@ -960,6 +959,9 @@ def find_headers(mode: str):
 
     env_tree = os.environ.get("BCC_KERNEL_SOURCE")
     if env_tree:
+        if not _is_source_tree(env_tree) and _is_build_tree(env_tree) and _common_of(env_tree):
+            return _split_tree(os.path.realpath(env_tree), _common_of(env_tree), running,
+                               "BCC_KERNEL_SOURCE")
         return {}, [], f"{env_tree} (BCC_KERNEL_SOURCE, Linux {_release_of(env_tree)})", env_tree
     build, source = os.path.join(modules, "build"), os.path.join(modules, "source")
     if os.path.isdir(source) and os.path.isdir(build):
@@ -1054,10 +1056,10 @@ def _summary(log: str) -> str:
     return " | ".join((keep or lines)[:4])[:800]
 
 
-def build(headers_mode: str, ncpus: int):
-    """BPF object compiled, loaded and attached; plus how the headers were
-    found, and how struct offsets were."""
-    env, cflags, headers, _path = find_headers(headers_mode)
+def build(env: dict, cflags: list, ncpus: int):
+    """The BPF object compiled, loaded and attached, and where the struct
+    offsets came from."""
+    cflags = list(cflags)
     try:
         offsets = btf_field_offsets(KERNEL_FIELDS)
         cflags += [f"-D{k}={v}" for k, v in offsets.items()]
@@ -1080,8 +1082,8 @@ def build(headers_mode: str, ncpus: int):
             error = str(err).splitlines()[0] if str(err) else type(err).__name__
     if error:
         raise Unbuildable(f"bcc could not build the programs with these headers: {error}: "
-                          f"{_summary(out.text)}", )
-    return bpf, headers, offsets_from
+                          f"{_summary(out.text)}")
+    return bpf, offsets_from
 
 
 # ---------------------------------------------------------------- consumer
@@ -1116,14 +1118,11 @@ def run(args) -> int:
         return 2
     os.sched_setaffinity(0, {args.cpu})
     ncpus = os.cpu_count() or 1
+    headers = "none"
     try:
-        b, headers, offsets_from = build(args.headers, ncpus)
+        env, cflags, headers, _path = find_headers(args.headers)
+        b, offsets_from = build(env, cflags, ncpus)
     except Unbuildable as err:
-        headers = None
-        try:
-            headers = find_headers(args.headers)[2]
-        except Unbuildable:
-            pass
         print(json.dumps({"error": str(err), "headers": headers}), flush=True)
         return EXIT_NO_BUILD
 
@@ -1139,7 +1138,10 @@ def run(args) -> int:
         if not data_offset:
             data_offset.append(type(e).data.offset)
         base = ct.addressof(e) + data_offset[0]
-        argv = ct.string_at(base, e.argv_len).split(b"\0")
+        raw = ct.string_at(base, e.argv_len)
+        argv = raw.split(b"\0")
+        if raw.endswith(b"\0"):
+            argv.pop()
         path = ct.string_at(base + e.argv_len, max(e.path_len - 1, 0))
         last[0] = (e.ts_boot_ns, e.session, e.cgroup_id, e.pid, e.comm.decode(errors="replace"),
                    e.ppid, e.uid, e.gid, e.return_code, e.argc, e.argv_size, e.flags,

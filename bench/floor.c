@@ -11,9 +11,10 @@
  *
  * Protocol, one line each way:
  *   floor prints "ready" once everything is attached;
- *   "track PID"  opens session slot 0 (cookie 1 << 32 | 0) if not yet open,
- *                records PID as a plain member, restarts the CPU and peak RSS
- *                accounting; floor answers "tracking";
+ *   "track PID"  records PID as a plain member of session slot 0 (cookie
+ *                1 << 32 | 0); the first one opens the slot and starts the
+ *                counts, the CPU and the peak RSS accounting; floor answers
+ *                "tracking";
  *   "stop" (or end of input)  drains every buffer and prints one JSON line:
  *                {"records": {...}, "lost": {...}, "lost_notified": N,
  *                 "user_s": .., "sys_s": .., "max_rss_kb": ..}
@@ -41,7 +42,7 @@
 #include <bpf/libbpf.h>
 #include "esr_events.h"
 
-#define MAX_SESSIONS 64		/* session_states entries, as esr's default config */
+#define MAX_SESSIONS 64		/* session_states entries, as `esr bench` configures esr */
 #define MAX_TASKS 65536		/* every per-thread map */
 #define MAX_LINKS 64
 #define COOKIE ((1ULL << 32) | 0)	/* generation 1, slot 0 */
@@ -54,6 +55,11 @@ static const char *const per_task_maps[] = { "tracked_tasks", "open_in_flight",
 
 /* Counted by on_record(). */
 static unsigned long long records[ESR_BUF_COUNT], unknown_records, lost_notified;
+
+/* The session: slot 0 of the mapped session_states, and the tracked_tasks map. */
+static struct esr_session_state *states;
+static int tracked_fd, tracking;
+static struct rusage start;	/* CPU at the first "track" */
 
 /* libbpf's last warning: the verifier's or the kernel's reason for a failure. */
 static char libbpf_reason[512];
@@ -72,6 +78,7 @@ static int on_libbpf_message(enum libbpf_print_level level, const char *fmt, va_
 }
 
 /* One line on stderr, with errno's or libbpf's reason when asked, and exit 1. */
+__attribute__((noreturn, format(printf, 2, 3)))
 static void die(int with_reason, const char *fmt, ...)
 {
 	int err = errno;
@@ -154,16 +161,15 @@ static double cpu_seconds(struct timeval t)
 	return t.tv_sec + t.tv_usec / 1e6;
 }
 
-/* Peak RSS since the last restart_peak_rss(), as esr's bench reports it. */
+/* Peak RSS from now on, as esr's bench reports it (VmHWM after clear_refs). */
 static void restart_peak_rss(void)
 {
 	int fd = open("/proc/self/clear_refs", O_WRONLY);
 
 	if (fd < 0)
 		return;		/* then the peak is the whole process's */
-	if (write(fd, "5", 1) != 1) {
-		/* likewise */
-	}
+	if (write(fd, "5", 1) != 1)
+		fprintf(stderr, "floor: warning: cannot restart the peak RSS count\n");
 	close(fd);
 }
 
@@ -186,19 +192,86 @@ static unsigned long long records_total(void)
 	return records[0] + records[1] + records[2] + unknown_records + lost_notified;
 }
 
+/* "track PID": as probe.pyx's open_session(0, COOKIE), the first time, and
+ * track(PID, COOKIE), a plain member. */
+static void track(const char *arg)
+{
+	struct esr_task task = { .session = COOKIE };
+	unsigned long pid;
+	char *rest;
+	__u32 tid;
+
+	pid = strtoul(arg, &rest, 10);
+	if (*rest || !pid || pid > 0xffffffffUL)
+		die(0, "track: bad pid %s", arg);
+	tid = pid;
+	if (!tracking) {
+		states[0].live_tasks = 0;
+		memset(states[0].lost, 0, sizeof(states[0].lost));
+		states[0].untracked_forks = 0;
+		__atomic_store_n(&states[0].session, COOKIE, __ATOMIC_RELEASE);
+	}
+	if (bpf_map_update_elem(tracked_fd, &tid, &task, BPF_ANY))
+		die(1, "cannot track pid %lu", pid);
+	__sync_fetch_and_add(&states[0].live_tasks, 1);
+	if (!tracking) {
+		memset(records, 0, sizeof(records));
+		unknown_records = lost_notified = 0;
+		restart_peak_rss();
+		getrusage(RUSAGE_SELF, &start);
+		tracking = 1;
+	}
+	printf("tracking\n");
+	fflush(stdout);
+}
+
+/* Reads what stdin has; runs every complete line. Returns 1 on "stop" or
+ * end of input. */
+static int read_commands(void)
+{
+	static char input[256];
+	static size_t len;
+	char *line, *nl;
+	ssize_t got;
+
+	got = read(0, input + len, sizeof(input) - 1 - len);
+	if (got < 0) {
+		if (errno != EINTR)
+			die(1, "read stdin");
+		return 0;
+	}
+	if (got == 0)
+		return 1;
+	len += got;
+	input[len] = 0;
+	for (line = input; (nl = strchr(line, '\n')); line = nl + 1) {
+		*nl = 0;
+		if (!strcmp(line, "stop"))
+			return 1;
+		if (!strncmp(line, "track ", 6))
+			track(line + 6);
+		else
+			die(0, "unknown command: %s", line);
+	}
+	len -= line - input;
+	memmove(input, line, len + 1);
+	if (len == sizeof(input) - 1)
+		die(0, "command line too long");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct perf_buffer *buffers[ESR_BUF_COUNT];
 	struct bpf_link *links[MAX_LINKS];
-	struct esr_session_state *states;
 	struct epoll_event event, events[ESR_BUF_COUNT + 1];
-	struct rusage start, end;
+	struct rusage end;
 	struct bpf_object *obj;
 	struct bpf_program *prog;
-	size_t pages[ESR_BUF_COUNT] = { 0, 0, 0 }, states_size, len = 0;
-	int cpu = 0, nlinks = 0, ncpus, tracked_fd, epfd, i, n, tracking = 0, stopping = 0;
-	char input[256], *rest, *nl;
+	size_t pages[ESR_BUF_COUNT] = { 0, 0, 0 }, states_size;
+	int cpu = 0, nlinks = 0, ncpus, epfd, i, n, stopping = 0;
 	unsigned long long before;
+	char *rest;
 
 	if (argc < 2)
 		die(0, "usage: floor OBJECT --pages C,D,N [--cpu N]");
@@ -285,60 +358,9 @@ int main(int argc, char **argv)
 			die(1, "epoll_wait");
 		for (i = 0; i < ESR_BUF_COUNT; i++)
 			perf_buffer__consume(buffers[i]);
-		for (n = 0; n < ready; n++) {
-			ssize_t got;
-
-			if (events[n].data.fd != 0)
-				continue;
-			got = read(0, input + len, sizeof(input) - 1 - len);
-			if (got < 0 && errno != EINTR)
-				die(1, "read stdin");
-			if (got == 0) {		/* end of input: as "stop" */
-				stopping = 1;
-				break;
-			}
-			len += got > 0 ? got : 0;
-			input[len] = 0;
-			while (!stopping && (nl = strchr(input, '\n'))) {
-				unsigned long pid;
-
-				*nl = 0;
-				if (!strcmp(input, "stop")) {
-					stopping = 1;
-				} else if (!strncmp(input, "track ", 6)) {
-					struct esr_task task = { .session = COOKIE };
-					__u32 tid;
-
-					pid = strtoul(input + 6, &rest, 10);
-					if (*rest || !pid || pid > 0xffffffffUL)
-						die(0, "track: bad pid %s", input + 6);
-					tid = pid;
-					if (!tracking) {
-						/* open_session(0, COOKIE) of probe.pyx */
-						states[0].live_tasks = 0;
-						memset(states[0].lost, 0, sizeof(states[0].lost));
-						states[0].untracked_forks = 0;
-						__atomic_store_n(&states[0].session, COOKIE, __ATOMIC_RELEASE);
-						tracking = 1;
-					}
-					if (bpf_map_update_elem(tracked_fd, &tid, &task, BPF_ANY))
-						die(1, "cannot track pid %lu", pid);
-					__sync_fetch_and_add(&states[0].live_tasks, 1);
-					memset(records, 0, sizeof(records));
-					unknown_records = lost_notified = 0;
-					restart_peak_rss();
-					getrusage(RUSAGE_SELF, &start);
-					printf("tracking\n");
-					fflush(stdout);
-				} else {
-					die(0, "unknown command: %s", input);
-				}
-				len -= nl + 1 - input;
-				memmove(input, nl + 1, len + 1);
-			}
-			if (len == sizeof(input) - 1)
-				die(0, "command line too long");
-		}
+		for (n = 0; n < ready; n++)
+			if (events[n].data.fd == 0)
+				stopping = read_commands();
 	}
 	if (!tracking)
 		getrusage(RUSAGE_SELF, &start);

@@ -53,6 +53,7 @@ static struct sockaddr_in listener;
 /* What the run did: records expected per type, and failed ops. */
 static unsigned long long commands, disks, networks, failures;
 
+__attribute__((noreturn, format(printf, 1, 2)))
 static void die(const char *fmt, ...)
 {
 	va_list ap;
@@ -218,6 +219,7 @@ static void wait_for_go(void)
 	}
 }
 
+__attribute__((noreturn))
 static void usage(void)
 {
 	die("usage: gen open|exec|connect|mixed SECONDS RATE [--cpu N] [--nop PATH]");
