@@ -5,10 +5,14 @@ VENV := .venv
 BUILD := build
 LIBBPF := $(BUILD)/libbpf/usr
 
-# What building, running and testing esr need from Debian.
-APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make \
-	python3-venv python3-dev openssh-server openssh-client procps iproute2 \
-	lintian systemd
+# What building, running and testing esr need from Debian: the toolchain,
+# sshd for the login tests, lintian and systemd-analyze for the package, qemu
+# and debootstrap for the systemd guest, and bcc with the nearest kernel
+# headers for the benchmark's bcc peer.
+APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
+	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
+	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
+	python3-bpfcc linux-headers-amd64
 
 PY_DEPS := cython msgspec zstandard PyYAML pytest pyinstaller wheel setuptools
 
@@ -51,15 +55,17 @@ $(VENV)/bin/esr: $(VENV)/.deps $(LIBBPF)/lib/libbpf.a pyproject.toml setup.py
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
-# The BPF object and the extensions, rebuilt when their sources change.
+# The BPF object, the extensions and the benchmark's programs, rebuilt when
+# their sources change.
 build: $(VENV)/bin/esr
 	$(VENV)/bin/python setup.py -q build_ext --inplace
+	$(MAKE) -s -C bench OUT=$(CURDIR)/$(BUILD)/bench LIBBPF=$(CURDIR)/$(LIBBPF)
 
 # The daemon in the foreground, default config, data kept in build/data.
 run: build
 	$(VENV)/bin/esr daemon --data-dir $(CURDIR)/$(BUILD)/data
 
-test: build
+test: deb
 	$(VENV)/bin/pytest -q tests
 
 # The single binary: PyInstaller onedir in build/dist/esr.

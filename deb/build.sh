@@ -16,7 +16,9 @@ cp -a "$binary" "$pkg/usr/lib/esr.tmp"
 mv "$pkg/usr/lib/esr.tmp"/* "$pkg/usr/lib/esr/"
 rmdir "$pkg/usr/lib/esr.tmp"
 ln -s ../lib/esr/esr "$pkg/usr/bin/esr"
-install -m 0755 "$bench/gen" "$bench/nop" "$bench/floor" "$pkg/usr/lib/esr/bench/"
+install -s -m 0755 "$bench/gen" "$bench/nop" "$bench/floor" "$pkg/usr/lib/esr/bench/"
+# Libraries are not programs.
+find "$pkg/usr/lib/esr" -name '*.so*' -type f -exec chmod 0644 {} +
 install -m 0644 "$here/../bench/bccpeer.py" "$pkg/usr/lib/esr/bench/"
 
 install -m 0644 "$here/esr.service" "$pkg/lib/systemd/system/esr.service"
@@ -25,14 +27,14 @@ install -m 0644 "$profile" "$pkg/usr/share/pam-configs/esr"
 gzip -9n < "$here/esr.1" > "$pkg/usr/share/man/man1/esr.1.gz"
 install -m 0644 "$here/copyright" "$pkg/usr/share/doc/esr/copyright"
 gzip -9n < "$here/changelog" > "$pkg/usr/share/doc/esr/changelog.gz"
-install -d -m 0700 "$pkg/var/lib/esr"
+install -d "$pkg/usr/share/lintian/overrides"
+install -m 0644 "$here/lintian-overrides" "$pkg/usr/share/lintian/overrides/esr"
 
 install -m 0755 "$here/postinst" "$here/prerm" "$here/postrm" "$pkg/DEBIAN/"
 echo /etc/esr/esr.yaml > "$pkg/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$size/" "$here/control" > "$pkg/DEBIAN/control"
 find "$pkg" -type d -exec chmod go-w {} +
-chmod 0700 "$pkg/var/lib/esr"
 dpkg-deb --root-owner-group -Zxz --build "$pkg" "$out/esr_${version}_amd64.deb" >/dev/null
 rm -rf "$pkg"
 echo "$out/esr_${version}_amd64.deb"

@@ -13,6 +13,7 @@ import os
 import resource
 import selectors
 import subprocess
+import tempfile
 import time
 
 from esr import loader
@@ -28,11 +29,12 @@ class ConsumerError(Exception):
 class Consumer:
     """A consumer process behind two pipes."""
 
-    def __init__(self, name: str, pid: int, input, output):
+    def __init__(self, name: str, pid: int, input, output, stderr=None):
         self.name = name
         self.pid = pid
         self.input = input
         self.output = output
+        self.stderr = stderr  # a file the program's stderr goes to, for its reasons
         self._expect("ready", timeout=120)
 
     def _expect(self, prefix: str, timeout: float) -> str:
@@ -49,6 +51,10 @@ class Consumer:
                 detail = json.loads(line).get("error", line)
             except (ValueError, AttributeError):
                 pass
+            if not detail and self.stderr is not None:
+                self.stderr.seek(0)
+                said = self.stderr.read().decode(errors="replace").strip().splitlines()
+                detail = said[-1] if said else ""
             raise ConsumerError(f"{self.name}: {detail or 'exited'}")
         return line
 
@@ -78,9 +84,10 @@ class Consumer:
 
 
 def start_program(name: str, argv: list[str]) -> Consumer:
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, bufsize=1)
-    return Consumer(name, proc.pid, proc.stdin, proc.stdout)
+    stderr = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, bufsize=1)
+    return Consumer(name, proc.pid, proc.stdin, proc.stdout, stderr)
 
 
 def start_esr(pages: tuple[int, int, int], data_dir: str, python_decoder: bool = False,
