@@ -232,7 +232,7 @@ def _cmd_bench(args) -> int:
             raise UsageError(f"bench: unknown {name} {', '.join(sorted(unknown))} "
                              f"(choose from {', '.join(known)})")
     if args.smoke:
-        return run.main(run.WORKLOADS, [5000], run.MODES, 0.5, args.json, True, config)
+        return run.main(run.WORKLOADS, [5000, 0], run.MODES, 0.3, args.json, True, config)
     return run.main(args.workloads, args.rates, args.modes, args.seconds, args.json, False, config)
 
 

@@ -8,9 +8,9 @@ least every flush_interval_ms, however many requests arrive.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -78,11 +78,15 @@ class Daemon:
         self.datadir = DataDir(config.data_dir)
         self.selector = selectors.DefaultSelector()
         self.clients: dict[int, _Client] = {}
+        self.anchors: dict[str, int] = {}  # sid -> pidfd of its anchor
         self.stopping = False
 
     # --- start and stop ----------------------------------------------------------
 
     def start(self) -> None:
+        # A pidfd per anchored session, and a socket per client.
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.datadir.ensure()
         self.lock_fd = _lock(self.datadir)
         for sid in recover(self.datadir, self.config.compression_level, log):
@@ -104,7 +108,8 @@ class Daemon:
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         self.selector.register(self.sig_r, selectors.EVENT_READ, self._signals)
         if probe is not None:
-            self.selector.register(probe.fileno(), selectors.EVENT_READ, None)
+            self.selector.register(probe.fileno(), selectors.EVENT_READ,
+                                   lambda _fd: self.recorder.drain())
         r = self.config.enhanced_recording
         log("daemon.start", pid=os.getpid(), data_dir=self.datadir.path,
             socket=self.config.control_socket, enhanced_recording=probe is not None,
@@ -133,6 +138,8 @@ class Daemon:
     def stop(self) -> None:
         for client in list(self.clients.values()):
             self._drop(client)
+        for sid in list(self.anchors):
+            self._forget_anchor(sid)
         self.recorder.close("recorder stopped")
         self.selector.close()
         self.listener.close()
@@ -146,18 +153,20 @@ class Daemon:
     # --- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
-        next_flush = time.monotonic()
+        interval = self.config.flush_interval_ms / 1000
+        next_flush = time.monotonic() + interval
         while not self.stopping:
             now = time.monotonic()
             deadlines = [next_flush] + [c.deadline for c in self.clients.values()]
             for key, _ in self.selector.select(max(0.0, min(deadlines) - now)):
-                if key.data is not None:
-                    key.data(key.fileobj)
+                key.data(key.fileobj)
             now = time.monotonic()
             for client in [c for c in self.clients.values() if c.deadline <= now]:
                 self._reply(client, control.Reply(ok=False, error="incomplete request: timed out"))
-            self.recorder.flush()
-            next_flush = time.monotonic() + self.config.flush_interval_ms / 1000
+            if now >= next_flush:
+                self.recorder.flush()
+                interval = self.config.flush_interval_ms / 1000
+                next_flush = time.monotonic() + interval
 
     def _signals(self, _fd) -> None:
         try:
@@ -278,13 +287,41 @@ class Daemon:
             # su or sudo -i inside a recorded session: it stays recorded there.
             log("session.nested", sid=outer.sid, pid=pid, login=req.login, service=req.service)
             return control.Reply(ok=True, sid=outer.sid, nested=True)
-        session = self.recorder.open_session(
-            login=req.login, user=req.user or req.login, seed_pid=req.seed_pid,
-            anchor_pid=req.anchor_pid, sid=req.sid, remote_addr=req.remote_addr,
-            service=req.service, tty=req.tty, command=req.command,
-            audit_sessionid=req.audit_sessionid, loginuid=req.loginuid,
-            interactive=req.interactive)
+        try:
+            anchor = os.pidfd_open(req.anchor_pid) if req.anchor_pid else -1
+        except ProcessLookupError:
+            return control.Reply(ok=False, error=f"no process {pid}")
+        try:
+            session = self.recorder.open_session(
+                login=req.login, user=req.user or req.login, seed_pid=req.seed_pid,
+                anchor_pid=req.anchor_pid, sid=req.sid, remote_addr=req.remote_addr,
+                service=req.service, tty=req.tty, command=req.command,
+                audit_sessionid=req.audit_sessionid, loginuid=req.loginuid,
+                interactive=req.interactive)
+        except BaseException:
+            if anchor >= 0:
+                os.close(anchor)
+            raise
+        if anchor >= 0:
+            # sshd killed before PAM could close the session: the anchor's
+            # exit is the logout.
+            self.anchors[session.sid] = anchor
+            self.selector.register(anchor, selectors.EVENT_READ,
+                                   lambda _fd, sid=session.sid: self._anchor_gone(sid))
         return control.Reply(ok=True, sid=session.sid)
+
+    def _forget_anchor(self, sid: str) -> None:
+        fd = self.anchors.pop(sid, -1)
+        if fd >= 0:
+            self.selector.unregister(fd)
+            os.close(fd)
+
+    def _anchor_gone(self, sid: str) -> None:
+        self._forget_anchor(sid)
+        session = self.recorder.registry.by_sid.get(sid)
+        if session is not None:
+            log("session.anchor_exited", sid=sid, anchor_pid=session.anchor_pid)
+            self.recorder.leave(session)
 
     def _close(self, req: control.Close) -> control.Reply:
         session = self.recorder.find_session(req.sid, req.anchor_pid, req.audit_sessionid)
@@ -293,6 +330,7 @@ class Daemon:
                 # The open was nested, refused, or made while no daemon ran.
                 return control.Reply(ok=True)
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")
+        self._forget_anchor(session.sid)
         return control.Reply(ok=True, sid=session.sid, remaining=self.recorder.leave(session))
 
 

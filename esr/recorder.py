@@ -7,7 +7,6 @@ in who asks for sessions to open and close.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
@@ -94,13 +93,12 @@ class Recorder:
             server_hostname=self.hostname, login=login, user=user, remote_addr=remote_addr,
             service=service, tty=tty, command=command or [], seed_pid=seed_pid or anchor_pid,
             audit_sessionid=audit_sessionid, loginuid=loginuid)
-        identity = schema.Identity.of(start)
-        session = Session(sid=sid, slot=slot, cookie=cookie, start=start, identity=identity,
-                          uid_prefix=identity.uid_prefix(), writer=writer, path=path,
+        session = Session(sid=sid, slot=slot, cookie=cookie, start=start,
+                          audit=schema.AuditFormat(schema.Identity.of(start)), writer=writer, path=path,
                           anchor_pid=anchor_pid, seed_pid=seed_pid, interactive=interactive)
         try:
             writer.append(KIND_START, [start])
-            self.audit.write(schema.audit_line(start, identity, session.uid_prefix))
+            self.audit.write(session.audit.line(start))
             if self.probe is not None:
                 self.probe.open_session(slot, cookie)
                 if seed_pid:
@@ -187,7 +185,7 @@ class Recorder:
             session.writer.append(KIND_END, [end])
         except OSError as err:
             self._write_failed(session, err, 1)
-        self.audit.write(schema.audit_line(end, session.identity, session.uid_prefix))
+        self.audit.write(session.audit.line(end))
         session.writer.close()
         self.closed_bytes += session.writer.bytes_written
         self.log("session.end", sid=session.sid, reason=reason, commands=session.commands,
@@ -206,8 +204,22 @@ class Recorder:
 
     # --- the data path -------------------------------------------------------
 
+    def drain(self) -> None:
+        """Move what the kernel buffers hold into the batch: what a buffer's
+        wakeup calls for, cheap (C only), so that the buffers never fill up.
+        Decoding and writing wait for flush()."""
+        if self.probe is not None:
+            self.probe.consume()
+
     def flush(self) -> None:
-        """Drain the buffers into the sessions' recordings and the audit log."""
+        """Drain the buffers into the sessions' recordings and the audit log,
+        and end the sessions that are over."""
+        # Nothing can join a seeded session once its last task is gone, even
+        # if whoever started it never says so; an anchored one waits for its
+        # anchor, which may not have forked anything yet. Read before
+        # draining: a task's records are all in the buffers before it exits.
+        over = [s for s in self.registry
+                if (s.leader_gone or not s.anchor_pid) and self.live_tasks(s) == 0]
         if self.probe is not None:
             for _ in range(MAX_DRAINS_PER_FLUSH):
                 if not self.probe.consume():
@@ -218,8 +230,8 @@ class Recorder:
                 self.probe.clear_batch()
         for session in self.registry:
             self._flush_session(session)
-            if session.leader_gone and self.live_tasks(session) == 0:
-                self.end(session, "exited")
+        for session in over:
+            self.end(session, "exited")
 
     def _flush_session(self, session: Session) -> None:
         pending = session.pending
@@ -253,8 +265,7 @@ class Recorder:
         except OSError as err:
             self._write_failed(session, err, len(events))
         kinds = self._audit_kinds
-        lines = [schema.audit_line(e, session.identity, session.uid_prefix)
-                 for e in events if type(e) in kinds]
+        lines = [session.audit.line(e) for e in events if type(e) in kinds]
         if lines:
             try:
                 self.audit.write(b"".join(lines))
@@ -315,9 +326,8 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
             lost_disk=summary.lost[1], lost_network=summary.lost[2], untracked_forks=0)
         writer.append(KIND_END, [end])
         writer.close()
-        identity = schema.Identity.of(start)
         AuditLog(datadir.log_dir, start.server_id).write(
-            schema.audit_line(end, identity, identity.uid_prefix()))
+            schema.AuditFormat(schema.Identity.of(start)).line(end))
         log("session.recovered", sid=sid, cut_bytes=cut)
         ended.append(sid)
     return ended

@@ -183,8 +183,11 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
                         elif status is not None:
                             recorder.end(session, "recorder stopped")
                             break
-            recorder.flush()
-            next_flush = time.monotonic() + interval
+                else:
+                    recorder.drain()
+            if time.monotonic() >= next_flush:
+                recorder.flush()
+                next_flush = time.monotonic() + interval
     finally:
         recorder.close()
     return status if status is not None else 1

@@ -2,7 +2,7 @@
 
 Recordings hold these Structs as msgpack arrays tagged with a small integer
 (compact, and fast to encode in bulk). The audit log and `esr show --format
-json` render the same Structs as Teleport-style JSON objects: `audit_fields`
+json` render the same Structs as Teleport-style JSON objects: `AuditFormat`
 is the only place that knows those names and codes.
 
 Paths, argv and program names are bytes, exactly as the kernel saw them. In
@@ -156,9 +156,15 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+_second = (-1, "")
+
+
 def rfc3339(ns: int) -> str:
+    global _second
     seconds, frac = divmod(ns, 1_000_000_000)
-    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + f".{frac:09d}Z"
+    if _second[0] != seconds:  # events come in bursts within the same second
+        _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
+    return f"{_second[1]}.{frac:09d}Z"
 
 
 class Identity(msgspec.Struct, frozen=True):
@@ -173,79 +179,87 @@ class Identity(msgspec.Struct, frozen=True):
     def of(cls, start: SessionStart) -> "Identity":
         return cls(start.sid, start.server_id, start.server_hostname, start.login, start.user)
 
-    def uid_prefix(self) -> str:
-        # Event ids are the session's own id space: a UUID derived from the
-        # sid, its last 48 bits replaced by the event index.
-        return str(uuid.uuid5(_UID_NAMESPACE, self.sid))[:24]
 
-
-def audit_fields(event, identity: Identity, uid_prefix: str) -> dict:
-    """An event as the Teleport-style JSON object of the audit log."""
-    name, code = _NAMES[type(event)]
-    out = {
-        "event": name,
-        "code": code,
-        "ei": event.ei,
-        "uid": f"{uid_prefix}{event.ei:012x}",
-        "time": rfc3339(event.time),
-        "sid": identity.sid,
-        "namespace": "default",
-        "server_id": identity.server_id,
-        "server_hostname": identity.server_hostname,
-        "login": identity.login,
-        "user": identity.user,
-    }
+def _fields(event, identity: Identity) -> dict:
+    """The fields of an event besides the ones every event has."""
     kind = type(event)
     if kind is Command:
-        out.update(
-            pid=event.pid, ppid=event.ppid, cgroup_id=event.cgroup_id,
-            program=text(event.program), path=text(event.path),
-            argv=[text(a) for a in event.argv], return_code=event.return_code,
-            unix_uid=event.unix_uid, unix_gid=event.unix_gid)
+        out = {"pid": event.pid, "ppid": event.ppid, "cgroup_id": event.cgroup_id,
+               "program": text(event.program), "path": text(event.path),
+               "argv": [text(a) for a in event.argv], "return_code": event.return_code,
+               "unix_uid": event.unix_uid, "unix_gid": event.unix_gid}
         if event.argv_truncated:
             out.update(argv_truncated=True, argv_cut_args=event.argv_cut_args,
                        argv_cut_bytes=event.argv_cut_bytes)
-    elif kind is Disk:
-        out.update(
-            pid=event.pid, cgroup_id=event.cgroup_id, program=text(event.program),
-            path=text(event.path), flags=event.flags, return_code=event.return_code)
+        return out
+    if kind is Disk:
+        out = {"pid": event.pid, "cgroup_id": event.cgroup_id, "program": text(event.program),
+               "path": text(event.path), "flags": event.flags, "return_code": event.return_code}
         if event.path_truncated:
             out["path_truncated"] = True
-    elif kind is Network:
-        out.update(
-            pid=event.pid, cgroup_id=event.cgroup_id, program=text(event.program),
-            src_addr=event.src_addr, src_port=event.src_port,
-            dst_addr=event.dst_addr, dst_port=event.dst_port,
-            version=event.version, operation=event.operation, action=event.action,
-            return_code=event.return_code)
-    elif kind is Lost:
-        out["lost"] = {"command": event.command, "disk": event.disk, "network": event.network}
+        return out
+    if kind is Network:
+        return {"pid": event.pid, "cgroup_id": event.cgroup_id, "program": text(event.program),
+                "src_addr": event.src_addr, "src_port": event.src_port,
+                "dst_addr": event.dst_addr, "dst_port": event.dst_port,
+                "version": event.version, "operation": event.operation,
+                "action": event.action, "return_code": event.return_code}
+    if kind is Lost:
+        out = {"lost": {"command": event.command, "disk": event.disk, "network": event.network}}
         if event.untracked_forks:
             out["untracked_forks"] = event.untracked_forks
-    elif kind is SessionStart:
-        out.update({
-            "addr.remote": event.remote_addr, "service": event.service, "tty": event.tty,
-            "command": [text(a) for a in event.command], "seed_pid": event.seed_pid,
-        })
+        return out
+    if kind is SessionStart:
+        out = {"addr.remote": event.remote_addr, "service": event.service, "tty": event.tty,
+               "command": [text(a) for a in event.command], "seed_pid": event.seed_pid}
         if event.audit_sessionid is not None:
             out["audit_sessionid"] = event.audit_sessionid
         if event.loginuid is not None:
             out["loginuid"] = event.loginuid
-    elif kind is SessionLeave:
-        out["live_tasks"] = event.live_tasks
-    elif kind is SessionEnd:
-        out.update(
-            enhanced_recording=event.enhanced_recording, interactive=event.interactive,
-            participants=[identity.user], reason=event.reason,
-            events={"command": event.commands, "disk": event.disks, "network": event.networks},
-            lost={"command": event.lost_command, "disk": event.lost_disk,
-                  "network": event.lost_network},
-            untracked_forks=event.untracked_forks)
-    return out
+        return out
+    if kind is SessionLeave:
+        return {"live_tasks": event.live_tasks}
+    return {"enhanced_recording": event.enhanced_recording, "interactive": event.interactive,
+            "participants": [identity.user], "reason": event.reason,
+            "events": {"command": event.commands, "disk": event.disks, "network": event.networks},
+            "lost": {"command": event.lost_command, "disk": event.lost_disk,
+                     "network": event.lost_network},
+            "untracked_forks": event.untracked_forks}
 
 
-def audit_line(event, identity: Identity, uid_prefix: str) -> bytes:
-    """One audit log line. ensure_ascii escapes every control character and
-    every byte that was not UTF-8."""
-    return json.dumps(audit_fields(event, identity, uid_prefix), ensure_ascii=True,
-                      separators=(",", ":")).encode("ascii") + b"\n"
+def _ascii_json(value) -> bytes:
+    """JSON with every non-ASCII character and control character escaped, and
+    invalid UTF-8 (lone surrogates) as \\udcXX: never a raw byte that could
+    act on a terminal. msgspec does the common, all-ASCII case fast."""
+    try:
+        out = _json.encode(value)
+        if out.isascii():
+            return out
+    except UnicodeEncodeError:
+        pass
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+_json = msgspec.json.Encoder()
+
+
+class AuditFormat:
+    """Renders the events of one session as audit log lines (the reference's
+    field names and codes)."""
+
+    def __init__(self, identity: Identity):
+        self.identity = identity
+        # Event ids are the session's own id space: a UUID derived from the
+        # sid, its last 48 bits replaced by the event index.
+        self.uid_prefix = str(uuid.uuid5(_UID_NAMESPACE, identity.sid))[:24]
+        self._common = _ascii_json({
+            "sid": identity.sid, "namespace": "default", "server_id": identity.server_id,
+            "server_hostname": identity.server_hostname, "login": identity.login,
+            "user": identity.user})[1:-1]
+
+    def line(self, event) -> bytes:
+        name, code = _NAMES[type(event)]
+        head = (f'{{"event":"{name}","code":"{code}","ei":{event.ei},'
+                f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",')
+        return (head.encode() + self._common + b"," + _ascii_json(_fields(event, self.identity))[1:]
+                + b"\n")

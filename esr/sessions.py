@@ -25,8 +25,7 @@ class Session:
     slot: int
     cookie: int
     start: schema.SessionStart
-    identity: schema.Identity
-    uid_prefix: str
+    audit: schema.AuditFormat
     writer: Writer
     path: str
     pending: SessionEvents = field(default_factory=SessionEvents)

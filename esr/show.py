@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 
@@ -74,24 +73,22 @@ def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> No
     out = out or sys.stdout
     sid = datadir.resolve(sid)
     wanted = TYPES.get(kind) if kind else None
-    identity = prefix = None
+    audit = None
     reader = recording.Reader(datadir.recording(sid), sid)
     try:
         for frame in reader:
             lines = []
             for event in frame.events():
-                if identity is None:
-                    identity = schema.Identity.of(event)
-                    prefix = identity.uid_prefix()
+                if audit is None:
+                    audit = schema.AuditFormat(schema.Identity.of(event))
                 if wanted is not None and type(event) is not wanted:
                     continue
                 if fmt == "json":
-                    lines.append(json.dumps(schema.audit_fields(event, identity, prefix),
-                                            ensure_ascii=True, separators=(",", ":")))
+                    lines.append(audit.line(event).decode("ascii"))
                 else:
-                    lines.append(_text_line(event))
+                    lines.append(_text_line(event) + "\n")
             if lines:
-                out.write("\n".join(lines) + "\n")
+                out.write("".join(lines))
     except recording.Damage as err:
         out.flush()
         raise Broken(f"{sid}: {err}; the events above are intact") from None

@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from conftest import ESR
 
 
 def one_line_error(r) -> str:

@@ -25,7 +25,8 @@ def test_bench_smoke_accounts_for_every_event():
         if run["error"]:
             assert run["mode"].startswith("bcc"), run
             continue
-        assert run["process_ns_per_op"] > 0 and run["events_per_s"] > 0
+        assert run["events_per_s"] > 0
+        assert run["rate"] != 0 or run["process_ns_per_op"] > 0
         if run["mode"] in ("none", "outside"):
             continue
         assert run["generated"] > 0

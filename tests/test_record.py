@@ -8,10 +8,8 @@ import json
 import os
 import pty
 import select
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid

@@ -66,6 +66,8 @@ class Consumer:
         self.input.write("stop\n")
         result = json.loads(self._expect("{", timeout=120))
         self.wait()
+        if "error" in result:
+            raise ConsumerError(f"{self.name}: {result['error']}")
         return result
 
     def wait(self) -> None:
@@ -152,6 +154,7 @@ def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
     while True:
         for key, _ in selector.select(max(0.0, next_flush - time.monotonic())):
             if key.data != "command":
+                recorder.drain()
                 continue
             words = commands.readline().split()
             if words[:1] == ["track"]:
@@ -170,10 +173,12 @@ def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
                           "user_s": end_cpu[0] - start_cpu[0], "sys_s": end_cpu[1] - start_cpu[1],
                           "max_rss_kb": _peak_rss_kb()}
                 path = session.path
-                recorder.end(session, "exited")
+                if session.sid in recorder.registry.by_sid:
+                    recorder.end(session, "exited")
                 result["bytes"] = os.path.getsize(path)
                 recorder.close()
                 replies.write(json.dumps(result) + "\n")
                 return 0
-        recorder.flush()
-        next_flush = time.monotonic() + interval
+        if time.monotonic() >= next_flush:
+            recorder.flush()
+            next_flush = time.monotonic() + interval
