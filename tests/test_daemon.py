@@ -512,3 +512,40 @@ def test_pam_enable_disable_status_on_this_host():
         subprocess.run(["pam-auth-update", "--package", "--remove", "esr"], capture_output=True)
         for path, data in saved.items():
             Path(path).write_bytes(data)
+
+
+def test_session_ends_when_sshd_dies_without_closing_it(daemon, sshd):
+    before = daemon.sessions(sshd.user)
+    ssh = subprocess.Popen(["ssh", "-i", str(sshd.key), "-p", str(sshd.port), "-o",
+                            "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                            "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1", "sleep 60"])
+    deadline = time.time() + 15
+    while not _only_new(before, daemon.sessions(sshd.user)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    [row] = _only_new(before, daemon.sessions(sshd.user))
+    anchor = daemon.esr.events(row["sid"])[0]["seed_pid"]
+    os.kill(anchor, signal.SIGKILL)  # the privileged monitor: PAM never closes
+    subprocess.run(["pkill", "-KILL", "-u", sshd.user], check=False)
+    ssh.wait(30)
+    deadline = time.time() + 15
+    while [x for x in daemon.sessions() if x["sid"] == row["sid"]][0]["state"] != "closed":
+        assert time.time() < deadline, "the session was never ended"
+        time.sleep(0.1)
+    assert "event=session.anchor_exited" in daemon.log.read_text()
+
+
+def test_seeded_session_ends_even_if_esr_run_is_killed(daemon, tmp_path):
+    started = tmp_path / "started"
+    p = daemon.esr.popen("run", "--config", str(daemon.config), "--", "sh", "-c",
+                         f"touch {started}; sleep 0.5; head -c1 /etc/hostname",
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    sid = sid_from_stderr(p.stderr.readline())
+    while not started.exists():
+        time.sleep(0.01)
+    p.kill()  # never sends its close
+    deadline = time.time() + 15
+    while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(daemon.esr.events(sid))
