@@ -22,6 +22,7 @@ from esr.sessions import Registry, Session
 # How many times one flush drains the buffers while producers keep them
 # full, before it lets the caller's loop run.
 MAX_DRAINS_PER_FLUSH = 8
+AUDIT_CHUNK = 512
 
 
 class SessionError(Exception):
@@ -230,6 +231,7 @@ class Recorder:
                 self.probe.clear_batch()
         for session in self.registry:
             self._flush_session(session)
+            self.drain()
         for session in over:
             self.end(session, "exited")
 
@@ -260,12 +262,22 @@ class Recorder:
             session.interactive = any(type(e) is schema.Command and e.has_tty for e in events)
 
     def _append(self, session: Session, events: list, counts=(0, 0, 0, 0, 0, 0)) -> None:
+        """Write events as a frame, and those the audit log wants as lines."""
         try:
             session.writer.append(KIND_EVENTS, events, counts)
         except OSError as err:
             self._write_failed(session, err, len(events))
+        commands, disks, networks = counts[:3]
+        others = len(events) - commands - disks - networks  # lost, leave: always audited
+        if not (commands or networks or others or (disks and self.config.audit_disk_events)):
+            return  # an open storm: nothing to scan
         kinds = self._audit_kinds
-        lines = [session.audit.line(e) for e in events if type(e) in kinds]
+        lines = []
+        # Rendering JSON is the slow part: keep the kernel buffers drained
+        # meanwhile, the small ones (8 pages) fill up in milliseconds.
+        for i in range(0, len(events), AUDIT_CHUNK):
+            lines += [session.audit.line(e) for e in events[i:i + AUDIT_CHUNK] if type(e) in kinds]
+            self.drain()
         if lines:
             try:
                 self.audit.write(b"".join(lines))

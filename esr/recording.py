@@ -218,6 +218,8 @@ class Writer:
         self.size = size  # bytes of complete frames
         self.bytes_written = 0
         self._zstd = zstandard.ZstdCompressor(level=level)
+        # Reused from frame to frame: a busy session's batches are megabytes.
+        self._encoded = bytearray()
 
     @classmethod
     def create(cls, path: str, sid: str, level: int) -> "Writer":
@@ -246,10 +248,11 @@ class Writer:
         """Write events (consecutive ei) as one frame. counts: the commands,
         disks and networks among them, and the command, disk and network
         events their Lost records report. Returns bytes written."""
-        return self.append_compressed(kind, self.compress(schema.encode_events(events)),
+        schema.encode_events_into(events, self._encoded)
+        return self.append_compressed(kind, self.compress(self._encoded),
                                       events[0].ei, events[-1].ei, counts)
 
-    def compress(self, payload: bytes) -> bytes:
+    def compress(self, payload) -> bytes:
         return self._zstd.compress(payload)
 
     def append_compressed(self, kind: int, payload: bytes, first_ei: int, last_ei: int,

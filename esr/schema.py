@@ -128,6 +128,10 @@ def encode_events(events: list) -> bytes:
     return _encoder.encode(events)
 
 
+def encode_events_into(events: list, buffer: bytearray) -> None:
+    _encoder.encode_into(events, buffer)
+
+
 def decode_events(payload: bytes) -> list:
     return _decoder.decode(payload)
 

@@ -549,3 +549,78 @@ def test_seeded_session_ends_even_if_esr_run_is_killed(daemon, tmp_path):
         assert time.time() < deadline
         time.sleep(0.1)
     assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(daemon.esr.events(sid))
+
+
+HELD = r"""
+import os, sys
+n = int(sys.argv[1])
+r, w = os.pipe()
+pids = []
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os.execv("/usr/bin/head", ["head", "-c1", "/etc/hostname"])
+    pids.append(pid)
+print(" ".join(map(str, pids)), flush=True)
+sys.stdin.readline()
+os.write(w, b"x" * n)
+for pid in pids:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_more_than_a_thousand_concurrent_sessions(daemon):
+    n = 1100
+    held = subprocess.Popen(["/usr/bin/python3", "-c", HELD, str(n)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pids = [int(p) for p in held.stdout.readline().split()]
+    sids = {}
+    for pid in pids:
+        reply = daemon.request(json.dumps({"op": "open", "login": "many", "seed_pid": pid}).encode()
+                               + b"\n")
+        assert reply["ok"], reply
+        sids[reply["sid"]] = pid
+    status = json.loads(daemon.esr("status", "--config", str(daemon.config), "--format", "json").stdout)
+    assert status["sessions_open"] >= n
+    held.communicate("go\n", timeout=120)
+    deadline = time.time() + 60
+    while True:
+        rows = {r["sid"]: r for r in daemon.sessions("many")}
+        if all(rows.get(s, {}).get("state") == "closed" for s in sids) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for sid, pid in sids.items():
+        assert rows[sid]["state"] == "closed" and rows[sid]["events"]["command"] == 1, rows[sid]
+    # Spot-check that each session holds its own process.
+    for sid, pid in list(sids.items())[::100]:
+        [head] = [e for e in daemon.esr.events(sid, "command")]
+        assert head["pid"] == pid and head["argv"] == ["-c1", "/etc/hostname"]
+
+
+def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
+    log_dir = daemon.data_dir / "log"
+    current = (log_dir / "events.log").resolve()
+    rotated = current.with_name(current.name + ".1")
+    current.rename(rotated)  # what logrotate does
+    daemon.config.write_text(daemon.config.read_text() + "audit_disk_events: true\nmax_sessions: 8\n")
+    try:
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while "event=daemon.reload" not in daemon.log.read_text():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        line = [l for l in daemon.log.read_text().splitlines() if "event=daemon.reload" in l][-1]
+        assert "applied=audit_disk_events" in line and "needs_restart=max_sessions" in line
+        sid = sid_from_stderr(daemon.esr("run", "--config", str(daemon.config), "--",
+                                         "cat", "/etc/hostname").stderr)
+        deadline = time.time() + 10
+        while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
+            assert time.time() < deadline
+            time.sleep(0.1)
+        logged = [json.loads(l) for l in current.read_text().splitlines()]
+        assert any(e["event"] == "session.disk" and e["sid"] == sid for e in logged)
+        assert not any(e["sid"] == sid for e in map(json.loads, rotated.read_text().splitlines()))
+    finally:
+        daemon.config.write_text(f"data_dir: {daemon.data_dir}\ncontrol_socket: {daemon.socket}\n")

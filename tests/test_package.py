@@ -70,7 +70,7 @@ def test_upgrade_keeps_a_locally_edited_config(deb):
     sh("dpkg", "-i", str(deb))
     try:
         Path("/etc/esr/esr.yaml").write_text("# mine\nflush_interval_ms: 50\n")
-        sh("dpkg", "-i", "--force-confold", str(deb))
+        sh("dpkg", "-i", str(deb))
         assert Path("/etc/esr/esr.yaml").read_text() == "# mine\nflush_interval_ms: 50\n"
     finally:
         sh("dpkg", "-P", "esr")

@@ -7,7 +7,7 @@ Records are put in timestamp order, given their session's next event index,
 and appended to that session's SessionEvents.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, int32_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcmp, memcpy, memchr
 
@@ -38,6 +38,8 @@ cdef object _last_pid_obj = None
 cdef uint32_t _last_pid = 0
 cdef object _last_cgroup_obj = None
 cdef uint64_t _last_cgroup = 0
+cdef object _last_flags_obj = None
+cdef int32_t _last_flags = 0
 
 
 cdef class SessionEvents:
@@ -88,6 +90,14 @@ cdef inline object cgroup_obj(uint64_t cgroup):
         _last_cgroup = cgroup
         _last_cgroup_obj = cgroup
     return _last_cgroup_obj
+
+
+cdef inline object flags_obj(int32_t flags):
+    global _last_flags_obj, _last_flags
+    if _last_flags_obj is None or flags != _last_flags:
+        _last_flags = flags
+        _last_flags_obj = flags
+    return _last_flags_obj
 
 
 cdef inline object path_obj(const char *path, Py_ssize_t n):
@@ -151,7 +161,7 @@ cdef object decode_disk(const esr_disk_event *e, int64_t time, uint64_t ei):
         ei, time, pid_obj(e.hdr.pid), cgroup_obj(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         path_obj(e.path, cstr_len(e.path, e.path_len)),
-        e.flags, e.return_code, e.path_truncated != 0)
+        flags_obj(e.flags), e.return_code, e.path_truncated != 0)
 
 
 cdef object address(int family, const uint8_t *raw):

@@ -166,16 +166,18 @@ def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
             elif words[:1] == ["stop"] or not words:
                 recorder.flush()
                 end_cpu = _cpu()
-                result = {"records": {"command": session.commands, "disk": session.disks,
-                                      "network": session.networks},
-                          "lost": dict(zip(("command", "disk", "network"), session.lost)),
+                result = {"records": {"command": 0, "disk": 0, "network": 0},
+                          "lost": {"command": 0, "disk": 0, "network": 0}, "bytes": 0,
                           "lost_user": recorder.lost_in_user_space + recorder.orphans,
                           "user_s": end_cpu[0] - start_cpu[0], "sys_s": end_cpu[1] - start_cpu[1],
                           "max_rss_kb": _peak_rss_kb()}
-                path = session.path
-                if session.sid in recorder.registry.by_sid:
-                    recorder.end(session, "exited")
-                result["bytes"] = os.path.getsize(path)
+                if session is not None:  # none when recording what runs outside sessions
+                    result["records"] = {"command": session.commands, "disk": session.disks,
+                                         "network": session.networks}
+                    result["lost"] = dict(zip(("command", "disk", "network"), session.lost))
+                    if session.sid in recorder.registry.by_sid:
+                        recorder.end(session, "exited")
+                    result["bytes"] = os.path.getsize(session.path)
                 recorder.close()
                 replies.write(json.dumps(result) + "\n")
                 return 0
