@@ -22,6 +22,7 @@ from esr.sessions import Registry, Session
 # How many times one flush drains the buffers while producers keep them
 # full, before it lets the caller's loop run.
 MAX_DRAINS_PER_FLUSH = 8
+FLUSH_AT_RECORDS = 4096
 AUDIT_CHUNK = 512
 
 
@@ -108,7 +109,7 @@ class Recorder:
                     self.probe.track(anchor_pid, cookie, anchor=True)
         except OSError as err:
             if self.probe is not None:
-                self.probe.close_session(slot)
+                self.probe.close_session(slot, True)
             self.registry.release(slot)
             writer.close()
             raise SessionError(f"cannot start session {sid}: {err.strerror or err}") from None
@@ -180,7 +181,9 @@ class Recorder:
             untracked_forks=session.untracked_forks)
         session.pending.next_ei += 1
         if self.probe is not None:
-            self.probe.close_session(session.slot)
+            # Tasks and an anchor still tracked must not outlive the slot.
+            self.probe.close_session(session.slot, self.live_tasks(session) > 0
+                                     or (session.anchor_pid and not session.leader_gone))
         self.registry.remove(session)
         try:
             session.writer.append(KIND_END, [end])
@@ -208,9 +211,11 @@ class Recorder:
     def drain(self) -> None:
         """Move what the kernel buffers hold into the batch: what a buffer's
         wakeup calls for, cheap (C only), so that the buffers never fill up.
-        Decoding and writing wait for flush()."""
-        if self.probe is not None:
-            self.probe.consume()
+        Decoding and writing wait for flush(), or for the batch to be big
+        enough: flushing a few thousand events at a time keeps the memory
+        their objects take warm from one flush to the next."""
+        if self.probe is not None and self.probe.consume() >= FLUSH_AT_RECORDS:
+            self.flush()
 
     def flush(self) -> None:
         """Drain the buffers into the sessions' recordings and the audit log,
@@ -230,12 +235,19 @@ class Recorder:
                                             _boot_to_epoch_ns())
                 self.probe.clear_batch()
         for session in self.registry:
-            self._flush_session(session)
-            self.drain()
+            if self._flush_session(session):
+                self._keep_draining()
         for session in over:
             self.end(session, "exited")
 
-    def _flush_session(self, session: Session) -> None:
+    def _keep_draining(self) -> None:
+        """Empty the kernel buffers into the batch while writing takes time:
+        the small ones (8 pages) fill up in milliseconds."""
+        if self.probe is not None:
+            self.probe.consume()
+
+    def _flush_session(self, session: Session) -> bool:
+        """Write what the session has pending; whether there was anything."""
         pending = session.pending
         newly_lost = [0, 0, 0]
         if self.probe is not None:
@@ -249,7 +261,7 @@ class Recorder:
                 session.lost = lost
                 session.untracked_forks = untracked
         if not pending.events:
-            return
+            return False
         events, (commands, disks, networks) = pending.take()
         session.commands += commands
         session.disks += disks
@@ -260,6 +272,7 @@ class Recorder:
         self._append(session, events, (commands, disks, networks, *newly_lost))
         if commands and not session.interactive:
             session.interactive = any(type(e) is schema.Command and e.has_tty for e in events)
+        return True
 
     def _append(self, session: Session, events: list, counts=(0, 0, 0, 0, 0, 0)) -> None:
         """Write events as a frame, and those the audit log wants as lines."""
@@ -273,11 +286,9 @@ class Recorder:
             return  # an open storm: nothing to scan
         kinds = self._audit_kinds
         lines = []
-        # Rendering JSON is the slow part: keep the kernel buffers drained
-        # meanwhile, the small ones (8 pages) fill up in milliseconds.
-        for i in range(0, len(events), AUDIT_CHUNK):
+        for i in range(0, len(events), AUDIT_CHUNK):  # rendering JSON is the slow part
             lines += [session.audit.line(e) for e in events[i:i + AUDIT_CHUNK] if type(e) in kinds]
-            self.drain()
+            self._keep_draining()
         if lines:
             try:
                 self.audit.write(b"".join(lines))

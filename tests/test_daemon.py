@@ -565,7 +565,10 @@ for _ in range(n):
     pids.append(pid)
 print(" ".join(map(str, pids)), flush=True)
 sys.stdin.readline()
-os.write(w, b"x" * n)
+import time
+for i in range(0, n, 50):  # a busy host, not one burst of 1100 execs
+    os.write(w, b"x" * min(50, n - i))
+    time.sleep(0.02)
 for pid in pids:
     os.waitpid(pid, 0)
 """
@@ -591,13 +594,13 @@ def test_more_than_a_thousand_concurrent_sessions(daemon):
         if all(rows.get(s, {}).get("state") == "closed" for s in sids) or time.time() > deadline:
             break
         time.sleep(0.5)
-    # 1100 execs released at once can overflow the default 8-page command
-    # buffer: then the session says so, and nothing is silently missing.
+    # Had a buffer overflowed, the session would say so: nothing goes missing
+    # silently.
     for sid, pid in sids.items():
         row = rows[sid]
         assert row["state"] == "closed"
         assert row["events"]["command"] + row["lost"]["command"] == 1, row
-    assert sum(rows[s]["events"]["command"] for s in sids) > 0.9 * n
+    assert sum(rows[s]["events"]["command"] for s in sids) == n
     # Spot-check that each session holds its own process.
     for sid, pid in [(s, p) for s, p in sids.items() if rows[s]["events"]["command"]][::100]:
         [head] = daemon.esr.events(sid, "command")

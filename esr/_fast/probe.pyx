@@ -443,15 +443,17 @@ cdef class Probe:
         state.untracked_forks = 0
         state.session = cookie
 
-    def close_session(self, uint32_t slot):
-        """Free the slot and forget every thread still tracked in it."""
+    def close_session(self, uint32_t slot, bint forget_tasks):
+        """Free the slot; with forget_tasks, also remove every thread still
+        tracked in it (a walk of the whole map: only for sessions ended while
+        some of their tasks run)."""
         cdef esr_session_state *state = self._state(slot)
         cdef uint64_t cookie = state.session
         cdef uint32_t key, next_key
         cdef esr_task task
         cdef list stale = []
         state.session = 0
-        if cookie == 0:
+        if cookie == 0 or not forget_tasks:
             return
         if bpf_map_get_next_key(self.tracked_fd, NULL, &next_key) == 0:
             while True:
