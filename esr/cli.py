@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a few thousand events per run: check the accounting and the figures")
     p.add_argument("--offline", action="store_true",
                    help="only the user-space hot path on a synthetic corpus (no root needed)")
-    p.add_argument("--seconds", type=float, default=2.0, help="length of each run (default 2)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each run (default 3)")
     p.add_argument("--workloads", type=_list(str), default="open,exec,connect,mixed")
     p.add_argument("--rates", type=_list(int), default="10000,50000,100000,200000,0",
                    help="events/s, 0 for flat out (default 10000,50000,100000,200000,0)")

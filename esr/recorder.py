@@ -64,6 +64,7 @@ class Recorder:
         self.events = {"command": 0, "disk": 0, "network": 0}
         self.orphans = 0
         self.closed_bytes = 0
+        self._closing = False
         self.write_errors = 0
         self.lost_in_user_space = 0
         self._audit_kinds = _audit_kinds(config)
@@ -96,8 +97,8 @@ class Recorder:
             service=service, tty=tty, command=command or [], seed_pid=seed_pid or anchor_pid,
             audit_sessionid=audit_sessionid, loginuid=loginuid)
         session = Session(sid=sid, slot=slot, cookie=cookie, start=start,
-                          audit=schema.AuditFormat(schema.Identity.of(start)), writer=writer, path=path,
-                          anchor_pid=anchor_pid, seed_pid=seed_pid, interactive=interactive)
+                          audit=schema.AuditFormat(schema.Identity.of(start)), writer=writer,
+                          path=path, anchor_pid=anchor_pid, interactive=interactive)
         try:
             writer.append(KIND_START, [start])
             self.audit.write(session.audit.line(start))
@@ -181,9 +182,10 @@ class Recorder:
             untracked_forks=session.untracked_forks)
         session.pending.next_ei += 1
         if self.probe is not None:
-            # Tasks and an anchor still tracked must not outlive the slot.
-            self.probe.close_session(session.slot, self.live_tasks(session) > 0
-                                     or (session.anchor_pid and not session.leader_gone))
+            # Tasks and an anchor still tracked must not outlive the slot,
+            # unless the maps themselves are about to go.
+            self.probe.close_session(session.slot, not self._closing and (
+                self.live_tasks(session) > 0 or (session.anchor_pid and not session.leader_gone)))
         self.registry.remove(session)
         try:
             session.writer.append(KIND_END, [end])
@@ -198,6 +200,7 @@ class Recorder:
 
     def close(self, reason: str = "recorder stopped") -> None:
         """End every open session, then release the probe."""
+        self._closing = True
         self.flush()
         for session in self.registry:
             self.end(session, reason)

@@ -29,8 +29,7 @@ class Session:
     writer: Writer
     path: str
     pending: SessionEvents = field(default_factory=SessionEvents)
-    anchor_pid: int = 0
-    seed_pid: int = 0
+    anchor_pid: int = 0  # 0 for a seeded session
     commands: int = 0
     disks: int = 0
     networks: int = 0
