@@ -29,17 +29,26 @@ cdef object _Command = Command
 cdef object _Disk = Disk
 cdef object _Network = Network
 
-# Consecutive records mostly share their program, pid and path: reuse the
-# objects made for the previous one instead of allocating new ones.
+# Consecutive records mostly share their program, pid, cgroup, flags and
+# path: reuse the objects made for the previous record instead of allocating
+# new ones.
+cdef class LastInt:
+    cdef int64_t value
+    cdef object obj
+
+    cdef inline object get(self, int64_t value):
+        if self.obj is None or value != self.value:
+            self.value = value
+            self.obj = value
+        return self.obj
+
+
+cdef LastInt _pid = LastInt()
+cdef LastInt _cgroup = LastInt()
+cdef LastInt _flags = LastInt()
 cdef char _last_comm[16]
 cdef object _last_comm_obj = None
 cdef object _last_path_obj = None
-cdef object _last_pid_obj = None
-cdef uint32_t _last_pid = 0
-cdef object _last_cgroup_obj = None
-cdef uint64_t _last_cgroup = 0
-cdef object _last_flags_obj = None
-cdef int32_t _last_flags = 0
 
 
 cdef class SessionEvents:
@@ -74,30 +83,6 @@ cdef inline object comm_obj(const char *comm):
         memcpy(_last_comm, comm, 16)
         _last_comm_obj = PyBytes_FromStringAndSize(comm, strnlen(comm, 16))
     return _last_comm_obj
-
-
-cdef inline object pid_obj(uint32_t pid):
-    global _last_pid_obj, _last_pid
-    if _last_pid_obj is None or pid != _last_pid:
-        _last_pid = pid
-        _last_pid_obj = pid
-    return _last_pid_obj
-
-
-cdef inline object cgroup_obj(uint64_t cgroup):
-    global _last_cgroup_obj, _last_cgroup
-    if _last_cgroup_obj is None or cgroup != _last_cgroup:
-        _last_cgroup = cgroup
-        _last_cgroup_obj = cgroup
-    return _last_cgroup_obj
-
-
-cdef inline object flags_obj(int32_t flags):
-    global _last_flags_obj, _last_flags
-    if _last_flags_obj is None or flags != _last_flags:
-        _last_flags = flags
-        _last_flags_obj = flags
-    return _last_flags_obj
 
 
 cdef inline object path_obj(const char *path, Py_ssize_t n):
@@ -149,7 +134,7 @@ cdef object decode_command(const esr_command_event *e, int64_t time, uint64_t ei
         cut_bytes = 0
     truncated = cut_args > 0 or cut_bytes > 0 or (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
     return _Command(
-        ei, time, pid_obj(e.hdr.pid), e.ppid, cgroup_obj(e.hdr.cgroup_id),
+        ei, time, _pid.get(e.hdr.pid), e.ppid, _cgroup.get(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         PyBytes_FromStringAndSize(path, cstr_len(path, e.path_len)),
         argv, e.return_code, e.uid, e.gid, (e.flags & ESR_COMMAND_TTY) != 0,
@@ -158,10 +143,10 @@ cdef object decode_command(const esr_command_event *e, int64_t time, uint64_t ei
 
 cdef object decode_disk(const esr_disk_event *e, int64_t time, uint64_t ei):
     return _Disk(
-        ei, time, pid_obj(e.hdr.pid), cgroup_obj(e.hdr.cgroup_id),
+        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         path_obj(e.path, cstr_len(e.path, e.path_len)),
-        flags_obj(e.flags), e.return_code, e.path_truncated != 0)
+        _flags.get(e.flags), e.return_code, e.path_truncated != 0)
 
 
 cdef object address(int family, const uint8_t *raw):
@@ -174,7 +159,7 @@ cdef object address(int family, const uint8_t *raw):
 cdef object decode_network(const esr_network_event *e, int64_t time, uint64_t ei):
     cdef int family = AF_INET if e.family == AF_INET else AF_INET6
     return _Network(
-        ei, time, pid_obj(e.hdr.pid), cgroup_obj(e.hdr.cgroup_id),
+        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         4 if family == AF_INET else 6,
         address(family, e.src_addr), e.src_port,
