@@ -318,6 +318,8 @@ class Recorder:
             "events": dict(self.events),
             "lost": {
                 "buffer": dict(zip(("command", "disk", "network"), lost)),
+                # The same losses as the perf buffers report them, to cross-check.
+                "reported_by_perf": self.probe.lost_notified if self.probe is not None else 0,
                 "user_space": self.lost_in_user_space,
                 "sessions": {s.sid: dict(zip(("command", "disk", "network"), s.lost))
                              for s in self.registry},
