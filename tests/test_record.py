@@ -470,3 +470,21 @@ def test_kill_minus_9_of_the_recorder_keeps_complete_frames(esr):
     assert len(ran(events, "head")) >= 5
     assert events[0]["event"] == "session.start"
     assert not [e for e in events if e["event"] == "session.end"]
+
+
+def test_lost_records_are_counted_and_written_into_the_session(esr, tmp_path):
+    gen = Path(__file__).resolve().parent.parent / "build" / "bench" / "gen"
+    config = tmp_path / "small.yaml"
+    config.write_text("enhanced_recording:\n  disk_buffer_size: 2\n")  # 8 KiB per CPU
+    # gen waits for "go" on stdin; feed it at once and let it open flat out.
+    r = esr("run", "--config", str(config), "--", "sh", "-c",
+            f"echo go | {gen} open 1 0 --cpu -1", check=True)
+    generated = json.loads(r.stdout.splitlines()[-1])["events"]["disk"]
+    events = esr.events(sid_from_stderr(r.stderr))
+    end = events[-1]
+    lost = [e for e in events if e["event"] == "session.lost"]
+    assert lost and end["lost"]["disk"] == sum(e["lost"]["disk"] for e in lost) > 0
+    # gen opens /etc/hostname once more, before "go", to warm up.
+    recorded = [e for e in events if e["event"] == "session.disk" and e["path"] == "/etc/hostname"]
+    assert len(recorded) + end["lost"]["disk"] >= generated
+    assert all(e["code"] == "E4100W" for e in lost)
