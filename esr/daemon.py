@@ -24,6 +24,7 @@ from esr.config import Config
 from esr.datadir import DataDir
 from esr.log import log
 from esr.recorder import Recorder, SessionError, recover
+from esr.sessions import RegistryFull
 
 # A client has this long to send its whole request.
 REQUEST_TIMEOUT = 2.0
@@ -273,8 +274,11 @@ class Daemon:
             if isinstance(request, control.Open):
                 return self._open(request)
             return self._close(request)
-        except SessionError as err:
+        except (SessionError, RegistryFull) as err:
             return control.Reply(ok=False, error=str(err))
+        except Exception as err:  # a request must never take the recorder down
+            log("control.failed", level="error", error=repr(err))
+            return control.Reply(ok=False, error=f"internal error: {err}")
 
     def _open(self, req: control.Open) -> control.Reply:
         pid = req.seed_pid or req.anchor_pid
