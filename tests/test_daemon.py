@@ -632,3 +632,21 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
         assert not any(e["sid"] == sid for e in map(json.loads, rotated.read_text().splitlines()))
     finally:
         daemon.config.write_text(f"data_dir: {daemon.data_dir}\ncontrol_socket: {daemon.socket}\n")
+
+
+def test_when_every_session_slot_is_taken_the_next_open_is_refused(tmp_path):
+    require_bpf()
+    d = Daemon(tmp_path)
+    d.config.write_text(d.config.read_text() + "max_sessions: 1\n")
+    d.start()
+    try:
+        first = d.esr.popen("run", "--config", str(d.config), "--", "sleep", "2",
+                            stderr=subprocess.PIPE)
+        sid_from_stderr(first.stderr.readline())
+        r = d.esr("run", "--config", str(d.config), "--", "true", check=False)
+        assert r.returncode == 1
+        assert r.stderr.decode().strip() == "esr: all 1 session slots are in use"
+        assert first.wait(30) == 0
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
