@@ -71,8 +71,6 @@ class Frame:
 class Summary:
     """What the intact part of a recording holds."""
     frames: int = 0
-    events: int = 0
-    first_ei: int = -1
     last_ei: int = -1
     commands: int = 0
     disks: int = 0
@@ -86,9 +84,6 @@ class Summary:
 
     def add(self, frame: Frame) -> None:
         self.frames += 1
-        self.events += frame.count
-        if self.first_ei < 0:
-            self.first_ei = frame.first_ei
         self.last_ei = frame.last_ei
         self.commands += frame.commands
         self.disks += frame.disks
