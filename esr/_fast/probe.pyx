@@ -236,7 +236,7 @@ cdef str libbpf_reason():
     """The last line libbpf printed: the verifier's or the kernel's reason."""
     cdef bytes log = esr_libbpf_log
     lines = [l for l in log.decode("utf-8", "replace").splitlines() if l.strip()]
-    return lines[-1].strip() if lines else ""
+    return lines[len(lines) - 1].strip() if lines else ""  # wraparound is off
 
 
 def map_type_supported(str kind):
