@@ -1,9 +1,10 @@
 """`esr daemon`: load the programs once, record every session that PAM or
 `esr run` asks for, and serve the control socket.
 
-One thread, one loop: the probe's buffers, the control socket and signals
-are all selected on, and the buffers are drained at every wakeup and at
-least every flush_interval_ms, however many requests arrive.
+One loop in the main thread: the probe (readable when a batch is worth
+writing), the control socket and signals are all selected on, and batches
+are written at least every flush_interval_ms, however many requests arrive.
+The probe's drain thread keeps the kernel buffers empty meanwhile.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from esr.sessions import RegistryFull
 REQUEST_TIMEOUT = 2.0
 MAX_CLIENTS = 64
 # Connections accepted per loop turn: a flood waits in the listen backlog
-# while the buffers keep being drained.
+# while batches keep being written.
 ACCEPTS_PER_TURN = 16
 
 NICE = -10
@@ -119,7 +120,7 @@ class Daemon:
         self.selector.register(self.sig_r, selectors.EVENT_READ, self._signals)
         if probe is not None:
             self.selector.register(probe.fileno(), selectors.EVENT_READ,
-                                   lambda _fd: self.recorder.drain())
+                                   lambda _fd: self.recorder.flush())
         r = self.config.enhanced_recording
         log("daemon.start", pid=os.getpid(), data_dir=self.datadir.path,
             socket=self.config.control_socket, enhanced_recording=probe is not None,

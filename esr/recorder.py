@@ -19,12 +19,6 @@ from esr.datadir import DataDir, DataDirError, check_sid
 from esr.recording import KIND_END, KIND_EVENTS, KIND_START, Writer
 from esr.sessions import Registry, Session
 
-# How many times one flush drains the buffers while producers keep them
-# full, before it lets the caller's loop run.
-MAX_DRAINS_PER_FLUSH = 8
-FLUSH_AT_RECORDS = 4096
-AUDIT_CHUNK = 512
-
 
 class SessionError(Exception):
     pass
@@ -211,46 +205,32 @@ class Recorder:
 
     # --- the data path -------------------------------------------------------
 
-    def drain(self) -> None:
-        """Move what the kernel buffers hold into the batch: what a buffer's
-        wakeup calls for, cheap (C only), so that the buffers never fill up.
-        Decoding and writing wait for flush(), or for the batch to be big
-        enough: flushing a few thousand events at a time keeps the memory
-        their objects take warm from one flush to the next."""
-        if self.probe is not None and self.probe.consume() >= FLUSH_AT_RECORDS:
-            self.flush()
-
     def flush(self) -> None:
-        """Drain the buffers into the sessions' recordings and the audit log,
-        and end the sessions that are over."""
+        """Write what the probe has drained into the sessions' recordings and
+        the audit log, and end the sessions that are over."""
         # Nothing can join a seeded session once its last task is gone, even
         # if whoever started it never says so; an anchored one waits for its
         # anchor, which may not have forked anything yet. Read before
-        # draining: a task's records are all in the buffers before it exits.
+        # taking the batch: a task's records are all in the buffers before it
+        # exits, and taking it drains the buffers once more.
         over = [s for s in self.registry
                 if (s.leader_gone or not s.anchor_pid) and self.live_tasks(s) == 0]
         if self.probe is not None:
-            for _ in range(MAX_DRAINS_PER_FLUSH):
-                if not self.probe.consume():
-                    break
-                self.orphans += self.decode(self.probe.batch_view(),
-                                            self.registry.pending_by_cookie,
-                                            _boot_to_epoch_ns())
-                self.probe.clear_batch()
+            batch = self.probe.take_batch()
+            try:
+                if batch:
+                    self.orphans += self.decode(batch, self.registry.pending_by_cookie,
+                                                _boot_to_epoch_ns())
+            finally:
+                batch.release()
+                self.probe.release_batch()
         for session in self.registry:
-            if self._flush_session(session):
-                self._keep_draining()
+            self._flush_session(session)
         for session in over:
             self.end(session, "exited")
 
-    def _keep_draining(self) -> None:
-        """Empty the kernel buffers into the batch while writing takes time:
-        the small ones (8 pages) fill up in milliseconds."""
-        if self.probe is not None:
-            self.probe.consume()
-
-    def _flush_session(self, session: Session) -> bool:
-        """Write what the session has pending; whether there was anything."""
+    def _flush_session(self, session: Session) -> None:
+        """Write what the session has pending."""
         pending = session.pending
         newly_lost = [0, 0, 0]
         if self.probe is not None:
@@ -264,7 +244,7 @@ class Recorder:
                 session.lost = lost
                 session.untracked_forks = untracked
         if not pending.events:
-            return False
+            return
         events, (commands, disks, networks) = pending.take()
         session.commands += commands
         session.disks += disks
@@ -275,7 +255,6 @@ class Recorder:
         self._append(session, events, (commands, disks, networks, *newly_lost))
         if commands and not session.interactive:
             session.interactive = any(type(e) is schema.Command and e.has_tty for e in events)
-        return True
 
     def _append(self, session: Session, events: list, counts=(0, 0, 0, 0, 0, 0)) -> None:
         """Write events as a frame, and those the audit log wants as lines."""
@@ -288,10 +267,7 @@ class Recorder:
         if not (commands or networks or others or (disks and self.config.audit_disk_events)):
             return  # an open storm: nothing to scan
         kinds = self._audit_kinds
-        lines = []
-        for i in range(0, len(events), AUDIT_CHUNK):  # rendering JSON is the slow part
-            lines += [session.audit.line(e) for e in events[i:i + AUDIT_CHUNK] if type(e) in kinds]
-            self._keep_draining()
+        lines = [session.audit.line(e) for e in events if type(e) in kinds]
         if lines:
             try:
                 self.audit.write(b"".join(lines))

@@ -184,7 +184,7 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
                             recorder.end(session, "recorder stopped")
                             break
                 else:
-                    recorder.drain()
+                    recorder.flush()
             if time.monotonic() >= next_flush:
                 recorder.flush()
                 next_flush = time.monotonic() + interval

@@ -2,15 +2,16 @@
 """The BPF programs of esr.bpf.o, loaded by the statically linked libbpf.
 
 A Probe sizes the maps from the config, loads and attaches every program,
-and opens one per-CPU perf buffer per event type. consume() drains the
-buffers through a C callback that only appends raw records to a batch; no
-Python code runs per record. The batch is then decoded by esr._fast.decode.
+and opens one per-CPU perf buffer per event type. A C thread drains the
+buffers as they fill, through a callback that only appends raw records to a
+batch; no Python code runs per record, and the Python side being busy does
+not leave the buffers full. take_batch() hands the batch over to be decoded
+by esr._fast.decode.
 """
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memset, strerror
-from posix.unistd cimport close
+from libc.stdlib cimport malloc, free
+from libc.string cimport strerror
 
 from esr._fast.events cimport *
 
@@ -19,7 +20,14 @@ cdef extern from *:
     #include <stdarg.h>
     #include <stdio.h>
     #include <string.h>
+    #include <errno.h>
+    #include <pthread.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <stdlib.h>
+    #include <unistd.h>
     #include <sys/epoll.h>
+    #include <sys/eventfd.h>
     #include <sys/mman.h>
     #include <linux/perf_event.h>
     #include <bpf/libbpf.h>
@@ -70,10 +78,33 @@ cdef extern from *:
         char *buf;
         size_t len;
         size_t cap;
-        size_t limit;
         unsigned long long records;
+    };
+
+    /* The drain: a thread that empties the perf buffers into a batch as
+     * soon as one passes its watermark, whatever the Python side is doing
+     * (writing, fsyncing, ending a thousand sessions). The kernel buffers
+     * then only need to hold a wakeup's worth of records; the batch grows
+     * in user space up to its limit instead.
+     *
+     * Two batches: the drain fills one while Python decodes the other. */
+    struct esr_drain {
+        pthread_mutex_t lock;
+        struct esr_batch batches[2];
+        struct esr_batch *filling;
+        size_t limit;
+        struct perf_buffer *buffers[3];
+        int epfd;           /* the buffers' epoll fds, and stop_fd */
+        int stop_fd;
+        int ready_fd;       /* readable once wake_at records are waiting */
+        unsigned long long wake_at;
+        int ready;
+        int running;
+        pthread_t thread;
         unsigned long long lost_notified;
     };
+
+    static int esr_epoll_add(int epfd, int fd);
 
     struct esr_sample {
         struct perf_event_header header;
@@ -87,12 +118,13 @@ cdef extern from *:
         __u64 lost;
     };
 
-    /* Appends each record to the batch as [u32 length][record], 8-aligned.
-     * Stops reading a buffer (leaving the rest for the next call) once the
-     * batch reaches its limit. */
+    /* Appends each record to the filling batch as [u32 length][record],
+     * 8-aligned; called with the lock held. Stops reading a buffer (leaving
+     * the rest in the kernel) once the batch reaches the limit. */
     static enum bpf_perf_event_ret esr_on_record(void *ctx, int cpu, struct perf_event_header *header)
     {
-        struct esr_batch *b = ctx;
+        struct esr_drain *d = ctx;
+        struct esr_batch *b = d->filling;
 
         if (header->type == PERF_RECORD_SAMPLE) {
             struct esr_sample *s = (struct esr_sample *)header;
@@ -102,7 +134,7 @@ cdef extern from *:
                 size_t cap = b->cap;
                 char *buf;
 
-                if (b->len >= b->limit)
+                if (b->len >= d->limit)
                     return LIBBPF_PERF_EVENT_DONE;
                 while (cap < b->len + need)
                     cap *= 2;
@@ -118,12 +150,146 @@ cdef extern from *:
             b->len += need;
             b->records++;
         } else if (header->type == PERF_RECORD_LOST) {
-            b->lost_notified += ((struct esr_lost *)header)->lost;
+            d->lost_notified += ((struct esr_lost *)header)->lost;
         }
         return LIBBPF_PERF_EVENT_CONT;
     }
 
-    static struct perf_buffer *esr_perf_buffer(int map_fd, size_t pages, struct esr_batch *batch)
+    /* Empty the kernel buffers into the filling batch; the lock is held. */
+    static void esr_drain_locked(struct esr_drain *d)
+    {
+        uint64_t one = 1;
+        int i;
+
+        for (i = 0; i < 3; i++)
+            if (d->buffers[i])
+                perf_buffer__consume(d->buffers[i]);
+        if (!d->ready && d->filling->records >= d->wake_at) {
+            d->ready = 1;
+            if (write(d->ready_fd, &one, sizeof(one)) < 0) {
+                /* Only fails when the counter would overflow: already readable. */
+            }
+        }
+    }
+
+    static void *esr_drain_loop(void *arg)
+    {
+        struct esr_drain *d = arg;
+        struct epoll_event events[4];
+        int i, n;
+
+        for (;;) {
+            n = epoll_wait(d->epfd, events, 4, -1);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return NULL;
+            }
+            for (i = 0; i < n; i++)
+                if (events[i].data.fd == d->stop_fd)
+                    return NULL;
+            pthread_mutex_lock(&d->lock);
+            esr_drain_locked(d);
+            pthread_mutex_unlock(&d->lock);
+        }
+    }
+
+    static int esr_drain_init(struct esr_drain *d, size_t limit, unsigned long long wake_at)
+    {
+        int i;
+
+        memset(d, 0, sizeof(*d));
+        d->epfd = d->stop_fd = d->ready_fd = -1;
+        pthread_mutex_init(&d->lock, NULL);
+        d->limit = limit;
+        d->wake_at = wake_at;
+        d->filling = &d->batches[0];
+        for (i = 0; i < 2; i++) {
+            d->batches[i].cap = 1 << 20;
+            d->batches[i].buf = malloc(d->batches[i].cap);
+            if (!d->batches[i].buf)
+                return -ENOMEM;
+        }
+        d->epfd = epoll_create1(EPOLL_CLOEXEC);
+        d->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        d->ready_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (d->epfd < 0 || d->stop_fd < 0 || d->ready_fd < 0)
+            return -errno;
+        return esr_epoll_add(d->epfd, d->stop_fd) ? -errno : 0;
+    }
+
+    /* After esr_drain_stop(). */
+    static void esr_drain_free(struct esr_drain *d)
+    {
+        int i;
+
+        for (i = 0; i < 3; i++) {
+            if (d->buffers[i])
+                perf_buffer__free(d->buffers[i]);
+            d->buffers[i] = NULL;
+        }
+        for (i = 0; i < 2; i++) {
+            free(d->batches[i].buf);
+            d->batches[i].buf = NULL;
+            d->batches[i].len = d->batches[i].cap = 0;
+        }
+        if (d->epfd >= 0)
+            close(d->epfd);
+        if (d->stop_fd >= 0)
+            close(d->stop_fd);
+        if (d->ready_fd >= 0)
+            close(d->ready_fd);
+        d->epfd = d->stop_fd = d->ready_fd = -1;
+    }
+
+    /* Signals stay with Python's main thread. */
+    static int esr_drain_start(struct esr_drain *d)
+    {
+        sigset_t all, old;
+        int err;
+
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        err = pthread_create(&d->thread, NULL, esr_drain_loop, d);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (err)
+            return err;
+        d->running = 1;
+        return 0;
+    }
+
+    static void esr_drain_stop(struct esr_drain *d)
+    {
+        uint64_t one = 1;
+
+        if (!d->running)
+            return;
+        if (write(d->stop_fd, &one, sizeof(one)) < 0) {
+            /* The counter cannot overflow from one write. */
+        }
+        pthread_join(d->thread, NULL);
+        d->running = 0;
+    }
+
+    /* Drain once more, then hand the filling batch over and fill the other. */
+    static struct esr_batch *esr_drain_take(struct esr_drain *d)
+    {
+        struct esr_batch *taken;
+        uint64_t count;
+
+        pthread_mutex_lock(&d->lock);
+        esr_drain_locked(d);
+        taken = d->filling;
+        d->filling = taken == &d->batches[0] ? &d->batches[1] : &d->batches[0];
+        d->ready = 0;
+        if (read(d->ready_fd, &count, sizeof(count)) < 0) {
+            /* EAGAIN: it was not readable. */
+        }
+        pthread_mutex_unlock(&d->lock);
+        return taken;
+    }
+
+    static struct perf_buffer *esr_perf_buffer(int map_fd, size_t pages, struct esr_drain *drain)
     {
         struct perf_event_attr attr;
 
@@ -132,12 +298,12 @@ cdef extern from *:
         attr.config = PERF_COUNT_SW_BPF_OUTPUT;
         attr.sample_type = PERF_SAMPLE_RAW;
         attr.sample_period = 1;
-        /* Wake the consumer once a quarter of the buffer is filled, not per
-         * record: the recorded process pays for every wakeup. A timer drains
+        /* Wake the drain once a quarter of the buffer is filled, not per
+         * record: the recorded process pays for every wakeup. take() drains
          * whatever stays below the watermark. */
         attr.watermark = 1;
         attr.wakeup_watermark = pages * 4096 / 4;
-        return perf_buffer__new_raw(map_fd, pages, &attr, esr_on_record, batch, NULL);
+        return perf_buffer__new_raw(map_fd, pages, &attr, esr_on_record, drain, NULL);
     }
 
     static int esr_epoll_add(int epfd, int fd)
@@ -164,9 +330,22 @@ cdef extern from *:
         char *buf
         size_t len
         size_t cap
-        size_t limit
         unsigned long long records
+    struct esr_drain:
+        esr_batch batches[2]
+        esr_batch *filling
+        size_t limit
+        perf_buffer *buffers[3]
+        int epfd
+        int stop_fd
+        int ready_fd
+        unsigned long long wake_at
         unsigned long long lost_notified
+    int esr_drain_init(esr_drain *d, size_t limit, unsigned long long wake_at)
+    int esr_drain_start(esr_drain *d)
+    void esr_drain_stop(esr_drain *d) nogil
+    void esr_drain_free(esr_drain *d)
+    esr_batch *esr_drain_take(esr_drain *d) nogil
 
     char esr_libbpf_log[16384]
     void esr_libbpf_log_reset()
@@ -190,10 +369,8 @@ cdef extern from *:
     int bpf_link__destroy(bpf_link *link)
     int libbpf_num_possible_cpus()
 
-    perf_buffer *esr_perf_buffer(int map_fd, size_t pages, esr_batch *batch)
+    perf_buffer *esr_perf_buffer(int map_fd, size_t pages, esr_drain *drain)
     int perf_buffer__epoll_fd(const perf_buffer *pb)
-    int perf_buffer__consume(perf_buffer *pb)
-    void perf_buffer__free(perf_buffer *pb)
 
     int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags)
     int bpf_map_lookup_elem(int fd, const void *key, void *value)
@@ -202,10 +379,7 @@ cdef extern from *:
     enum:
         BPF_ANY
 
-    int epoll_create1(int flags)
     int esr_epoll_add(int epfd, int fd)
-    enum:
-        EPOLL_CLOEXEC
 
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void *addr, size_t length)
@@ -285,9 +459,9 @@ cdef class Probe:
     cdef bpf_object *obj
     cdef bpf_link *links[MAX_LINKS]
     cdef int nlinks
-    cdef perf_buffer *buffers[3]
-    cdef esr_batch batch
-    cdef int epfd
+    cdef esr_drain drain
+    cdef bint drain_ready
+    cdef esr_batch *taken
     cdef esr_session_state *states
     cdef size_t states_size
     cdef uint32_t max_sessions
@@ -300,18 +474,19 @@ cdef class Probe:
     def __cinit__(self):
         self.obj = NULL
         self.nlinks = 0
-        self.epfd = -1
         self.states = NULL
-        memset(self.buffers, 0, sizeof(self.buffers))
-        memset(&self.batch, 0, sizeof(self.batch))
+        self.drain_ready = False
+        self.taken = NULL
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
                  uint32_t max_sessions, uint32_t max_tasks,
-                 size_t batch_limit=64 << 20):
+                 size_t batch_limit=64 << 20, unsigned long long ready_at=4096):
         """Load and attach the programs of a BPF object image.
 
         buffer_pages: per-CPU pages of the (command, disk, network) buffers,
-        each a power of two, exactly as configured.
+        each a power of two, exactly as configured. batch_limit: bytes the
+        drain may hold before records wait in the kernel. ready_at: records
+        waiting that make fileno() readable.
         """
         cdef bpf_program *prog
         cdef bpf_link *link
@@ -354,20 +529,22 @@ cdef class Probe:
             self.states = NULL
             self._fail("cannot map session_states")
 
-        self.batch.cap = 1 << 20
-        self.batch.limit = batch_limit
-        self.batch.buf = <char *>malloc(self.batch.cap)
-        if self.batch.buf == NULL:
-            raise MemoryError()
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if self.epfd < 0:
-            self._fail("epoll_create1")
+        self.drain_ready = True
+        err = esr_drain_init(&self.drain, batch_limit, ready_at)
+        if err:
+            self.close()
+            raise ProbeError(-err, f"cannot set up the drain: {strerror(-err).decode()}")
         for i in range(3):
-            self.buffers[i] = esr_perf_buffer(self._fd(EVENT_MAPS[i]), buffer_pages[i], &self.batch)
-            if self.buffers[i] == NULL:
+            self.drain.buffers[i] = esr_perf_buffer(self._fd(EVENT_MAPS[i]), buffer_pages[i],
+                                                    &self.drain)
+            if self.drain.buffers[i] == NULL:
                 self._fail(f"cannot open the {BUFFER_NAMES[i]} buffer of {buffer_pages[i]} pages")
-            if esr_epoll_add(self.epfd, perf_buffer__epoll_fd(self.buffers[i])) != 0:
+            if esr_epoll_add(self.drain.epfd, perf_buffer__epoll_fd(self.drain.buffers[i])) != 0:
                 self._fail("epoll_ctl")
+        err = esr_drain_start(&self.drain)
+        if err:
+            self.close()
+            raise ProbeError(err, f"cannot start the drain thread: {strerror(err).decode()}")
 
     cdef _fail(self, str what):
         err = errno
@@ -387,32 +564,33 @@ cdef class Probe:
         return bpf_map__fd(m)
 
     def fileno(self):
-        """Readable when a buffer has passed its wakeup watermark."""
-        return self.epfd
+        """Readable once the drain holds ready_at records: time to take them."""
+        return self.drain.ready_fd
 
-    def consume(self):
-        """Append every record waiting in the buffers to the batch.
-        Returns the number of records in the batch."""
-        cdef int i
-        for i in range(3):
-            if self.buffers[i] != NULL:
-                perf_buffer__consume(self.buffers[i])
-        return self.batch.records
-
-    def batch_view(self):
-        """The batch as a read-only memoryview, valid until clear_batch()."""
-        if self.batch.len == 0:
+    def take_batch(self):
+        """Every record waiting, in the kernel buffers or in the drain, as a
+        read-only memoryview of [u32 length][record] entries, valid until
+        release_batch()."""
+        if not self.drain_ready:
+            raise ProbeError(0, "probe is closed")
+        if self.taken != NULL:
+            raise ProbeError(0, "the previous batch was not released")
+        with nogil:
+            self.taken = esr_drain_take(&self.drain)
+        if self.taken.len == 0:
             return memoryview(b"")
-        return memoryview(<uint8_t[:self.batch.len]><uint8_t *>self.batch.buf).toreadonly()
+        return memoryview(<uint8_t[:self.taken.len]><uint8_t *>self.taken.buf).toreadonly()
 
-    def clear_batch(self):
-        self.batch.len = 0
-        self.batch.records = 0
+    def release_batch(self):
+        if self.taken != NULL:
+            self.taken.len = 0
+            self.taken.records = 0
+            self.taken = NULL
 
     @property
     def lost_notified(self):
         """Records the kernel reported lost through the buffers themselves."""
-        return self.batch.lost_notified
+        return self.drain.lost_notified
 
     def buffer_lost(self):
         """Records lost per buffer (command, disk, network), over all CPUs."""
@@ -514,10 +692,12 @@ cdef class Probe:
 
     def close(self):
         cdef int i
-        for i in range(3):
-            if self.buffers[i] != NULL:
-                perf_buffer__free(self.buffers[i])
-                self.buffers[i] = NULL
+        if self.drain_ready:
+            with nogil:
+                esr_drain_stop(&self.drain)
+            esr_drain_free(&self.drain)
+            self.drain_ready = False
+            self.taken = NULL
         for i in range(self.nlinks):
             bpf_link__destroy(self.links[i])
         self.nlinks = 0
@@ -527,12 +707,6 @@ cdef class Probe:
         if self.obj != NULL:
             bpf_object__close(self.obj)
             self.obj = NULL
-        if self.epfd >= 0:
-            close(self.epfd)
-            self.epfd = -1
-        free(self.batch.buf)
-        self.batch.buf = NULL
-        self.batch.len = self.batch.cap = 0
 
     def __dealloc__(self):
         self.close()

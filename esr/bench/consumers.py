@@ -154,7 +154,7 @@ def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
     while True:
         for key, _ in selector.select(max(0.0, next_flush - time.monotonic())):
             if key.data != "command":
-                recorder.drain()
+                recorder.flush()
                 continue
             words = commands.readline().split()
             if words[:1] == ["track"]:
