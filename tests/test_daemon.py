@@ -594,13 +594,12 @@ def test_more_than_a_thousand_concurrent_sessions(daemon):
         if all(rows.get(s, {}).get("state") == "closed" for s in sids) or time.time() > deadline:
             break
         time.sleep(1)
-    # Had a buffer overflowed, the session would say so: nothing goes missing
-    # silently.
+    # Ending a thousand sessions (an fsync each) keeps the daemon's main
+    # thread busy; the drain thread empties the buffers meanwhile.
     for sid, pid in sids.items():
         row = rows[sid]
         assert row["state"] == "closed"
-        assert row["events"]["command"] + row["lost"]["command"] == 1, row
-    assert sum(rows[s]["events"]["command"] for s in sids) >= 0.99 * n
+        assert row["events"]["command"] == 1 and row["lost"]["command"] == 0, row
     # Spot-check that each session holds its own process.
     for sid, pid in [(s, p) for s, p in sids.items() if rows[s]["events"]["command"]][::100]:
         [head] = daemon.esr.events(sid, "command")
