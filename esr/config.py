@@ -22,13 +22,15 @@ class ConfigError(Exception):
 
 
 class EnhancedRecording(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The reference's keys, with its defaults. Buffer sizes are per-CPU
-    pages of each perf buffer, and are applied exactly as given."""
+    """The reference's keys. Buffer sizes are per-CPU pages of each perf
+    buffer, and are applied exactly as given."""
 
     enabled: bool = True
-    command_buffer_size: Pages = 8
+    # The reference's 8 pages hold about 10 ms of an exec or connect storm;
+    # a thread woken on a busy 2-CPU host was seen waiting up to 36 ms.
+    command_buffer_size: Pages = 32
     disk_buffer_size: Pages = 128
-    network_buffer_size: Pages = 8
+    network_buffer_size: Pages = 32
     # Where cgroup v2 is mounted; found in /proc/self/mounts when empty.
     cgroup_path: str = ""
     # esr follows sessions by process tree, not by cgroup, and creates no
