@@ -939,41 +939,40 @@ def _split_tree(build: str, source: str, running: str, why: str):
     if release != running:
         desc += f", not the running kernel {running}"
     desc += ")"
-    return {"BCC_KERNEL_SOURCE": source}, cflags, desc, build
+    return {"BCC_KERNEL_SOURCE": source}, cflags, desc
 
 
 def find_headers(mode: str):
-    """(environment, cflags, description, path) telling bcc which kernel
-    headers to compile against, or Unbuildable."""
+    """(environment, cflags, description) telling bcc which kernel headers
+    to compile against, or Unbuildable."""
     running = platform.release()
     modules = os.path.join("/lib/modules", running)
     if mode not in ("auto", "running"):
         tree = os.path.realpath(mode)
         if _is_source_tree(tree) and _is_build_tree(tree):
             return ({"BCC_KERNEL_SOURCE": tree}, [],
-                    f"{tree} (Linux {_release_of(tree)}; --headers)", tree)
-        if _is_build_tree(tree) and _common_of(tree):
-            return _split_tree(tree, _common_of(tree), running, "--headers")
+                    f"{tree} (Linux {_release_of(tree)}; --headers)")
+        common = _is_build_tree(tree) and _common_of(tree)
+        if common:
+            return _split_tree(tree, common, running, "--headers")
         raise Unbuildable(f"--headers {mode}: not a kernel header tree "
                           "(no include/linux/kconfig.h + include/generated/autoconf.h)")
 
     env_tree = os.environ.get("BCC_KERNEL_SOURCE")
     if env_tree:
-        if not _is_source_tree(env_tree) and _is_build_tree(env_tree) and _common_of(env_tree):
-            return _split_tree(os.path.realpath(env_tree), _common_of(env_tree), running,
-                               "BCC_KERNEL_SOURCE")
-        return {}, [], f"{env_tree} (BCC_KERNEL_SOURCE, Linux {_release_of(env_tree)})", env_tree
+        common = not _is_source_tree(env_tree) and _is_build_tree(env_tree) and _common_of(env_tree)
+        if common:
+            return _split_tree(os.path.realpath(env_tree), common, running, "BCC_KERNEL_SOURCE")
+        return {}, [], f"{env_tree} (BCC_KERNEL_SOURCE, Linux {_release_of(env_tree)})"
     build, source = os.path.join(modules, "build"), os.path.join(modules, "source")
     if os.path.isdir(source) and os.path.isdir(build):
         if _is_source_tree(source) and _is_build_tree(build):
             return {}, [], f"{os.path.realpath(build)} + {os.path.realpath(source)} " \
-                           f"(running kernel {running})", os.path.realpath(build)
+                           f"(running kernel {running})"
     elif _is_source_tree(build) and _is_build_tree(build):
-        return {}, [], f"{os.path.realpath(build)} (running kernel {running})", \
-            os.path.realpath(build)
+        return {}, [], f"{os.path.realpath(build)} (running kernel {running})"
     if os.path.exists("/sys/kernel/kheaders.tar.xz"):
-        return {}, [], f"/sys/kernel/kheaders.tar.xz (running kernel {running})", \
-            "/sys/kernel/kheaders.tar.xz"
+        return {}, [], f"/sys/kernel/kheaders.tar.xz (running kernel {running})"
     if mode == "running":
         raise Unbuildable(f"no kernel headers for the running kernel {running} "
                           f"({modules}/build, /sys/kernel/kheaders.tar.xz)")
@@ -1007,8 +1006,7 @@ def find_headers(mode: str):
     _, _, release, build, source = best
     if build == source:
         return ({"BCC_KERNEL_SOURCE": build}, [],
-                f"{build} (Linux {release}, nearest installed; not the running kernel {running})",
-                build)
+                f"{build} (Linux {release}, nearest installed; not the running kernel {running})")
     return _split_tree(build, source, running, "nearest installed")
 
 
@@ -1056,7 +1054,7 @@ def _summary(log: str) -> str:
     return " | ".join((keep or lines)[:4])[:800]
 
 
-def build(env: dict, cflags: list, ncpus: int):
+def build(env: dict, cflags: list):
     """The BPF object compiled, loaded and attached, and where the struct
     offsets came from."""
     cflags = list(cflags)
@@ -1067,13 +1065,15 @@ def build(env: dict, cflags: list, ncpus: int):
     except (OSError, ValueError) as err:
         cflags.append("-DOFFSETS_FROM_HEADERS")
         offsets_from = f"headers (no usable BTF: {err})"
-    cflags.append(f"-DNCPUS={ncpus}")
     os.environ.update(env)
     _mount_tracefs()
     try:
         from bcc import BPF
+        from bcc.utils import get_possible_cpus
     except ImportError as err:
         raise Unbuildable(f"bcc's Python module is missing ({err}): apt-get install python3-bpfcc")
+    # bpf_get_smp_processor_id() may be any possible CPU, not only an online one.
+    cflags.append(f"-DNCPUS={max(get_possible_cpus()) + 1}")
     with _Captured() as out:
         try:
             bpf = BPF(text=BPF_TEXT, cflags=cflags)
@@ -1117,11 +1117,10 @@ def run(args) -> int:
                                    "command,disk,network"}), flush=True)
         return 2
     os.sched_setaffinity(0, {args.cpu})
-    ncpus = os.cpu_count() or 1
     headers = "none"
     try:
-        env, cflags, headers, _path = find_headers(args.headers)
-        b, offsets_from = build(env, cflags, ncpus)
+        env, cflags, headers = find_headers(args.headers)
+        b, offsets_from = build(env, cflags)
     except Unbuildable as err:
         print(json.dumps({"error": str(err), "headers": headers}), flush=True)
         return EXIT_NO_BUILD
@@ -1163,19 +1162,15 @@ def run(args) -> int:
                    _addr(e.family, e.dst_addr), e.dst_port)
         records[2] += 1
 
-    def lost_command(count):
-        lost_cb[0] += count
+    def lost_into(i):
+        def lost(count):
+            lost_cb[i] += count
+        return lost
 
-    def lost_disk(count):
-        lost_cb[1] += count
-
-    def lost_network(count):
-        lost_cb[2] += count
-
-    for table, cb, lcb, n in ((command_table, on_command, lost_command, pages[0]),
-                              (disk_table, on_disk, lost_disk, pages[1]),
-                              (network_table, on_network, lost_network, pages[2])):
-        table.open_perf_buffer(cb, page_cnt=n, lost_cb=lcb, wakeup_events=args.wakeup_events)
+    for i, (table, cb) in enumerate(((command_table, on_command), (disk_table, on_disk),
+                                     (network_table, on_network))):
+        table.open_perf_buffer(cb, page_cnt=pages[i], lost_cb=lost_into(i),
+                               wakeup_events=args.wakeup_events)
 
     tracked = b["tracked_tasks"]
     states = b["session_states"]
@@ -1213,8 +1208,6 @@ def run(args) -> int:
             elif words[:1] == ["stop"] or not words:
                 return stop(b, args, headers, offsets_from, start, records, lost_cb,
                             states, buffer_lost)
-
-    return 0
 
 
 def stop(b, args, headers, offsets_from, start, records, lost_cb, states, buffer_lost) -> int:

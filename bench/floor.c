@@ -137,7 +137,8 @@ static struct perf_buffer *open_buffer(int map_fd, size_t pages)
 	attr.sample_type = PERF_SAMPLE_RAW;
 	attr.sample_period = 1;
 	attr.watermark = 1;
-	attr.wakeup_watermark = pages * 4096 / 4;
+	/* A quarter of the ring, which libbpf maps as pages of the system page size. */
+	attr.wakeup_watermark = pages * sysconf(_SC_PAGESIZE) / 4;
 	return perf_buffer__new_raw(map_fd, pages, &attr, on_record, NULL, NULL);
 }
 

@@ -40,13 +40,17 @@
 #include <unistd.h>
 
 enum op { OP_OPEN, OP_CONNECT, OP_EXEC };
+enum workload { W_OPEN, W_CONNECT, W_EXEC, W_MIXED };
+static const char *const workload_names[] = {
+	[W_OPEN] = "open", [W_CONNECT] = "connect", [W_EXEC] = "exec", [W_MIXED] = "mixed",
+};
 
 /* The mixed cycle: ops 0..49 open, 50..54 connect, 55 exec. */
 #define MIXED_OPENS 50
 #define MIXED_CONNECTS 5
 #define MIXED_CYCLE (MIXED_OPENS + MIXED_CONNECTS + 1)
 
-static const char *workload;
+static enum workload workload;
 static char nop_path[4096];
 static struct sockaddr_in listener;
 
@@ -139,16 +143,18 @@ static void run_op(enum op op)
 /* The op number n of the workload. */
 static enum op op_of(unsigned long long n)
 {
-	unsigned long long i;
-
-	if (!strcmp(workload, "open"))
+	switch (workload) {
+	case W_OPEN:
 		return OP_OPEN;
-	if (!strcmp(workload, "connect"))
+	case W_CONNECT:
 		return OP_CONNECT;
-	if (!strcmp(workload, "exec"))
+	case W_EXEC:
 		return OP_EXEC;
-	i = n % MIXED_CYCLE;
-	return i < MIXED_OPENS ? OP_OPEN : i < MIXED_OPENS + MIXED_CONNECTS ? OP_CONNECT : OP_EXEC;
+	case W_MIXED:
+		break;
+	}
+	n %= MIXED_CYCLE;
+	return n < MIXED_OPENS ? OP_OPEN : n < MIXED_OPENS + MIXED_CONNECTS ? OP_CONNECT : OP_EXEC;
 }
 
 static void *acceptor(void *arg)
@@ -233,14 +239,17 @@ int main(int argc, char **argv)
 	double seconds;
 	int cpu = 1, i;
 	char *rest;
+	size_t w;
 	bool uses[3] = { false, false, false };
 
 	if (argc < 4)
 		usage();
-	workload = argv[1];
-	if (strcmp(workload, "open") && strcmp(workload, "exec") &&
-	    strcmp(workload, "connect") && strcmp(workload, "mixed"))
+	for (w = 0; w < sizeof(workload_names) / sizeof(workload_names[0]); w++)
+		if (!strcmp(argv[1], workload_names[w]))
+			break;
+	if (w == sizeof(workload_names) / sizeof(workload_names[0]))
 		usage();
+	workload = w;
 	seconds = strtod(argv[2], &rest);
 	if (*rest || !(seconds > 0))
 		usage();
@@ -283,7 +292,7 @@ int main(int argc, char **argv)
 		if (uses[i])
 			run_op(i);
 	if (failures)
-		die("the warm-up %s failed", workload);
+		die("the warm-up %s failed", workload_names[workload]);
 	commands = disks = networks = 0;
 
 	printf("ready\n");
@@ -314,7 +323,7 @@ int main(int argc, char **argv)
 	       "\"events\": {\"command\": %llu, \"disk\": %llu, \"network\": %llu}, "
 	       "\"failures\": %llu, \"user_s\": %.6f, \"sys_s\": %.6f, "
 	       "\"children_user_s\": %.6f, \"children_sys_s\": %.6f}\n",
-	       workload, rate, (t - t0) / 1e9, ops, commands, disks, networks, failures,
+	       workload_names[workload], rate, (t - t0) / 1e9, ops, commands, disks, networks, failures,
 	       seconds_of(self1.ru_utime) - seconds_of(self0.ru_utime),
 	       seconds_of(self1.ru_stime) - seconds_of(self0.ru_stime),
 	       seconds_of(child1.ru_utime) - seconds_of(child0.ru_utime),

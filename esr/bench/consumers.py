@@ -132,6 +132,16 @@ def _peak_rss_kb() -> int:
     return 0
 
 
+def _reset_peak_rss() -> None:
+    """Count the peak RSS from now on; where clear_refs can't be written, it
+    stays the whole process's peak, as in the C floor and the bcc peer."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
     os.sched_setaffinity(0, {cpu})
     r = EnhancedRecording(command_buffer_size=pages[0], disk_buffer_size=pages[1],
@@ -159,8 +169,7 @@ def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
             words = commands.readline().split()
             if words[:1] == ["track"]:
                 session = recorder.open_session(login="bench", user="bench", seed_pid=int(words[1]))
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # restart the peak RSS count
+                _reset_peak_rss()
                 start_cpu = _cpu()
                 replies.write("tracking\n")
             elif words[:1] == ["stop"] or not words:

@@ -28,7 +28,8 @@ WORKLOADS = ("open", "exec", "connect", "mixed")
 RATES = (10_000, 50_000, 100_000, 200_000, 0)  # events/s; 0 is flat out
 # none: no BPF at all. outside: esr records, but not the generator.
 MODES = ("none", "outside", "esr", "floor", "esr-pydecode", "bcc", "bcc-wk64")
-TARGETS = {"recorder_ns_per_event": 400, "open_cost_vs_floor": 1.15, "bytes_per_open": 20}
+TARGETS = {"recorder_ns_per_event": 400, "open_cost_vs_floor": 1.15, "bytes_per_open": 20,
+           "vs_bcc": 20, "vs_bcc-wk64": 6}
 
 
 class BenchError(Exception):
@@ -78,11 +79,10 @@ def _bcc_missing() -> str | None:
 
 
 class Bench:
-    def __init__(self, seconds: float, pages: tuple[int, int, int], progress=None):
+    def __init__(self, seconds: float, pages: tuple[int, int, int]):
         self.seconds = seconds
         self.pages = pages
         self.tools = tools()
-        self.progress = progress or (lambda line: None)
         self.tmp = tempfile.mkdtemp(prefix="esr-bench-")
         self.notes: list[str] = []
         self.bcc_missing = _bcc_missing()
@@ -191,24 +191,26 @@ def summarize(results: list[Result]) -> dict:
     floor_open = by.get(("open", 0, "floor"))
     targets = summary["targets"]
     if esr_open and esr_open.recorded:
-        targets["no_loss_flat_out_open"] = {"value": esr_open.lost_kernel + esr_open.lost_user,
-                                            "target": 0, "met": esr_open.lost_kernel + esr_open.lost_user == 0}
-        targets["recorder_ns_per_event"] = {"value": esr_open.recorder_ns_per_event,
-                                            "target": TARGETS["recorder_ns_per_event"],
-                                            "met": (esr_open.recorder_ns_per_event or 1e9) <= TARGETS["recorder_ns_per_event"]}
-        targets["bytes_per_open"] = {"value": esr_open.bytes_per_event, "target": TARGETS["bytes_per_open"],
-                                     "met": (esr_open.bytes_per_event or 1e9) <= TARGETS["bytes_per_open"]}
+        lost = esr_open.lost_kernel + esr_open.lost_user
+        targets["no_loss_flat_out_open"] = _target(lost, 0, lost == 0)
+        ns, want = esr_open.recorder_ns_per_event, TARGETS["recorder_ns_per_event"]
+        targets["recorder_ns_per_event"] = _target(ns, want, (ns or 1e9) <= want)
+        size, want = esr_open.bytes_per_event, TARGETS["bytes_per_open"]
+        targets["bytes_per_open"] = _target(size, want, (size or 1e9) <= want)
         if floor_open and floor_open.process_ns_per_op:
             ratio = round(esr_open.process_ns_per_op / floor_open.process_ns_per_op, 3)
-            targets["open_cost_vs_floor"] = {"value": ratio, "target": TARGETS["open_cost_vs_floor"],
-                                             "met": ratio <= TARGETS["open_cost_vs_floor"]}
+            want = TARGETS["open_cost_vs_floor"]
+            targets["open_cost_vs_floor"] = _target(ratio, want, ratio <= want)
         for peer in ("bcc", "bcc-wk64"):
             other = by.get(("open", 0, peer))
-            if other and other.recorder_ns_per_event and esr_open.recorder_ns_per_event:
-                targets[f"vs_{peer}"] = {"value": round(other.recorder_ns_per_event / esr_open.recorder_ns_per_event, 1),
-                                         "target": 20 if peer == "bcc" else 6,
-                                         "met": other.recorder_ns_per_event / esr_open.recorder_ns_per_event >= (20 if peer == "bcc" else 6)}
+            if other and other.recorder_ns_per_event and ns:
+                ratio, want = other.recorder_ns_per_event / ns, TARGETS[f"vs_{peer}"]
+                targets[f"vs_{peer}"] = _target(round(ratio, 1), want, ratio >= want)
     return summary
+
+
+def _target(value, target, met: bool) -> dict:
+    return {"value": value, "target": target, "met": met}
 
 
 def table(results: list[Result]) -> str:
@@ -239,7 +241,7 @@ def main(workloads, rates, modes, seconds: float, as_json: bool, smoke: bool,
         raise BenchError("the benchmark loads BPF programs: run it as root "
                          "(`esr bench --offline` needs no root)")
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    bench = Bench(seconds, config.buffer_pages(), say)
+    bench = Bench(seconds, config.buffer_pages())
     plan = [(w, r, m) for w in workloads for r in rates for m in modes]
     results = []
     started = time.monotonic()
