@@ -7,12 +7,13 @@ in who asks for sessions to open and close.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
 
 from esr import recording, schema
-from esr._fast.decode import decode_batch
+from esr._fast.decode import SessionEvents, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
 from esr.datadir import DataDir, DataDirError, check_sid
@@ -30,12 +31,6 @@ def _boot_to_epoch_ns() -> int:
 
 def _noop_log(event: str, **fields) -> None:
     pass
-
-
-def _audit_kinds(config: Config) -> tuple:
-    """The events the audit log gets besides session start, leave and end."""
-    return (schema.Command, schema.Network, schema.Lost) + (
-        (schema.Disk,) if config.audit_disk_events else ())
 
 
 class Recorder:
@@ -61,7 +56,6 @@ class Recorder:
         self._closing = False
         self.write_errors = 0
         self.lost_in_user_space = 0
-        self._audit_kinds = _audit_kinds(config)
 
     # --- sessions ------------------------------------------------------------
 
@@ -80,20 +74,21 @@ class Recorder:
         if sid in self.registry.by_sid:
             raise SessionError(f"session {sid} is already being recorded")
         path = self.datadir.recording(sid)
+        slot, cookie = self.registry.allocate()
+        writer = None
         try:
             writer = Writer.create(path, sid, self.config.compression_level)
-        except FileExistsError:
-            raise SessionError(f"session {sid} already exists in {self.datadir.path}") from None
-        slot, cookie = self.registry.allocate()
-        start = schema.SessionStart(
-            ei=0, time=time.time_ns(), sid=sid, server_id=self.server_id,
-            server_hostname=self.hostname, login=login, user=user, remote_addr=remote_addr,
-            service=service, tty=tty, command=command or [], seed_pid=seed_pid or anchor_pid,
-            audit_sessionid=audit_sessionid, loginuid=loginuid)
-        session = Session(sid=sid, slot=slot, cookie=cookie, start=start,
-                          audit=schema.AuditFormat(schema.Identity.of(start)), writer=writer,
-                          path=path, anchor_pid=anchor_pid, interactive=interactive)
-        try:
+            start = schema.SessionStart(
+                ei=0, time=time.time_ns(), sid=sid, server_id=self.server_id,
+                server_hostname=self.hostname, login=login, user=user, remote_addr=remote_addr,
+                service=service, tty=tty, command=command or [],
+                seed_pid=seed_pid or anchor_pid, audit_sessionid=audit_sessionid,
+                loginuid=loginuid)
+            session = Session(sid=sid, slot=slot, cookie=cookie, start=start,
+                              audit=schema.AuditFormat(schema.Identity.of(start)), writer=writer,
+                              path=path, pending=SessionEvents(audit_disks=self.config.audit_disk_events,
+                                                    interactive=interactive),
+                              anchor_pid=anchor_pid)
             writer.append(KIND_START, [start])
             self.audit.write(session.audit.line(start))
             if self.probe is not None:
@@ -102,12 +97,20 @@ class Recorder:
                     self.probe.track(seed_pid, cookie)
                 if anchor_pid:
                     self.probe.track(anchor_pid, cookie, anchor=True)
-        except OSError as err:
+        except BaseException as err:
+            # Nothing of a refused session stays behind: not its slot, not
+            # its tasks, not a recording without an end.
             if self.probe is not None:
                 self.probe.close_session(slot, True)
             self.registry.release(slot)
-            writer.close()
-            raise SessionError(f"cannot start session {sid}: {err.strerror or err}") from None
+            if writer is not None:
+                writer.close()
+                os.unlink(path)
+            if isinstance(err, FileExistsError):
+                raise SessionError(f"session {sid} already exists in {self.datadir.path}") from None
+            if isinstance(err, OSError):
+                raise SessionError(f"cannot start session {sid}: {err.strerror or err}") from None
+            raise
         self.registry.add(session)
         self.log("session.start", sid=sid, login=login, user=user, seed_pid=seed_pid,
                  anchor_pid=anchor_pid, service=service, remote=remote_addr)
@@ -135,9 +138,9 @@ class Recorder:
     def reconfigure(self, config: Config) -> None:
         """Apply what can change while recording (see daemon.RELOADABLE)."""
         self.config = config
-        self._audit_kinds = _audit_kinds(config)
         for session in self.registry:
             session.writer.set_level(config.compression_level)
+            session.pending.audit_disks = config.audit_disk_events
 
     def live_tasks(self, session: Session) -> int:
         if self.probe is None:
@@ -152,16 +155,18 @@ class Recorder:
         session.leader_gone = True
         if session.anchor_pid and self.probe is not None:
             self.probe.untrack(session.anchor_pid)
-        self.flush()
-        if session.sid not in self.registry.by_sid:
-            return 0
+        # Counted before decoding, as in flush(). Only this session's records
+        # are written now: with a thousand logouts at once, the others wait
+        # for the next flush.
         remaining = self.live_tasks(session)
+        self._decode()
         if remaining == 0:
             self.end(session, "exited")
         else:
-            self._append(session, [schema.SessionLeave(
-                session.pending.next_ei, time.time_ns(), remaining)])
+            self._flush_session(session)
+            leave = schema.SessionLeave(session.pending.next_ei, time.time_ns(), remaining)
             session.pending.next_ei += 1
+            self._append(session, [leave], [leave])
         return remaining
 
     def end(self, session: Session, reason: str) -> None:
@@ -170,7 +175,7 @@ class Recorder:
         lost = session.lost
         end = schema.SessionEnd(
             ei=session.pending.next_ei, time=time.time_ns(), reason=reason,
-            enhanced_recording=self.probe is not None, interactive=session.interactive,
+            enhanced_recording=self.probe is not None, interactive=session.pending.interactive,
             commands=session.commands, disks=session.disks, networks=session.networks,
             lost_command=lost[0], lost_disk=lost[1], lost_network=lost[2],
             untracked_forks=session.untracked_forks)
@@ -185,7 +190,7 @@ class Recorder:
             session.writer.append(KIND_END, [end])
         except OSError as err:
             self._write_failed(session, err, 1)
-        self.audit.write(session.audit.line(end))
+        self._audit_write(session.audit.line(end))
         session.writer.close()
         self.closed_bytes += session.writer.bytes_written
         self.log("session.end", sid=session.sid, reason=reason, commands=session.commands,
@@ -208,6 +213,8 @@ class Recorder:
     def flush(self) -> None:
         """Write what the probe has drained into the sessions' recordings and
         the audit log, and end the sessions that are over."""
+        if self.probe is None:
+            return  # no records; sessions end when their leader leaves
         # Nothing can join a seeded session once its last task is gone, even
         # if whoever started it never says so; an anchored one waits for its
         # anchor, which may not have forked anything yet. Read before
@@ -215,19 +222,24 @@ class Recorder:
         # exits, and taking it drains the buffers once more.
         over = [s for s in self.registry
                 if (s.leader_gone or not s.anchor_pid) and self.live_tasks(s) == 0]
-        if self.probe is not None:
-            batch = self.probe.take_batch()
-            try:
-                if batch:
-                    self.orphans += self.decode(batch, self.registry.pending_by_cookie,
-                                                _boot_to_epoch_ns())
-            finally:
-                batch.release()
-                self.probe.release_batch()
+        self._decode()
         for session in self.registry:
             self._flush_session(session)
         for session in over:
             self.end(session, "exited")
+
+    def _decode(self) -> None:
+        """Route every record the probe holds to its session's pending events."""
+        if self.probe is None:
+            return
+        batch = self.probe.take_batch()
+        try:
+            if batch:
+                self.orphans += self.decode(batch, self.registry.pending_by_cookie,
+                                            _boot_to_epoch_ns())
+        finally:
+            batch.release()
+            self.probe.release_batch()
 
     def _flush_session(self, session: Session) -> None:
         """Write what the session has pending."""
@@ -237,43 +249,37 @@ class Recorder:
             _live, *lost, untracked = self.probe.session_counters(session.slot)
             if lost != session.lost or untracked != session.untracked_forks:
                 newly_lost = [now - before for now, before in zip(lost, session.lost)]
-                pending.events.append(schema.Lost(
-                    pending.next_ei, time.time_ns(), *newly_lost,
-                    untracked - session.untracked_forks))
-                pending.next_ei += 1
+                pending.add(schema.Lost(pending.next_ei, time.time_ns(), *newly_lost,
+                                        untracked - session.untracked_forks))
                 session.lost = lost
                 session.untracked_forks = untracked
         if not pending.events:
             return
-        events, (commands, disks, networks) = pending.take()
+        events, audited, (commands, disks, networks) = pending.take()
         session.commands += commands
         session.disks += disks
         session.networks += networks
         self.events["command"] += commands
         self.events["disk"] += disks
         self.events["network"] += networks
-        self._append(session, events, (commands, disks, networks, *newly_lost))
-        if commands and not session.interactive:
-            session.interactive = any(type(e) is schema.Command and e.has_tty for e in events)
+        self._append(session, events, audited, (commands, disks, networks, *newly_lost))
 
-    def _append(self, session: Session, events: list, counts=(0, 0, 0, 0, 0, 0)) -> None:
-        """Write events as a frame, and those the audit log wants as lines."""
+    def _append(self, session: Session, events: list, audited: list,
+                counts=(0, 0, 0, 0, 0, 0)) -> None:
+        """Write events as a frame, and those to audit as lines."""
         try:
             session.writer.append(KIND_EVENTS, events, counts)
         except OSError as err:
             self._write_failed(session, err, len(events))
-        commands, disks, networks = counts[:3]
-        others = len(events) - commands - disks - networks  # lost, leave: always audited
-        if not (commands or networks or others or (disks and self.config.audit_disk_events)):
-            return  # an open storm: nothing to scan
-        kinds = self._audit_kinds
-        lines = [session.audit.line(e) for e in events if type(e) in kinds]
-        if lines:
-            try:
-                self.audit.write(b"".join(lines))
-            except OSError as err:
-                self.write_errors += 1
-                self.log("audit.write_failed", level="error", error=err.strerror)
+        if audited:
+            self._audit_write(b"".join([session.audit.line(e) for e in audited]))
+
+    def _audit_write(self, lines: bytes) -> None:
+        try:
+            self.audit.write(lines)
+        except OSError as err:
+            self.write_errors += 1
+            self.log("audit.write_failed", level="error", error=err.strerror)
 
     def _write_failed(self, session: Session, err: OSError, count: int) -> None:
         self.write_errors += 1
@@ -312,17 +318,18 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
     """End every recording a previous recorder left open (it was stopped or
     crashed) with an explicit "recorder stopped" session.end."""
     ended = []
+    audit = AuditLog(datadir.log_dir, datadir.server_id())
     for sid in datadir.sids():
         path = datadir.recording(sid)
         summary, damage = recording.scan(path, sid)
-        if summary.closed or (damage and not damage.truncated):
+        if summary.closed or not summary.frames or (damage and not damage.truncated):
             continue
         try:
             writer, summary, cut = Writer.resume(path, sid, level)
         except recording.Damage as err:
             log("recording.damaged", level="warning", sid=sid, error=str(err))
             continue
-        start = recording.read_frame(path, summary.frame_offsets[0]).events()[0]
+        start = recording.session_start(path)
         end = schema.SessionEnd(
             ei=summary.last_ei + 1, time=time.time_ns(), reason="recorder stopped",
             enhanced_recording=True, interactive=False, commands=summary.commands,
@@ -330,8 +337,8 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
             lost_disk=summary.lost[1], lost_network=summary.lost[2], untracked_forks=0)
         writer.append(KIND_END, [end])
         writer.close()
-        AuditLog(datadir.log_dir, start.server_id).write(
-            schema.AuditFormat(schema.Identity.of(start)).line(end))
+        audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end))
         log("session.recovered", sid=sid, cut_bytes=cut)
         ended.append(sid)
+    audit.close()
     return ended

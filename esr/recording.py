@@ -30,7 +30,7 @@ DIGEST_SIZE = 16
 KIND_EVENTS = 0
 KIND_START = 1
 KIND_END = 2
-KIND_NAMES = {KIND_EVENTS: "events", KIND_START: "session.start", KIND_END: "session.end"}
+KINDS = (KIND_EVENTS, KIND_START, KIND_END)
 
 # A frame larger than this is damage, not data: nothing writes one.
 MAX_PAYLOAD = 1 << 30
@@ -79,8 +79,8 @@ class Summary:
     closed: bool = False
     end_offset: int = 0  # bytes of intact frames
     digest: bytes = b""
-    frame_offsets: list[int] = field(default_factory=list)
-    command_frames: list[int] = field(default_factory=list)  # offsets of frames with commands
+    last_offset: int = 0
+    first_command_offset: int | None = None  # of the first frame with commands
 
     def add(self, frame: Frame) -> None:
         self.frames += 1
@@ -93,9 +93,9 @@ class Summary:
         self.closed = frame.kind == KIND_END
         self.end_offset = frame.offset + HEADER.size + frame.length
         self.digest = frame.digest
-        self.frame_offsets.append(frame.offset)
-        if frame.commands:
-            self.command_frames.append(frame.offset)
+        self.last_offset = frame.offset
+        if frame.commands and self.first_command_offset is None:
+            self.first_command_offset = frame.offset
 
 
 class Damage(Exception):
@@ -144,7 +144,7 @@ class Reader:
                     raise damage("not an esr frame (bad magic)")
                 if version != VERSION:
                     raise damage(f"unsupported frame version {version}")
-                if kind not in KIND_NAMES or length > MAX_PAYLOAD:
+                if kind not in KINDS or length > MAX_PAYLOAD:
                     raise damage("corrupt header")
                 if (index == 0) != (kind == KIND_START):
                     raise damage("session.start must be the first frame, and only the first")
@@ -192,6 +192,11 @@ def scan(path: str, sid: str) -> tuple[Summary, Damage | None]:
     return reader.summary, None
 
 
+def session_start(path: str) -> schema.SessionStart:
+    """The session.start event: the first frame's, of a recording with one."""
+    return read_frame(path, 0).events()[0]
+
+
 def read_frame(path: str, offset: int) -> Frame:
     """One frame at an offset found by scan(), unchecked."""
     with open(path, "rb") as f:
@@ -206,9 +211,8 @@ def read_frame(path: str, offset: int) -> Frame:
 class Writer:
     """Appends frames to one session's recording."""
 
-    def __init__(self, fd: int, sid: str, digest: bytes, size: int, level: int):
+    def __init__(self, fd: int, digest: bytes, size: int, level: int):
         self.fd = fd
-        self.sid = sid
         self.digest = digest
         self.size = size  # bytes of complete frames
         self.bytes_written = 0
@@ -219,7 +223,7 @@ class Writer:
     @classmethod
     def create(cls, path: str, sid: str, level: int) -> "Writer":
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        return cls(fd, sid, chain_seed(sid), 0, level)
+        return cls(fd, chain_seed(sid), 0, level)
 
     @classmethod
     def resume(cls, path: str, sid: str, level: int) -> tuple["Writer", Summary, int]:
@@ -237,7 +241,7 @@ class Writer:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if cut:
             os.ftruncate(fd, summary.end_offset)
-        return cls(fd, sid, summary.digest, summary.end_offset, level), summary, cut
+        return cls(fd, summary.digest, summary.end_offset, level), summary, cut
 
     def append(self, kind: int, events: list, counts: tuple = (0, 0, 0, 0, 0, 0)) -> int:
         """Write events (consecutive ei) as one frame. counts: the commands,

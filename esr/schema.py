@@ -118,14 +118,8 @@ class SessionEnd(msgspec.Struct, tag=12, array_like=True, gc=False):
 
 Event = Union[Command, Disk, Network, Lost, SessionStart, SessionLeave, SessionEnd]
 
-KIND_OF_EVENT = {Command: "command", Disk: "disk", Network: "network"}
-
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[Event])
-
-
-def encode_events(events: list) -> bytes:
-    return _encoder.encode(events)
 
 
 def encode_events_into(events: list, buffer: bytearray) -> None:

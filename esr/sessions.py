@@ -36,7 +36,6 @@ class Session:
     # Kernel counters already written into the recording as Lost records.
     lost: list[int] = field(default_factory=lambda: [0, 0, 0])
     untracked_forks: int = 0
-    interactive: bool = False
     leader_gone: bool = False
 
 

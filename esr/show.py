@@ -32,7 +32,7 @@ def _printable(raw: bytes) -> str:
         else:
             out.append(f"\\u{code:04x}")
     text = "".join(out)
-    return shlex.quote(text) if text != shlex.quote(text) and text else text or "''"
+    return shlex.quote(text)
 
 
 def _text_line(event) -> str:
@@ -109,10 +109,11 @@ def verify(datadir: DataDir, sid: str) -> str:
 
 
 def _first_command(path: str, summary: recording.Summary) -> str:
-    for offset in summary.command_frames[:1]:
-        for event in recording.read_frame(path, offset).events():
-            if type(event) is schema.Command and event.return_code == 0:
-                return " ".join(schema.text(a) for a in [event.path, *event.argv])
+    if summary.first_command_offset is None:
+        return ""
+    for event in recording.read_frame(path, summary.first_command_offset).events():
+        if type(event) is schema.Command and event.return_code == 0:
+            return " ".join(schema.text(a) for a in [event.path, *event.argv])
     return ""
 
 
@@ -128,13 +129,13 @@ def sessions(datadir: DataDir) -> list[dict]:
                "state": "closed" if summary.closed else "open",
                "damaged": str(damage) if damage else None}
         try:
-            if summary.frame_offsets:
-                start = recording.read_frame(path, summary.frame_offsets[0]).events()[0]
+            if summary.frames:
+                start = recording.session_start(path)
                 row.update(start=schema.rfc3339(start.time), login=start.login, user=start.user)
                 row["command"] = (" ".join(schema.text(a) for a in start.command)
                                   or _first_command(path, summary))
             if summary.closed:
-                end = recording.read_frame(path, summary.frame_offsets[-1]).events()[0]
+                end = recording.read_frame(path, summary.last_offset).events()[0]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)
         except Exception as err:  # a damaged frame must not hide the other sessions
             row["damaged"] = row["damaged"] or f"unreadable: {err}"

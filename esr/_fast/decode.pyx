@@ -23,7 +23,6 @@ cdef extern from "<arpa/inet.h>":
     enum:
         AF_INET
         AF_INET6
-        INET6_ADDRSTRLEN
 
 cdef object _Command = Command
 cdef object _Disk = Disk
@@ -52,24 +51,41 @@ cdef object _last_path_obj = None
 
 
 cdef class SessionEvents:
-    """Events decoded for one session and not yet written."""
+    """Events decoded for one session and not yet written, and apart, those
+    of them the audit log gets: sorted here, as they are decoded, so that an
+    open storm is never scanned again in Python."""
     cdef public list events
+    cdef public list audited
     cdef public uint64_t next_ei
     cdef public uint64_t commands
     cdef public uint64_t disks
     cdef public uint64_t networks
+    cdef public bint audit_disks
+    # Set once a command runs with a controlling terminal; never cleared.
+    cdef public bint interactive
 
-    def __init__(self, uint64_t next_ei=1):
+    def __init__(self, uint64_t next_ei=1, bint audit_disks=False, bint interactive=False):
         self.events = []
+        self.audited = []
         self.next_ei = next_ei
         self.commands = self.disks = self.networks = 0
+        self.audit_disks = audit_disks
+        self.interactive = interactive
+
+    def add(self, event):
+        """An event of the recorder's own (session.lost): recorded and audited."""
+        self.events.append(event)
+        self.audited.append(event)
+        self.next_ei += 1
 
     def take(self):
-        """The pending events and their counts per type; pending is emptied."""
+        """The pending events, those of them to audit, and their counts per
+        type; pending is emptied."""
         events, self.events = self.events, []
+        audited, self.audited = self.audited, []
         counts = (self.commands, self.disks, self.networks)
         self.commands = self.disks = self.networks = 0
-        return events, counts
+        return events, audited, counts
 
 
 cdef struct entry:
@@ -224,6 +240,7 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
     cdef SessionEvents target = None
     cdef int64_t time
     cdef object event
+    cdef bint audit
 
     while pos + 4 <= size:
         length = (<const uint32_t *>(base + pos))[0]
@@ -257,17 +274,24 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
             if hdr.type == ESR_EVENT_DISK:
                 event = decode_disk(<const esr_disk_event *>hdr, time, target.next_ei)
                 target.disks += 1
+                audit = target.audit_disks
             elif hdr.type == ESR_EVENT_COMMAND:
                 event = decode_command(<const esr_command_event *>hdr, time, target.next_ei)
                 target.commands += 1
+                if (<const esr_command_event *>hdr).flags & ESR_COMMAND_TTY:
+                    target.interactive = True
+                audit = True
             elif hdr.type == ESR_EVENT_NETWORK:
                 event = decode_network(<const esr_network_event *>hdr, time, target.next_ei)
                 target.networks += 1
+                audit = True
             else:
                 orphans += 1
                 continue
             target.next_ei += 1
             target.events.append(event)
+            if audit:
+                target.audited.append(event)
     finally:
         free(items)
     return orphans

@@ -79,8 +79,12 @@ def decode_batch(batch, sessions: dict, time_offset_ns: int) -> int:
             orphans += 1
             continue
         decode, counter = _DECODERS[kind]
-        target.events.append(decode(buf, off, ts + time_offset_ns, target.next_ei, pid, cgroup,
-                                    _cstr(comm)))
+        event = decode(buf, off, ts + time_offset_ns, target.next_ei, pid, cgroup, _cstr(comm))
+        target.events.append(event)
+        if kind != EVENT_DISK or target.audit_disks:
+            target.audited.append(event)
+        if kind == EVENT_COMMAND and event.has_tty:
+            target.interactive = True
         target.next_ei += 1
         setattr(target, counter, getattr(target, counter) + 1)
     return orphans
