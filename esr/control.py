@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
 MAX_MESSAGE = 64 * 1024
+
+
+# The kernel's u32; a larger number could not be recorded.
+AuditId = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
 
 
 class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=True,
@@ -24,8 +28,8 @@ class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=Tru
     service: str = ""
     tty: str = ""
     command: list[bytes] = []
-    audit_sessionid: int | None = None
-    loginuid: int | None = None
+    audit_sessionid: AuditId | None = None
+    loginuid: AuditId | None = None
     interactive: bool = False
 
 
@@ -34,7 +38,7 @@ class Close(msgspec.Struct, tag="close", tag_field="op", forbid_unknown_fields=T
     """The session's leader is gone: by sid, or by the anchor PAM opened it at."""
     sid: str = ""
     anchor_pid: int = 0
-    audit_sessionid: int | None = None
+    audit_sessionid: AuditId | None = None
 
 
 class Status(msgspec.Struct, tag="status", tag_field="op", forbid_unknown_fields=True):

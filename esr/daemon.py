@@ -22,7 +22,7 @@ import time
 from esr import config as config_mod
 from esr import control, loader
 from esr.config import Config
-from esr.datadir import DataDir
+from esr.datadir import SID_PATTERN, DataDir
 from esr.log import log
 from esr.recorder import Recorder, SessionError, recover
 from esr.sessions import RegistryFull
@@ -76,9 +76,10 @@ class _Client:
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None):
+    def __init__(self, config: Config, config_path: str | None, data_dir: str | None = None):
         self.config = config
         self.config_path = config_path
+        self.data_dir_override = data_dir  # --data-dir or $ESR_DATA_DIR, which beat the file
         self.datadir = DataDir(config.data_dir)
         self.selector = selectors.DefaultSelector()
         self.clients: dict[int, _Client] = {}
@@ -170,7 +171,10 @@ class Daemon:
             now = time.monotonic()
             deadlines = [next_flush] + [c.deadline for c in self.clients.values()]
             for key, _ in self.selector.select(max(0.0, min(deadlines) - now)):
-                key.data(key.fileobj)
+                # A callback earlier in this turn may have dropped this one's
+                # client (to make room) or anchor.
+                if self.selector.get_map().get(key.fd) is key:
+                    key.data(key.fileobj)
             now = time.monotonic()
             for client in [c for c in self.clients.values() if c.deadline <= now]:
                 self._reply(client, control.Reply(ok=False, error="incomplete request: timed out"))
@@ -194,13 +198,12 @@ class Daemon:
     def _reload(self) -> None:
         self.recorder.audit.reopen()
         try:
-            new = config_mod.load(self.config_path, self.config.data_dir)
+            new = config_mod.load(self.config_path, self.data_dir_override)
         except config_mod.ConfigError as err:
             log("daemon.reload_failed", level="error", error=str(err))
             return
         applied, ignored = [], []
-        for key in ("enhanced_recording", "data_dir", "control_socket", "max_sessions",
-                    "max_tracked_tasks", *RELOADABLE):
+        for key in Config.__struct_fields__:
             if getattr(new, key) != getattr(self.config, key):
                 (applied if key in RELOADABLE else ignored).append(key)
         if applied:
@@ -343,6 +346,10 @@ class Daemon:
             if req.anchor_pid:
                 # The open was nested, refused, or made while no daemon ran.
                 return control.Reply(ok=True)
+            if SID_PATTERN.fullmatch(req.sid) and os.path.exists(
+                    self.recorder.datadir.recording(req.sid)):
+                # It ended already: its last task exited before the close came.
+                return control.Reply(ok=True, sid=req.sid)
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")
         self._forget_anchor(session.sid)
         return control.Reply(ok=True, sid=session.sid, remaining=self.recorder.leave(session))
@@ -350,7 +357,7 @@ class Daemon:
 
 def main(config_path: str | None, data_dir: str | None) -> int:
     config = config_mod.load(config_path, data_dir)
-    daemon = Daemon(config, config_path)
+    daemon = Daemon(config, config_path, data_dir)
     try:
         daemon.start()
     except OSError as err:

@@ -104,32 +104,43 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
         raise
     if reply is None:
         return _record(config, pid, release, request)
+    signals = _Signals()  # before the sid is printed: whoever reads it may signal us
     note = " (inside an already recorded session)" if reply.nested else " by the esr daemon"
     print(f"esr: recording session {reply.sid}{note}", file=sys.stderr, flush=True)
-    signals = _Signals()
     os.write(release, b"x")
     os.close(release)
-    while True:
-        try:
-            _, wait_status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            pass
-        finally:
-            for sig in signals.read():
-                if sig in (signal.SIGTERM, signal.SIGHUP):
-                    os.kill(pid, sig)
-    status = _exit_code(wait_status)
+    status = _wait_forwarding(pid, signals)
     if not reply.nested:
         try:
             closed = control.request(config.control_socket, control.Close(sid=reply.sid),
                                      timeout=10)
-            if closed.remaining:
+            if not closed.ok:
+                print(f"esr: warning: {closed.error}", file=sys.stderr, flush=True)
+            elif closed.remaining:
                 print(f"esr: {argv[0]} exited; the daemon keeps recording the {closed.remaining} "
                       "tasks it left running", file=sys.stderr, flush=True)
         except control.ControlError as err:
             print(f"esr: warning: {err}", file=sys.stderr, flush=True)
     return status
+
+
+def _wait_forwarding(pid: int, signals: _Signals) -> int:
+    """Wait for pid, passing SIGTERM and SIGHUP on to it; its exit status."""
+    pidfd = os.pidfd_open(pid)
+    selector = selectors.DefaultSelector()
+    selector.register(pidfd, selectors.EVENT_READ, "child")
+    selector.register(signals.r, selectors.EVENT_READ, "signal")
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.data == "child":
+                    return _exit_code(os.waitpid(pid, 0)[1])
+                for sig in signals.read():
+                    if sig in (signal.SIGTERM, signal.SIGHUP):
+                        os.kill(pid, sig)  # not reaped yet: still our child
+    finally:
+        selector.close()
+        os.close(pidfd)
 
 
 def _record(config: Config, pid: int, release: int, request: control.Open) -> int:
@@ -165,14 +176,17 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
     interval = config.flush_interval_ms / 1000
     next_flush = time.monotonic() + interval
     try:
-        while session.sid in recorder.registry.by_sid:
+        # The session can end (its last task exited) just before the pidfd
+        # says so: the command is still reaped, for its status.
+        while status is None or session.sid in recorder.registry.by_sid:
             for key, _ in selector.select(max(0.0, next_flush - time.monotonic())):
                 if key.data == "child":
                     _, wait_status = os.waitpid(pid, 0)
                     status = _exit_code(wait_status)
                     selector.unregister(pidfd)
                     os.close(pidfd)
-                    remaining = recorder.leave(session)
+                    ended = session.sid not in recorder.registry.by_sid
+                    remaining = 0 if ended else recorder.leave(session)
                     if remaining:
                         print(f"esr: {argv0} exited; recording {remaining} tasks it left "
                               f"running (interrupt to stop)", file=sys.stderr, flush=True)
