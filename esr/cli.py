@@ -25,6 +25,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"esr: {message} (see `{self.prog} --help`)\n")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 60:  # also refuses nan; a login waits this long at most
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 60")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="config file (default /etc/esr/esr.yaml)")
@@ -79,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=("enable", "disable", "status"))
     p.add_argument("--fail-closed", action="store_true",
                    help="deny the session when it cannot be recorded (default: allow it)")
-    p.add_argument("--timeout", type=float, default=0.8, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, default=0.8, metavar="SECONDS",
                    help="give up on the daemon after this long (default 0.8)")
     p = sub.add_parser("bench", help="measure event throughput and overhead, side by side with "
                        "the C floor and the bcc peer")
@@ -107,11 +117,15 @@ def _list(kind):
     return parse
 
 
+def _data_dir(args) -> str | None:
+    """--data-dir or $ESR_DATA_DIR: both beat data_dir in the config file."""
+    return getattr(args, "data_dir", None) or os.environ.get("ESR_DATA_DIR") or None
+
+
 def _config(args):
     from esr import config
 
-    data_dir = getattr(args, "data_dir", None) or os.environ.get("ESR_DATA_DIR") or None
-    return config.load(getattr(args, "config", None), data_dir)
+    return config.load(getattr(args, "config", None), _data_dir(args))
 
 
 def _cmd_run(args) -> int:
@@ -165,8 +179,7 @@ def _cmd_check(args) -> int:
 def _cmd_daemon(args) -> int:
     from esr.daemon import main
 
-    data_dir = getattr(args, "data_dir", None) or os.environ.get("ESR_DATA_DIR") or None
-    return main(getattr(args, "config", None), data_dir)
+    return main(getattr(args, "config", None), _data_dir(args))
 
 
 def _cmd_status(args) -> int:
@@ -204,8 +217,9 @@ def _cmd_pam(args) -> int:
         try:
             socket_path = _config(args).control_socket
         except config.ConfigError as err:
-            # Still let the login through (or not, if fail-closed).
-            print(f"esr: {err}", file=sys.stderr)
+            # Still let the login through (or not, if fail-closed); pam_exec
+            # drops stderr, so syslog gets it too.
+            pam.report(str(err))
             return 1 if args.fail_closed else 0
         return pam.hook(socket_path, args.timeout, args.fail_closed)
     if args.action == "status":

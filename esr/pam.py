@@ -46,7 +46,7 @@ def _proc_id(name: str) -> int | None:
     return None if value == 0xFFFFFFFF else value
 
 
-def _report(message: str) -> None:
+def report(message: str) -> None:
     syslog.openlog("esr-pam", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
     syslog.syslog(syslog.LOG_WARNING, message)
     print(f"esr: {message}", file=sys.stderr)
@@ -73,10 +73,10 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
     try:
         reply = control.request(socket_path, message, timeout)
     except control.ControlError as err:
-        _report(f"{what} not recorded: {err}")
+        report(f"{what} not recorded: {err}")
         return 1 if fail_closed else 0
     if not reply.ok:
-        _report(f"{what} not recorded: {reply.error}")
+        report(f"{what} not recorded: {reply.error}")
         return 1 if fail_closed else 0
     return 0
 
@@ -85,10 +85,11 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
 
 
 def _hook_command(config_path: str | None) -> str:
-    exe = os.path.realpath(sys.argv[0]) if not getattr(sys, "frozen", False) else sys.executable
-    if os.path.realpath(exe) == os.path.realpath("/usr/lib/esr/esr"):
+    exe = os.path.realpath(sys.executable if getattr(sys, "frozen", False) else sys.argv[0])
+    if exe == os.path.realpath("/usr/lib/esr/esr"):
         exe = "/usr/bin/esr"
-    return f"{exe} pam" + (f" --config {config_path}" if config_path else "")
+    # The hook runs with / as its working directory.
+    return f"{exe} pam" + (f" --config {os.path.abspath(config_path)}" if config_path else "")
 
 
 def _rule(command: str) -> str:
