@@ -31,6 +31,10 @@ class AuditLog:
         except OSError:
             pass
         tmp = f"{link}.{os.getpid()}"
+        try:
+            os.unlink(tmp)  # left by a process that died here with our pid
+        except FileNotFoundError:
+            pass
         os.symlink(target, tmp)
         os.replace(tmp, link)
 
@@ -50,9 +54,7 @@ class AuditLog:
 
     def reopen(self) -> None:
         """After logrotate moved the file away (SIGHUP)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close()
         self.day = ""
 
     def close(self) -> None:

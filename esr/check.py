@@ -33,7 +33,8 @@ def cgroup2_mount() -> str:
 def check(config: Config):
     """Yield (line, ok); ok is False only for what recording cannot do without."""
     yield f"kernel: {os.uname().release}", True
-    yield (f"BTF: {'yes' if os.path.exists(BTF) else 'missing'} ({BTF})", os.path.exists(BTF))
+    btf = os.path.exists(BTF)
+    yield f"BTF: {'yes' if btf else 'missing'} ({BTF})", btf
 
     try:
         mounted = loader.mount_tracefs()

@@ -135,7 +135,5 @@ def load(path: str | None = None, data_dir: str | None = None) -> Config:
     except PermissionError:
         raise ConfigError(f"{source}: permission denied") from None
     if data_dir:
-        if not os.path.isabs(data_dir):
-            data_dir = os.path.abspath(data_dir)
-        config = msgspec.structs.replace(config, data_dir=data_dir)
+        config = msgspec.structs.replace(config, data_dir=os.path.abspath(data_dir))
     return config

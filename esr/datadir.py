@@ -74,7 +74,7 @@ class DataDir:
 
     def resolve(self, sid: str) -> str:
         """A session id, or the one session whose id starts with it."""
-        if os.path.exists(self.recording(sid)):
+        if SID_PATTERN.fullmatch(sid) and os.path.exists(self.recording(sid)):
             return sid
         matches = [s for s in self.sids() if s.startswith(sid)] if sid else []
         if len(matches) == 1:

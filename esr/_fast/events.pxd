@@ -6,22 +6,14 @@ cdef extern from "<linux/types.h>":
 
 cdef extern from "esr_events.h":
     enum:
-        ESR_COMM_LEN
-        ESR_PATH_MAX
         ESR_ARGV_MAX
-        ESR_BUF_COMMAND
-        ESR_BUF_DISK
-        ESR_BUF_NETWORK
-        ESR_BUF_COUNT
         ESR_EVENT_COMMAND
         ESR_EVENT_DISK
         ESR_EVENT_NETWORK
-        ESR_ARGV_FROM_ENTRY
         ESR_ARGV_INCOMPLETE
         ESR_ARGV_UNREADABLE
         ESR_COMMAND_TTY
         ESR_TASK_ANCHOR
-        ESR_TASK_ANCHOR_CHILD
 
     struct esr_event_header:
         uint64_t ts_boot_ns

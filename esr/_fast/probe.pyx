@@ -96,8 +96,8 @@ cdef extern from *:
         struct perf_buffer *buffers[3];
         int epfd;           /* the buffers' epoll fds, and stop_fd */
         int stop_fd;
-        int ready_fd;       /* readable once wake_at records are waiting */
-        unsigned long long wake_at;
+        int ready_fd;       /* readable once ready_at records are waiting */
+        unsigned long long ready_at;
         int ready;
         int running;
         pthread_t thread;
@@ -164,7 +164,7 @@ cdef extern from *:
         for (i = 0; i < 3; i++)
             if (d->buffers[i])
                 perf_buffer__consume(d->buffers[i]);
-        if (!d->ready && d->filling->records >= d->wake_at) {
+        if (!d->ready && d->filling->records >= d->ready_at) {
             d->ready = 1;
             if (write(d->ready_fd, &one, sizeof(one)) < 0) {
                 /* Only fails when the counter would overflow: already readable. */
@@ -194,7 +194,7 @@ cdef extern from *:
         }
     }
 
-    static int esr_drain_init(struct esr_drain *d, size_t limit, unsigned long long wake_at)
+    static int esr_drain_init(struct esr_drain *d, size_t limit, unsigned long long ready_at)
     {
         int i;
 
@@ -202,7 +202,7 @@ cdef extern from *:
         d->epfd = d->stop_fd = d->ready_fd = -1;
         pthread_mutex_init(&d->lock, NULL);
         d->limit = limit;
-        d->wake_at = wake_at;
+        d->ready_at = ready_at;
         d->filling = &d->batches[0];
         for (i = 0; i < 2; i++) {
             d->batches[i].cap = 1 << 20;
@@ -302,7 +302,7 @@ cdef extern from *:
          * record: the recorded process pays for every wakeup. take() drains
          * whatever stays below the watermark. */
         attr.watermark = 1;
-        attr.wakeup_watermark = pages * 4096 / 4;
+        attr.wakeup_watermark = pages * sysconf(_SC_PAGESIZE) / 4;
         return perf_buffer__new_raw(map_fd, pages, &attr, esr_on_record, drain, NULL);
     }
 
@@ -329,19 +329,13 @@ cdef extern from *:
     struct esr_batch:
         char *buf
         size_t len
-        size_t cap
         unsigned long long records
     struct esr_drain:
-        esr_batch batches[2]
-        esr_batch *filling
-        size_t limit
         perf_buffer *buffers[3]
         int epfd
-        int stop_fd
         int ready_fd
-        unsigned long long wake_at
         unsigned long long lost_notified
-    int esr_drain_init(esr_drain *d, size_t limit, unsigned long long wake_at)
+    int esr_drain_init(esr_drain *d, size_t limit, unsigned long long ready_at)
     int esr_drain_start(esr_drain *d)
     void esr_drain_stop(esr_drain *d) nogil
     void esr_drain_free(esr_drain *d)
