@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,11 +74,13 @@ class Esr:
         return [json.loads(l) for l in self("sessions", "--format", "json").stdout.splitlines()]
 
 
-def sid_from_stderr(stderr: bytes) -> str:
-    for line in stderr.decode(errors="replace").splitlines():
+def sid_from_stderr(stderr: bytes | str) -> str:
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode(errors="replace")
+    for line in stderr.splitlines():
         if line.startswith("esr: recording session "):
             return line.split()[3]
-    raise AssertionError(f"no session id in esr's stderr:\n{stderr.decode(errors='replace')}")
+    raise AssertionError(f"no session id in esr's stderr:\n{stderr}")
 
 
 @pytest.fixture
@@ -91,3 +95,36 @@ def commands(events: list[dict]) -> list[dict]:
 def executed(events: list[dict]) -> list[list[str]]:
     """[path, *argv] of every successful exec."""
     return [[e["path"], *e["argv"]] for e in commands(events) if e["return_code"] == 0]
+
+
+def deb_file() -> Path:
+    """The newest built package; fails (not skips) when there is none."""
+    debs = sorted((ROOT / "build").glob("esr_*_amd64.deb"))
+    if not debs:
+        pytest.fail("no build/esr_*_amd64.deb: run `make deb` (make test does)")
+    return debs[-1]
+
+
+def listener(family=socket.AF_INET, host="127.0.0.1") -> socket.socket:
+    """A TCP listener on a free port that accepts and closes every connection."""
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, 0))
+    srv.listen(16)
+
+    def accept():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+    threading.Thread(target=accept, daemon=True).start()
+    return srv
+
+
+def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
+    """A TCP port nothing listens on (at the time of the call)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -8,7 +8,6 @@ import os
 import pytest
 
 
-
 def one_line_error(r) -> str:
     assert r.returncode != 0
     err = r.stderr.decode()
@@ -99,7 +98,7 @@ def test_sid_that_exists_already(esr, recorded):
     assert "already exists" in one_line_error(esr("run", "--sid", sid, "--", "true", check=False))
 
 
-def test_not_root(esr, tmp_path):
+def test_not_root(esr):
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another user")
     r = esr("run", "--", "true", check=False, preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))

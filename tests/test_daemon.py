@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ESR, Esr, commands, executed, require_bpf, sid_from_stderr
+from conftest import ESR, Esr, commands, executed, free_port, listener, require_bpf, sid_from_stderr
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -73,6 +73,24 @@ class Daemon:
                 return rows
             time.sleep(0.1)
 
+    def wait_sids_closed(self, *sids: str, timeout=15, msg="the session was never closed"):
+        """Until every one of sids is listed and closed; fails after timeout."""
+        deadline = time.time() + timeout
+        while True:
+            rows = {r["sid"]: r for r in self.sessions()}
+            if all(rows.get(sid, {}).get("state") == "closed" for sid in sids):
+                return
+            assert time.time() < deadline, msg
+            time.sleep(0.1)
+
+    def wait_new(self, login: str, before: list[dict], timeout=15) -> list[dict]:
+        """Until login has sessions not in before (open or not); returns them."""
+        deadline = time.time() + timeout
+        while not (new := _only_new(before, self.sessions(login))):
+            assert time.time() < deadline, f"no new session for {login}"
+            time.sleep(0.1)
+        return new
+
 
 @pytest.fixture(scope="module")
 def daemon_root(tmp_path_factory):
@@ -109,7 +127,7 @@ def sshd(daemon_root):
         pam_file.write_text(Path("/etc/pam.d/sshd").read_text() + hook + "\n")
         os.symlink(SSHD, work / service)
         os.makedirs("/run/sshd", exist_ok=True)
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([str(work / service), "-D", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
                                  "-o", f"HostKey={work / 'host_key'}", "-o", "UsePAM=yes",
                                  "-o", "PidFile=none", "-E", str(work / "sshd.log")])
@@ -121,12 +139,6 @@ def sshd(daemon_root):
         pam_file.unlink(missing_ok=True)
         subprocess.run(["pkill", "-KILL", "-u", user], check=False)
         subprocess.run(["userdel", "-r", "-f", user], check=False, capture_output=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port, timeout=10):
@@ -144,27 +156,20 @@ class SshServer:
     def __init__(self, port, user, key, service):
         self.port, self.user, self.key, self.service = port, user, key, service
 
-    def ssh(self, *cmd, tty=False, input=None, timeout=60) -> subprocess.CompletedProcess:
-        args = ["ssh", "-i", str(self.key), "-p", str(self.port), "-o", "StrictHostKeyChecking=no",
+    def options(self, port_flag="-p") -> list[str]:
+        """The one spelling of the client options (scp takes the port as -P)."""
+        return ["-i", str(self.key), port_flag, str(self.port), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
-        args += ["-tt"] if tty else []
-        return subprocess.run(args + [f"{self.user}@127.0.0.1", *cmd], input=input,
+
+    def argv(self, *cmd, tty=False) -> list[str]:
+        return ["ssh", *self.options(), *(["-tt"] if tty else []), f"{self.user}@127.0.0.1", *cmd]
+
+    def scp_argv(self, local, remote) -> list[str]:
+        return ["scp", *self.options("-P"), str(local), f"{self.user}@127.0.0.1:{remote}"]
+
+    def ssh(self, *cmd, tty=False, input=None, timeout=60) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*cmd, tty=tty), input=input,
                               capture_output=True, timeout=timeout)
-
-
-def _listener():
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-
-    def accept():
-        while True:
-            try:
-                srv.accept()[0].close()
-            except OSError:
-                return
-    threading.Thread(target=accept, daemon=True).start()
-    return srv
 
 
 def _only_new(rows_before, rows_after):
@@ -173,7 +178,7 @@ def _only_new(rows_before, rows_after):
 
 
 def test_ssh_command_session_is_recorded(daemon, sshd):
-    srv = _listener()
+    srv = listener()
     port = srv.getsockname()[1]
     before = daemon.sessions(sshd.user)
     connect = f"import socket; socket.create_connection(('127.0.0.1', {port})).close()"
@@ -228,11 +233,8 @@ def test_interactive_ssh_session_is_recorded(daemon, sshd):
 
 def test_two_concurrent_ssh_sessions_keep_their_events_apart(daemon, sshd):
     before = daemon.sessions(sshd.user)
-    procs = [subprocess.Popen(
-        ["ssh", "-i", str(sshd.key), "-p", str(sshd.port), "-o", "StrictHostKeyChecking=no",
-         "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-         f"{sshd.user}@127.0.0.1",
-         f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; sleep 0.02; done; true"])
+    procs = [subprocess.Popen(sshd.argv(
+        f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; sleep 0.02; done; true"))
         for k in range(2)]
     assert [p.wait(60) for p in procs] == [0, 0]
     rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 2))
@@ -251,10 +253,7 @@ def test_ssh_sftp_and_scp_are_recorded(daemon, sshd, tmp_path):
     before = daemon.sessions(sshd.user)
     local = tmp_path / "payload.txt"
     local.write_text("hello\n")
-    base = ["-i", str(sshd.key), "-P", str(sshd.port), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
-    r = subprocess.run(["scp", *base, str(local), f"{sshd.user}@127.0.0.1:copied.txt"],
-                       capture_output=True, timeout=60)
+    r = subprocess.run(sshd.scp_argv(local, "copied.txt"), capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
     assert rows
@@ -299,12 +298,8 @@ def test_restart_between_sessions_and_sigterm_during_one(daemon_root, sshd):
 
         # SIGTERM while a session is open: it is ended cleanly.
         before = d.sessions(sshd.user)
-        ssh = subprocess.Popen(["ssh", "-i", str(sshd.key), "-p", str(sshd.port), "-o",
-                                "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                                "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1", "sleep 3"])
-        deadline = time.time() + 10
-        while not _only_new(before, d.sessions(sshd.user)) and time.time() < deadline:
-            time.sleep(0.1)
+        ssh = subprocess.Popen(sshd.argv("sleep 3"))
+        d.wait_new(sshd.user, before, timeout=10)
         d.stop()
         [row] = _only_new(before, d.sessions(sshd.user))
         assert row["state"] == "closed" and row["reason"] == "recorder stopped"
@@ -338,10 +333,7 @@ def test_esr_run_registers_with_the_daemon(daemon):
     r = daemon.esr("run", "--config", str(daemon.config), "--", "sh", "-c", "cat /etc/hostname")
     assert b"by the esr daemon" in r.stderr
     sid = sid_from_stderr(r.stderr)
-    deadline = time.time() + 10
-    while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
-        assert time.time() < deadline
-        time.sleep(0.1)
+    daemon.wait_sids_closed(sid, timeout=10)
     assert ["/usr/bin/cat", "/etc/hostname"] in executed(daemon.esr.events(sid))
 
 
@@ -350,10 +342,7 @@ def test_ten_parallel_esr_run_sessions_under_one_daemon(daemon):
                               f"for i in $(seq 1 20); do cat /nonexistent/d-{k}-$i 2>/dev/null; done; true",
                               stderr=subprocess.PIPE) for k in range(10)]
     sids = [sid_from_stderr(p.communicate(timeout=60)[1]) for p in procs]
-    deadline = time.time() + 15
-    while any(r["state"] != "closed" for r in daemon.sessions() if r["sid"] in sids):
-        assert time.time() < deadline
-        time.sleep(0.1)
+    daemon.wait_sids_closed(*sids)
     for k, sid in enumerate(sids):
         paths = sorted(e["path"] for e in daemon.esr.events(sid, "disk")
                        if e["path"].startswith("/nonexistent/d-"))
@@ -385,6 +374,8 @@ def test_second_daemon_on_the_same_data_dir_fails(daemon):
     (b'{"op": "launch"}\n', "bad request"),
     (b'{"op": "open", "login": "x", "seed_pid": 1, "anchor_pid": 1}\n', "exactly one"),
     (b'{"op": "open", "login": "x", "seed_pid": 999999999}\n', "no process"),
+    (b'{"op": "open", "login": "x", "seed_pid": 1, "audit_sessionid": 18446744073709551616}\n',
+     "audit_sessionid"),
     (b'{"op": "status"', "incomplete request"),
     (b"\xff\xfe\x00garbage\n", "bad request"),
     (b"{}" * 40000, "too large"),
@@ -463,10 +454,7 @@ def test_a_flood_of_requests_does_not_starve_recording(daemon):
         for s in idle:
             s.close()
     sid = sid_from_stderr(r.stderr)
-    deadline = time.time() + 15
-    while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
-        assert time.time() < deadline
-        time.sleep(0.1)
+    daemon.wait_sids_closed(sid)
     heads = [c for c in commands(daemon.esr.events(sid)) if c["path"] == "/usr/bin/head"]
     assert len(heads) == 200
     assert took < 30
@@ -516,22 +504,13 @@ def test_pam_enable_disable_status_on_this_host():
 
 def test_session_ends_when_sshd_dies_without_closing_it(daemon, sshd):
     before = daemon.sessions(sshd.user)
-    ssh = subprocess.Popen(["ssh", "-i", str(sshd.key), "-p", str(sshd.port), "-o",
-                            "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                            "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1", "sleep 60"])
-    deadline = time.time() + 15
-    while not _only_new(before, daemon.sessions(sshd.user)):
-        assert time.time() < deadline
-        time.sleep(0.1)
-    [row] = _only_new(before, daemon.sessions(sshd.user))
+    ssh = subprocess.Popen(sshd.argv("sleep 60"))
+    [row] = daemon.wait_new(sshd.user, before)
     anchor = daemon.esr.events(row["sid"])[0]["seed_pid"]
     os.kill(anchor, signal.SIGKILL)  # the privileged monitor: PAM never closes
     subprocess.run(["pkill", "-KILL", "-u", sshd.user], check=False)
     ssh.wait(30)
-    deadline = time.time() + 15
-    while [x for x in daemon.sessions() if x["sid"] == row["sid"]][0]["state"] != "closed":
-        assert time.time() < deadline, "the session was never ended"
-        time.sleep(0.1)
+    daemon.wait_sids_closed(row["sid"], msg="the session was never ended")
     assert "event=session.anchor_exited" in daemon.log.read_text()
 
 
@@ -544,10 +523,7 @@ def test_seeded_session_ends_even_if_esr_run_is_killed(daemon, tmp_path):
     while not started.exists():
         time.sleep(0.01)
     p.kill()  # never sends its close
-    deadline = time.time() + 15
-    while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
-        assert time.time() < deadline
-        time.sleep(0.1)
+    daemon.wait_sids_closed(sid)
     assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(daemon.esr.events(sid))
 
 
@@ -622,10 +598,7 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
         assert "applied=audit_disk_events" in line and "needs_restart=max_sessions" in line
         sid = sid_from_stderr(daemon.esr("run", "--config", str(daemon.config), "--",
                                          "cat", "/etc/hostname").stderr)
-        deadline = time.time() + 10
-        while [x for x in daemon.sessions() if x["sid"] == sid][0]["state"] != "closed":
-            assert time.time() < deadline
-            time.sleep(0.1)
+        daemon.wait_sids_closed(sid, timeout=10)
         logged = [json.loads(l) for l in current.read_text().splitlines()]
         assert any(e["event"] == "session.disk" and e["sid"] == sid for e in logged)
         assert not any(e["sid"] == sid for e in map(json.loads, rotated.read_text().splitlines()))
@@ -647,5 +620,20 @@ def test_when_every_session_slot_is_taken_the_next_open_is_refused(tmp_path):
         assert r.stderr.decode().strip() == "esr: all 1 session slots are in use"
         assert first.wait(30) == 0
         assert d.proc.poll() is None
+        # The refused session left no recording behind, and a restart is clean.
+        assert len(list((d.data_dir / "sessions").glob("*.esr"))) == 1
+        d.stop()
+        d.start()
+        assert "session.recovered" not in d.log.read_text()
     finally:
         d.stop()
+
+
+def test_esr_run_passes_sigterm_on_while_the_daemon_records(daemon):
+    run = daemon.esr.popen("run", "--config", str(daemon.config), "--", "sleep", "30",
+                           stderr=subprocess.PIPE)
+    sid = sid_from_stderr(run.stderr.readline())
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(10) == 128 + signal.SIGTERM  # sleep's status: it got the signal
+    daemon.wait_sids_closed(sid)
+

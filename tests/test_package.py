@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_bpf
+from conftest import deb_file, require_bpf, sid_from_stderr
 
-DEB = sorted((ROOT / "build").glob("esr_*_amd64.deb"))
 UNIT = "/lib/systemd/system/esr.service"
 
 
@@ -27,11 +26,10 @@ def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
 def deb():
     if os.geteuid() != 0:
         pytest.skip("installing a package needs root")
-    if not DEB:
-        pytest.fail("no build/esr_*_amd64.deb: run `make deb` (make test does)")
+    path = deb_file()
     if sh("dpkg-query", "-W", "-f=${Status}", "esr", check=False).stdout.startswith("install ok"):
         pytest.skip("an esr package is installed on this host already: not touching it")
-    yield DEB[-1]
+    yield path
     sh("dpkg", "-P", "esr", check=False)
 
 
@@ -45,7 +43,7 @@ def test_install_use_remove_purge(deb, tmp_path):
         assert sh("/usr/bin/esr", "check").stdout.count(": yes") >= 20
         data = tmp_path / "data"
         r = sh("/usr/bin/esr", "--data-dir", str(data), "run", "--", "sh", "-c", "cat /etc/hostname")
-        sid = r.stderr.split()[3]
+        sid = sid_from_stderr(r.stderr)
         shown = sh("/usr/bin/esr", "--data-dir", str(data), "show", sid, "--type", "command").stdout
         assert '"path":"/usr/bin/cat"' in shown
         assert Path("/etc/esr/esr.yaml").exists() and oct(Path("/var/lib/esr").stat().st_mode)[-3:] == "700"

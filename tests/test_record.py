@@ -13,11 +13,12 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from conftest import commands, executed, sid_from_stderr
+from conftest import ESR, ROOT, commands, executed, free_port, listener, sid_from_stderr
 
 pytestmark = pytest.mark.usefixtures("bpf")
 
@@ -141,7 +142,7 @@ def _run_in_pty(esr, lines: list[bytes]) -> str:
     """Drive an interactive `esr run -- bash` through a pseudo-terminal."""
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(esr_path(), [esr_path(), "run", "--", "bash", "--norc", "--noprofile", "-i"],
+        os.execve(ESR, [ESR, "run", "--", "bash", "--norc", "--noprofile", "-i"],
                   dict(esr.env, PS1="$ "))
     output = b""
     try:
@@ -163,11 +164,6 @@ def _run_in_pty(esr, lines: list[bytes]) -> str:
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, output
     return sid_from_stderr(output.replace(b"\r\n", b"\n"))
-
-
-def esr_path() -> str:
-    from conftest import ESR
-    return ESR
 
 
 def test_commands_typed_after_stty_minus_echo_are_recorded(esr):
@@ -230,31 +226,6 @@ def test_argv_beyond_the_limit_says_what_was_cut(esr):
 
 # --- session.network --------------------------------------------------------------------
 
-def _listener(family, host):
-    srv = socket.socket(family, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((host, 0))
-    srv.listen(16)
-
-    def accept():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conn.close()
-    threading.Thread(target=accept, daemon=True).start()
-    return srv
-
-
-def _closed_port(family, host) -> int:
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.bind((host, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 CONNECT = ("import socket, sys\n"
            "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
            "s = socket.socket(fam, socket.SOCK_STREAM)\n"
@@ -272,7 +243,7 @@ CONNECT = ("import socket, sys\n"
     (socket.AF_INET6, "::1", 6),
 ])
 def test_connect_to_a_listener(esr, family, host, version, mode):
-    srv = _listener(family, host)
+    srv = listener(family, host)
     port = srv.getsockname()[1]
     r = esr("run", "--", PY, "-c", CONNECT, host, str(port), mode)
     local_port = int(r.stdout.split()[1])
@@ -288,7 +259,7 @@ def test_connect_to_a_listener(esr, family, host, version, mode):
 @pytest.mark.parametrize("mode", ["blocking", "nonblocking"])
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
 def test_refused_connect_is_recorded_with_its_errno(esr, family, host, mode):
-    port = _closed_port(family, host)
+    port = free_port(family, host)
     r = esr("run", "--", PY, "-c", CONNECT, host, str(port), mode)
     assert r.stdout.split()[-1] == b"111"
     [net] = esr.events(sid_from_stderr(r.stderr), "network")
@@ -346,7 +317,7 @@ def test_leaving_the_cgroup_does_not_escape_recording(esr):
     assert cat["cgroup_id"] == cgroup_id
 
 
-def test_threads_and_exec_from_a_thread_stay_recorded(esr, tmp_path):
+def test_threads_and_exec_from_a_thread_stay_recorded(esr):
     script = ("import os, threading\n"
               "def work():\n"
               "    open('/etc/hostname').close()\n"
@@ -362,7 +333,7 @@ def test_threads_and_exec_from_a_thread_stay_recorded(esr, tmp_path):
             and e["program"] == "head"]
 
 
-def test_processes_outside_the_session_produce_nothing(esr, tmp_path):
+def test_processes_outside_the_session_produce_nothing(esr):
     marker = f"/nonexistent/outside-{uuid.uuid4().hex}"
     stop = threading.Event()
 
@@ -439,6 +410,19 @@ def test_session_start_end_and_audit_log(esr):
     assert show_end == by_event["session.end"][0]
 
 
+def test_with_enhanced_recording_off_the_session_lasts_as_long_as_the_command(esr, tmp_path):
+    config = tmp_path / "off.yaml"
+    config.write_text("enhanced_recording:\n  enabled: false\n")
+    r = esr("run", "--config", str(config), "--", "sh", "-c", "sleep 0.5; exit 3", check=False)
+    assert r.returncode == 3
+    events = esr.events(sid_from_stderr(r.stderr))
+    start, end = events[0], events[-1]
+    assert end["event"] == "session.end" and end["reason"] == "exited"
+    assert end["enhanced_recording"] is False
+    lasted = datetime.fromisoformat(end["time"]) - datetime.fromisoformat(start["time"])
+    assert lasted.total_seconds() >= 0.5
+
+
 def test_sessions_lists_counts(esr):
     sid = esr.record("sh", "-c", "cat /etc/hostname")
     [row] = [r for r in esr.sessions() if r["sid"] == sid]
@@ -455,11 +439,7 @@ def test_kill_minus_9_of_the_recorder_keeps_complete_frames(esr):
     p = esr.popen("run", "--", "sh", "-c",
                   "for i in $(seq 1 100); do head -c1 /etc/hostname >/dev/null; sleep 0.02; done",
                   stderr=subprocess.PIPE)
-    sid = None
-    while sid is None:
-        line = p.stderr.readline()
-        if line.startswith(b"esr: recording session"):
-            sid = line.split()[3].decode()
+    sid = sid_from_stderr(p.stderr.readline())
     time.sleep(1.0)
     p.kill()
     p.wait()
@@ -473,7 +453,7 @@ def test_kill_minus_9_of_the_recorder_keeps_complete_frames(esr):
 
 
 def test_lost_records_are_counted_and_written_into_the_session(esr, tmp_path):
-    gen = Path(__file__).resolve().parent.parent / "build" / "bench" / "gen"
+    gen = ROOT / "build" / "bench" / "gen"
     config = tmp_path / "small.yaml"
     config.write_text("enhanced_recording:\n  disk_buffer_size: 2\n")  # 8 KiB per CPU
     # gen waits for "go" on stdin; feed it at once and let it open flat out.

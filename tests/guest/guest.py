@@ -206,7 +206,6 @@ def _build(img: ImagePaths, root: Path) -> None:
     _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "esr-root", "-d", root,
           img.dir / "disk.tmp", DISK_SIZE], log)
     (img.dir / "disk.tmp").rename(img.disk)
-    (img.dir / "kernel-release").write_text(release + "\n")
     with open(log, "a") as f:
         f.write(f"debootstrap {t1 - t0:.0f}s, total {time.monotonic() - t0:.0f}s\n")
 
@@ -359,10 +358,6 @@ class Guest:
         """scp a file or directory (recursively) into the guest."""
         _run(["scp", *self._ssh_opts(), "-r", "-P", str(self.port), local,
               f"{user}@127.0.0.1:{remote}"])
-
-    def copy_from(self, remote: str, local: Path | str, user: str = "root") -> None:
-        _run(["scp", *self._ssh_opts(), "-r", "-P", str(self.port),
-              f"{user}@127.0.0.1:{remote}", local])
 
     def _boot_id(self) -> str | None:
         """The guest's boot id, or None if ssh doesn't answer (yet)."""

@@ -15,10 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest  # noqa: E402
+from conftest import REQUIRE_BPF, deb_file  # tests/conftest.py: pytest puts tests/ on sys.path
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 USER = "alice"
 
 
@@ -26,14 +26,12 @@ USER = "alice"
 def vm(tmp_path_factory):
     reason = guest.unavailable()
     if reason:
-        if os.environ.get("ESR_REQUIRE_BPF") == "1" or os.environ.get("ESR_REQUIRE_GUEST") == "1":
+        if REQUIRE_BPF or os.environ.get("ESR_REQUIRE_GUEST") == "1":
             pytest.fail(f"the systemd guest is required, but {reason}")
         pytest.skip(reason)
-    debs = sorted((ROOT / "build").glob("esr_*_amd64.deb"))
-    if not debs:
-        pytest.fail("no build/esr_*_amd64.deb: run `make deb` (make test does)")
+    deb = deb_file()
     with guest.Guest(workdir=tmp_path_factory.mktemp("guest")) as g:
-        g.copy_to(debs[-1], "/tmp/esr.deb")
+        g.copy_to(deb, "/tmp/esr.deb")
         yield g
 
 
