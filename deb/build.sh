@@ -19,7 +19,8 @@ ln -s ../lib/esr/esr "$pkg/usr/bin/esr"
 install -s -m 0755 "$bench/gen" "$bench/nop" "$bench/floor" "$pkg/usr/lib/esr/bench/"
 # Libraries are not programs.
 find "$pkg/usr/lib/esr" -name '*.so*' -type f -exec chmod 0644 {} +
-install -m 0644 "$here/../bench/bccpeer.py" "$pkg/usr/lib/esr/bench/"
+install -d "$pkg/usr/lib/esr/bench/bcc"
+install -m 0644 "$here"/../bench/bcc/*.py "$here"/../bench/bcc/*.c "$pkg/usr/lib/esr/bench/bcc/"
 
 install -m 0644 "$here/esr.service" "$pkg/lib/systemd/system/esr.service"
 install -m 0644 "$here/esr.yaml" "$pkg/etc/esr/esr.yaml"

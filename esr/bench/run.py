@@ -64,8 +64,8 @@ def tools() -> dict:
     for d in filter(None, candidates):
         if os.path.exists(os.path.join(d, "gen")):
             found = {name: os.path.join(d, name) for name in ("gen", "nop", "floor")}
-            peer = [p for p in (os.path.join(d, "bccpeer.py"),
-                                os.path.join(here, "..", "..", "bench", "bccpeer.py"))
+            peer = [p for p in (os.path.join(d, "bcc", "bccpeer.py"),
+                                os.path.join(here, "..", "..", "bench", "bcc", "bccpeer.py"))
                     if os.path.exists(p)]
             found["bccpeer"] = peer[0] if peer else ""
             return found
@@ -105,7 +105,7 @@ class Bench:
                 return start_program("C floor", [self.tools["floor"], str(obj), "--pages", pages])
         if mode in ("bcc", "bcc-wk64"):
             if self.bcc_missing or not self.tools["bccpeer"]:
-                raise ConsumerError(self.bcc_missing or "bench/bccpeer.py is missing")
+                raise ConsumerError(self.bcc_missing or "bench/bcc/bccpeer.py is missing")
             return start_program(mode, ["/usr/bin/python3", self.tools["bccpeer"], "--pages",
                                         pages, "--wakeup-events", "64" if mode == "bcc-wk64" else "1"])
         return None
