@@ -19,8 +19,11 @@ ln -s ../lib/esr/esr "$pkg/usr/bin/esr"
 install -s -m 0755 "$bench/gen" "$bench/nop" "$bench/floor" "$pkg/usr/lib/esr/bench/"
 # Libraries are not programs.
 find "$pkg/usr/lib/esr" -name '*.so*' -type f -exec chmod 0644 {} +
-install -d "$pkg/usr/lib/esr/bench/bcc"
+# The bcc peer, and the shared header its BPF program includes, placed as in
+# a checkout (bench/bcc/ and bpf/), where the peer looks for it.
+install -d "$pkg/usr/lib/esr/bench/bcc" "$pkg/usr/lib/esr/bpf"
 install -m 0644 "$here"/../bench/bcc/*.py "$here"/../bench/bcc/*.c "$pkg/usr/lib/esr/bench/bcc/"
+install -m 0644 "$here/../bpf/esr_events.h" "$pkg/usr/lib/esr/bpf/"
 
 install -m 0644 "$here/esr.service" "$pkg/lib/systemd/system/esr.service"
 install -m 0644 "$here/esr.yaml" "$pkg/etc/esr/esr.yaml"

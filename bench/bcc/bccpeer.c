@@ -1,27 +1,14 @@
 /* The bcc peer's BPF programs: what esr's programs in bpf/ record, in bcc's
- * C dialect, compiled at run time by bccpeer.py with -DNCPUS and the kernel
- * struct offsets OFF_* (from BTF, or -DOFFSETS_FROM_HEADERS). */
+ * C dialect, compiled at run time by bccpeer.py with -I for the shared
+ * esr_events.h, -DNCPUS, and the kernel struct offsets OFF_* (from BTF, or
+ * -DOFFSETS_FROM_HEADERS). */
 #include <linux/in.h>
 #include <linux/in6.h>
 
-#define ESR_COMM_LEN 16
-#define ESR_PATH_MAX 4096
-#define ESR_ARGV_MAX 20480
-#define ESR_ARGS_MAX 512
-
-#define BUF_COMMAND 0
-#define BUF_DISK 1
-#define BUF_NETWORK 2
-#define BUF_COUNT 3
-
-#define EVENT_COMMAND 1
-#define EVENT_DISK 2
-#define EVENT_NETWORK 3
-
-#define ARGV_FROM_ENTRY 0x1
-#define ARGV_INCOMPLETE 0x2
-#define ARGV_UNREADABLE 0x4
-#define COMMAND_TTY 0x8
+/* bcc parses for the host target, so clang leaves __bpf__ undefined, and the
+ * shared header would show its user-space-only part (#ifndef __bpf__). */
+#define __bpf__ 1
+#include "esr_events.h"
 
 #define X_O_WRONLY 01
 #define X_O_CREAT 0100
@@ -65,18 +52,9 @@
 #define OFF_SOCK_SK_ERR offsetof(struct sock, sk_err)
 #endif
 
-/* Every record starts with the same header fields (flattened: bcc's
- * event() decoder knows no nested structs). */
-struct hdr {
-    u64 ts_boot_ns;
-    u64 session;
-    u64 cgroup_id;
-    u32 pid;
-    u16 type;
-    u16 reserved;
-    char comm[ESR_COMM_LEN];
-};
-
+/* The records: struct esr_*_event of the shared header, flattened, since
+ * bcc's event() decoder knows no nested structs. The asserts below hold
+ * them to the shared structs. */
 struct command_event {
     u64 ts_boot_ns;
     u64 session;
@@ -130,18 +108,67 @@ struct network_event {
     u8 dst_addr[16];
 };
 
-struct session_state {
-    u64 session;
-    s64 live_tasks;
-    u64 lost[BUF_COUNT];
-    u64 untracked_forks;
-};
+/* A record that drifts from the shared header fails bcc's compile at start,
+ * naming the field: each field of a flat copy must have the offset and type
+ * of the shared field, and each record the size of the shared one. The
+ * shared records have no padding, so a member cannot be added there without
+ * moving another or growing the record. */
+#define SAME_FIELD(flat, field, shared, shared_field)                              \
+    _Static_assert(offsetof(struct flat, field) ==                                 \
+                       offsetof(struct shared, shared_field) &&                    \
+                   __builtin_types_compatible_p(typeof(((struct flat *)0)->field), \
+                       typeof(((struct shared *)0)->shared_field)),                \
+                   "record layout drift: " #flat "." #field                        \
+                   " is not " #shared "." #shared_field " of esr_events.h")
+#define SAME_SIZE(flat, shared)                                                    \
+    _Static_assert(sizeof(struct flat) == sizeof(struct shared),                   \
+                   "record layout drift: " #flat " is not the size of "            \
+                   #shared " of esr_events.h")
+#define SAME_HEADER(flat, shared)                                                  \
+    SAME_FIELD(flat, ts_boot_ns, shared, hdr.ts_boot_ns);                          \
+    SAME_FIELD(flat, session, shared, hdr.session);                                \
+    SAME_FIELD(flat, cgroup_id, shared, hdr.cgroup_id);                            \
+    SAME_FIELD(flat, pid, shared, hdr.pid);                                        \
+    SAME_FIELD(flat, type, shared, hdr.type);                                      \
+    SAME_FIELD(flat, reserved, shared, hdr.reserved);                              \
+    SAME_FIELD(flat, comm, shared, hdr.comm)
 
-struct esr_task {
-    u64 session;
-    u32 flags;
-    u32 reserved;
-};
+SAME_HEADER(command_event, esr_command_event);
+SAME_FIELD(command_event, ppid, esr_command_event, ppid);
+SAME_FIELD(command_event, uid, esr_command_event, uid);
+SAME_FIELD(command_event, gid, esr_command_event, gid);
+SAME_FIELD(command_event, return_code, esr_command_event, return_code);
+SAME_FIELD(command_event, argc, esr_command_event, argc);
+SAME_FIELD(command_event, argv_size, esr_command_event, argv_size);
+SAME_FIELD(command_event, argv_len, esr_command_event, argv_len);
+SAME_FIELD(command_event, path_len, esr_command_event, path_len);
+SAME_FIELD(command_event, flags, esr_command_event, flags);
+SAME_FIELD(command_event, data, esr_command_event, data);
+SAME_SIZE(command_event, esr_command_event);
+
+SAME_HEADER(disk_event, esr_disk_event);
+SAME_FIELD(disk_event, flags, esr_disk_event, flags);
+SAME_FIELD(disk_event, return_code, esr_disk_event, return_code);
+SAME_FIELD(disk_event, path_len, esr_disk_event, path_len);
+SAME_FIELD(disk_event, path_truncated, esr_disk_event, path_truncated);
+SAME_FIELD(disk_event, reserved2, esr_disk_event, reserved);
+SAME_FIELD(disk_event, path, esr_disk_event, path);
+SAME_SIZE(disk_event, esr_disk_event);
+
+SAME_HEADER(network_event, esr_network_event);
+SAME_FIELD(network_event, return_code, esr_network_event, return_code);
+SAME_FIELD(network_event, family, esr_network_event, family);
+SAME_FIELD(network_event, src_port, esr_network_event, src_port);
+SAME_FIELD(network_event, dst_port, esr_network_event, dst_port);
+SAME_FIELD(network_event, reserved2, esr_network_event, reserved);
+SAME_FIELD(network_event, src_addr, esr_network_event, src_addr);
+SAME_FIELD(network_event, dst_addr, esr_network_event, dst_addr);
+SAME_SIZE(network_event, esr_network_event);
+
+/* bccpeer.py reads the lost counters by these indices. */
+_Static_assert(ESR_BUF_COMMAND == 0 && ESR_BUF_DISK == 1 && ESR_BUF_NETWORK == 2,
+               "esr_events.h renumbered its buffers: bccpeer.py reads lost[] "
+               "as command, disk, network");
 
 struct open_call {
     u64 session;
@@ -161,8 +188,8 @@ struct connect_attempt {
 };
 
 BPF_HASH(tracked_tasks, u32, struct esr_task, 65536);
-BPF_ARRAY(session_states, struct session_state, 64);
-BPF_PERCPU_ARRAY(buffer_lost, u64, BUF_COUNT);
+BPF_ARRAY(session_states, struct esr_session_state, 64);
+BPF_PERCPU_ARRAY(buffer_lost, u64, ESR_BUF_COUNT);
 
 BPF_PERF_OUTPUT(command_events);
 BPF_PERF_OUTPUT(disk_events);
@@ -205,10 +232,10 @@ static __always_inline u32 current_tid(void)
     return (u32)bpf_get_current_pid_tgid();
 }
 
-static __always_inline struct session_state *session_state(u64 session)
+static __always_inline struct esr_session_state *session_state(u64 session)
 {
     u32 slot = (u32)session;
-    struct session_state *state = session_states.lookup(&slot);
+    struct esr_session_state *state = session_states.lookup(&slot);
 
     if (!state || state->session != session)
         return NULL;
@@ -225,7 +252,8 @@ static __always_inline u64 recorded_session(void)
     return task->session;
 }
 
-static __always_inline void fill_header(struct hdr *h, u64 session, u16 type)
+/* Each flat record starts with the shared header's fields (asserted above). */
+static __always_inline void fill_header(struct esr_event_header *h, u64 session, u16 type)
 {
     h->ts_boot_ns = bpf_ktime_get_boot_ns();
     h->session = session;
@@ -240,12 +268,12 @@ static __always_inline void fill_header(struct hdr *h, u64 session, u16 type)
 static __always_inline void count_lost(u32 buffer, u64 session)
 {
     u64 *lost = buffer_lost.lookup(&buffer);
-    struct session_state *state;
+    struct esr_session_state *state;
 
     if (lost)
         *lost += 1;
     state = session_state(session);
-    if (state && buffer < BUF_COUNT)
+    if (state && buffer < ESR_BUF_COUNT)
         __sync_fetch_and_add(&state->lost[buffer], 1);
 }
 
@@ -255,7 +283,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u32 parent_tid = current_tid();
     struct esr_task *parent = tracked_tasks.lookup(&parent_tid);
-    struct session_state *state;
+    struct esr_session_state *state;
     struct esr_task child = {};
     u32 child_tid;
 
@@ -278,7 +306,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = current_tid();
     struct esr_task *task = tracked_tasks.lookup(&tid);
-    struct session_state *state;
+    struct esr_session_state *state;
 
     if (!task)
         return 0;
@@ -318,7 +346,7 @@ static __always_inline int report_open(void *ctx, long ret)
     e = disk_scratch.lookup(&zero);
     if (e) {
         session = call->session;
-        fill_header((struct hdr *)e, session, EVENT_DISK);
+        fill_header((struct esr_event_header *)e, session, ESR_EVENT_DISK);
         e->flags = call->flags;
         e->return_code = ret;
         n = bpf_probe_read_user_str(e->path, sizeof(e->path), (void *)call->path);
@@ -328,7 +356,7 @@ static __always_inline int report_open(void *ctx, long ret)
         e->path_len = len;
         e->path_truncated = len == sizeof(e->path);
         if (disk_events.perf_submit(ctx, e, offsetof(struct disk_event, path) + len))
-            count_lost(BUF_DISK, session);
+            count_lost(ESR_BUF_DISK, session);
     }
     open_in_flight.delete(&tid);
     return 0;
@@ -388,7 +416,7 @@ static __always_inline void fill_identity(struct command_event *e)
     e->uid = (u32)uid_gid;
     e->gid = uid_gid >> 32;
     if (rd_u64(rd_u64(task, OFF_TASK_SIGNAL), OFF_SIGNAL_TTY))
-        e->flags |= COMMAND_TTY;
+        e->flags |= ESR_COMMAND_TTY;
 }
 
 static __always_inline u64 record_size(struct command_event *e)
@@ -412,7 +440,7 @@ static __always_inline int stash_exec(const char *filename, const char *const *a
     struct argv_scratch *buf;
     u64 off = 0;
     u32 argc = 0, i;
-    u16 flags = ARGV_FROM_ENTRY;
+    u16 flags = ESR_ARGV_FROM_ENTRY;
     long n;
 
     if (!session)
@@ -425,27 +453,27 @@ static __always_inline int stash_exec(const char *filename, const char *const *a
         const char *arg = NULL;
 
         if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i])) {
-            flags |= ARGV_UNREADABLE;
+            flags |= ESR_ARGV_UNREADABLE;
             break;
         }
         if (!arg)
             break;
         argc++;
         if (off >= ESR_ARGV_MAX) {
-            flags |= ARGV_INCOMPLETE;
+            flags |= ESR_ARGV_INCOMPLETE;
             break;
         }
         n = bpf_probe_read_user_str(&buf->data[off], ESR_ARGV_MAX - off, arg);
         if (n <= 0) {
-            flags |= ARGV_UNREADABLE;
+            flags |= ESR_ARGV_UNREADABLE;
             break;
         }
         if (n == ESR_ARGV_MAX - off)
-            flags |= ARGV_INCOMPLETE;
+            flags |= ESR_ARGV_INCOMPLETE;
         off += n;
     }
     if (i == ESR_ARGS_MAX)
-        flags |= ARGV_INCOMPLETE;
+        flags |= ESR_ARGV_INCOMPLETE;
     if (off > ESR_ARGV_MAX)
         return 0;
     e->argc = argc;
@@ -471,11 +499,11 @@ static __always_inline int report_failed_exec(void *ctx, long ret)
     /* Success was reported by sched_process_exec. */
     if (ret < 0) {
         session = e->session;
-        fill_header((struct hdr *)e, session, EVENT_COMMAND);
+        fill_header((struct esr_event_header *)e, session, ESR_EVENT_COMMAND);
         fill_identity(e);
         e->return_code = ret;
         if (command_events.perf_submit(ctx, e, record_size(e)))
-            count_lost(BUF_COMMAND, session);
+            count_lost(ESR_BUF_COMMAND, session);
     }
     exec_in_flight.delete(&tid);
     return 0;
@@ -525,7 +553,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     e = command_scratch.lookup(&zero);
     if (!e)
         return 0;
-    fill_header((struct hdr *)e, session, EVENT_COMMAND);
+    fill_header((struct esr_event_header *)e, session, ESR_EVENT_COMMAND);
     e->flags = 0;
     fill_identity(e);
     e->return_code = 0;
@@ -546,7 +574,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (len && !bpf_probe_read_user(e->data, len, (void *)arg_start))
         copied = len;
     else if (len)
-        e->flags |= ARGV_UNREADABLE;
+        e->flags |= ESR_ARGV_UNREADABLE;
     e->argv_size = size;
     e->argv_len = copied;
 
@@ -554,7 +582,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
                                   (void *)args + (args->data_loc_filename & 0xFFFF));
     e->path_len = n > 0 ? n : 0;
     if (command_events.perf_submit(args, e, record_size(e)))
-        count_lost(BUF_COMMAND, session);
+        count_lost(ESR_BUF_COMMAND, session);
     return 0;
 }
 
@@ -586,7 +614,7 @@ static __always_inline void report_connect(void *ctx, struct connect_attempt *at
     e->ts_boot_ns = bpf_ktime_get_boot_ns();
     e->return_code = result;
     if (network_events.perf_submit(ctx, e, sizeof(*e)))
-        count_lost(BUF_NETWORK, e->session);
+        count_lost(ESR_BUF_NETWORK, e->session);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
@@ -609,7 +637,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     if (!sk)
         return 0;
 
-    fill_header((struct hdr *)e, session, EVENT_NETWORK);
+    fill_header((struct esr_event_header *)e, session, ESR_EVENT_NETWORK);
     e->family = family;
     if (family == X_AF_INET) {
         struct sockaddr_in sin = {};

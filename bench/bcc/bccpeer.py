@@ -17,14 +17,18 @@ SYN_SENT). One BPF_PERF_OUTPUT per record type (command, disk, network),
 each with its own page count, each read by a Python callback that decodes
 with b[table].event(data) and touches the decoded fields.
 
+The records are flattened copies of those in esr's shared bpf/esr_events.h,
+which bccpeer.c includes and checks them against at compile time: a record
+that drifted from it fails the build at start.
+
 Protocol (stdin/stdout, one line each):
     -> ready                      compiled and attached
     <- track PID                  PID joins the session; CPU/RSS/counts reset
     -> tracking
     <- stop (or EOF)              drain every buffer, then
     -> {"records": {...}, "lost": {...}, "user_s": .., "sys_s": .., ...}
-On failure to compile (no kernel headers, ...): one line {"error": ...,
-"headers": ...} and exit status 3.
+On failure to compile (no kernel headers, a record layout drift, ...): one
+line {"error": ..., "headers": ...} and exit status 3.
 
 Kernel headers: see kernel_headers.py (--headers auto, the default, takes the
 running kernel's, else the nearest installed linux-headers-*). Headers of
@@ -58,10 +62,15 @@ from kernel_headers import NoKernelHeaders, find_headers
 EXIT_NO_BUILD = 3
 POLL_MS = 50
 TRACEFS = "/sys/kernel/tracing"
+# The record types in the order of esr_events.h's buffers, which index the
+# lost counters (bccpeer.c asserts the order).
 TYPES = ("command", "disk", "network")
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 BPF_SOURCE = os.path.join(HERE, "bccpeer.c")
+# The directory of esr_events.h: bpf/ of a checkout, and the package
+# installs it at the same place relative to this file (/usr/lib/esr/bpf).
+SHARED_INCLUDE = os.path.normpath(os.path.join(HERE, "..", "..", "bpf"))
 
 # Session cookie, as esr makes them: generation << 32 | slot.
 SESSION_SLOT = 0
@@ -135,8 +144,12 @@ def _mount_tracefs():
 
 def _summary(log: str) -> str:
     """The lines of bcc's output that say what went wrong."""
-    # bcc compiles src_file under another name; the line numbers are the file's.
+    # bcc compiles src_file under another name (the line numbers are the
+    # file's); clang spells out the whole condition of a failed
+    # _Static_assert, where its message says what drifted.
     log = log.replace("/virtual/main.c", os.path.basename(BPF_SOURCE))
+    log = re.sub(r"(static_assert failed) due to requirement '.*' (\".*\")$", r"\1: \2", log,
+                 flags=re.M)
     lines = [l.strip() for l in log.splitlines() if l.strip()]
     keep = [l for l in lines if re.search(r"error|unable|cannot|not found|invalid", l, re.I)]
     return " | ".join((keep or lines)[:4])[:800]
@@ -145,7 +158,7 @@ def _summary(log: str) -> str:
 def build(env: dict, cflags: list):
     """The BPF object compiled, loaded and attached, and where the struct
     offsets came from."""
-    cflags = list(cflags)
+    cflags = list(cflags) + [f"-I{SHARED_INCLUDE}"]
     try:
         offsets = btf_offsets.field_offsets(KERNEL_FIELDS)
         cflags += [f"-D{k}={v}" for k, v in offsets.items()]
@@ -169,8 +182,7 @@ def build(env: dict, cflags: list):
         except Exception as err:  # bcc raises Exception for compile and load errors
             error = str(err).splitlines()[0] if str(err) else type(err).__name__
     if error:
-        raise Unbuildable(f"bcc could not build the programs with these headers: {error}: "
-                          f"{_summary(out.text)}")
+        raise Unbuildable(f"bcc could not build the programs: {error}: {_summary(out.text)}")
     return bpf, offsets_from
 
 
