@@ -14,11 +14,12 @@ APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev mak
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
 	python3-bpfcc linux-headers-amd64
 
-PY_DEPS := cython msgspec zstandard PyYAML pytest pyinstaller wheel setuptools
-
-.PHONY: all deps build run test binary deb clean
-
+# pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
+# the version): read them from there.
+PY_DEPS := $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' esr/__init__.py)
+
+.PHONY: all deps build run check test binary deb clean
 DEB := $(BUILD)/esr_$(VERSION)_amd64.deb
 
 all: build
@@ -46,9 +47,9 @@ $(LIBBPF)/lib/libbpf.a: $(BUILD)/.deps
 		EXTRA_CFLAGS="-fPIC -O2" OBJDIR=$(CURDIR)/$(BUILD)/libbpf-src/obj \
 		DESTDIR=$(CURDIR)/$(BUILD)/libbpf PREFIX=/usr LIBDIR=/usr/lib install >/dev/null
 
-$(VENV)/.deps: $(BUILD)/.deps
+$(VENV)/.deps: $(BUILD)/.deps pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check $(PY_DEPS)
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(foreach d,$(PY_DEPS),'$(d)')
 	@touch $@
 
 $(VENV)/bin/esr: $(VENV)/.deps $(LIBBPF)/lib/libbpf.a pyproject.toml setup.py
@@ -65,8 +66,17 @@ build: $(VENV)/bin/esr
 run: build
 	$(VENV)/bin/esr daemon --data-dir $(CURDIR)/$(BUILD)/data
 
-test: deb
-	$(VENV)/bin/pytest -q tests
+# Lint, types and the unit tests: no root, no kernel, no package; under a
+# minute. Caches go to /tmp so that any user can run it in a root-built tree.
+CHECK_CACHE := /tmp/esr-check-$(shell id -u)
+check: build
+	$(VENV)/bin/ruff check --no-cache esr tests bench
+	$(VENV)/bin/ruff format --no-cache --check esr tests bench
+	$(VENV)/bin/mypy --cache-dir $(CHECK_CACHE)/mypy
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
+
+test: check deb
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 # The single binary: PyInstaller onedir in build/dist/esr.
 binary: build

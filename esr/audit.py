@@ -18,8 +18,11 @@ class AuditLog:
     def _open(self, day: str) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         name = f"{day}.00:00:00.log"
-        fd = os.open(os.path.join(self.dir, name),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            os.path.join(self.dir, name),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
         if self.fd >= 0:
             os.close(self.fd)
         self.fd, self.day = fd, day

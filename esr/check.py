@@ -9,14 +9,23 @@ from esr.config import Config
 
 BTF = "/sys/kernel/btf/vmlinux"
 TRACEPOINTS = [
-    "syscalls/sys_enter_execve", "syscalls/sys_exit_execve",
-    "syscalls/sys_enter_execveat", "syscalls/sys_exit_execveat",
-    "syscalls/sys_enter_open", "syscalls/sys_exit_open",
-    "syscalls/sys_enter_openat", "syscalls/sys_exit_openat",
-    "syscalls/sys_enter_openat2", "syscalls/sys_exit_openat2",
-    "syscalls/sys_enter_creat", "syscalls/sys_exit_creat",
-    "syscalls/sys_enter_connect", "syscalls/sys_exit_connect",
-    "sched/sched_process_fork", "sched/sched_process_exec", "sched/sched_process_exit",
+    "syscalls/sys_enter_execve",
+    "syscalls/sys_exit_execve",
+    "syscalls/sys_enter_execveat",
+    "syscalls/sys_exit_execveat",
+    "syscalls/sys_enter_open",
+    "syscalls/sys_exit_open",
+    "syscalls/sys_enter_openat",
+    "syscalls/sys_exit_openat",
+    "syscalls/sys_enter_openat2",
+    "syscalls/sys_exit_openat2",
+    "syscalls/sys_enter_creat",
+    "syscalls/sys_exit_creat",
+    "syscalls/sys_enter_connect",
+    "syscalls/sys_exit_connect",
+    "sched/sched_process_fork",
+    "sched/sched_process_exec",
+    "sched/sched_process_exit",
     "sock/inet_sock_set_state",
 ]
 
@@ -72,6 +81,9 @@ def check(config: Config):
         yield "recorder programs: not loaded (enhanced_recording.enabled is false)", True
         return
     pages = dict(zip(("command", "disk", "network"), probe.buffer_pages))
-    yield (f"recorder programs: {len(probe.programs)} loaded and attached; buffers per CPU "
-           f"(pages): {pages}", True)
+    yield (
+        f"recorder programs: {len(probe.programs)} loaded and attached; buffers per CPU "
+        f"(pages): {pages}",
+        True,
+    )
     probe.close()

@@ -36,16 +36,27 @@ def _seconds(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="config file (default /etc/esr/esr.yaml)")
-    parser.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
-                        help="where recordings and the audit log are kept "
-                             "(default: data_dir from the config, or $ESR_DATA_DIR)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="config file (default /etc/esr/esr.yaml)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="where recordings and the audit log are kept "
+        "(default: data_dir from the config, or $ESR_DATA_DIR)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="esr", description="Enhanced Session Recorder: records every program "
-                     "executed, file opened and network connection made in a login session.")
+    parser = _Parser(
+        prog="esr",
+        description="Enhanced Session Recorder: records every program "
+        "executed, file opened and network connection made in a login session.",
+    )
     parser.add_argument("--version", action="version", version=_version())
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -81,30 +92,55 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
 
-    p = sub.add_parser("pam", help="the PAM session hook (run by pam_exec), or set it up",
-                       description="Without an action: the hook pam_exec runs at session "
-                       "open and close. With one: add the hook to the PAM configuration, "
-                       "remove it, or tell whether it is there.")
+    p = sub.add_parser(
+        "pam",
+        help="the PAM session hook (run by pam_exec), or set it up",
+        description="Without an action: the hook pam_exec runs at session "
+        "open and close. With one: add the hook to the PAM configuration, "
+        "remove it, or tell whether it is there.",
+    )
     _common(p)
     p.add_argument("action", nargs="?", choices=("enable", "disable", "status"))
-    p.add_argument("--fail-closed", action="store_true",
-                   help="deny the session when it cannot be recorded (default: allow it)")
-    p.add_argument("--timeout", type=_seconds, default=0.8, metavar="SECONDS",
-                   help="give up on the daemon after this long (default 0.8)")
-    p = sub.add_parser("bench", help="measure event throughput and overhead, side by side with "
-                       "the C floor and the bcc peer")
+    p.add_argument(
+        "--fail-closed",
+        action="store_true",
+        help="deny the session when it cannot be recorded (default: allow it)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=0.8,
+        metavar="SECONDS",
+        help="give up on the daemon after this long (default 0.8)",
+    )
+    p = sub.add_parser(
+        "bench",
+        help="measure event throughput and overhead, side by side with "
+        "the C floor and the bcc peer",
+    )
     _common(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--smoke", action="store_true",
-                   help="a few thousand events per run: check the accounting and the figures")
-    p.add_argument("--offline", action="store_true",
-                   help="only the user-space hot path on a synthetic corpus (no root needed)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few thousand events per run: check the accounting and the figures",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="only the user-space hot path on a synthetic corpus (no root needed)",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="length of each run (default 3)")
     p.add_argument("--workloads", type=_list(str), default="open,exec,connect,mixed")
-    p.add_argument("--rates", type=_list(int), default="10000,50000,100000,200000,0",
-                   help="events/s, 0 for flat out (default 10000,50000,100000,200000,0)")
-    p.add_argument("--modes", type=_list(str),
-                   default="none,outside,esr,floor,esr-pydecode,bcc,bcc-wk64")
+    p.add_argument(
+        "--rates",
+        type=_list(int),
+        default="10000,50000,100000,200000,0",
+        help="events/s, 0 for flat out (default 10000,50000,100000,200000,0)",
+    )
+    p.add_argument(
+        "--modes", type=_list(str), default="none,outside,esr,floor,esr-pydecode,bcc,bcc-wk64"
+    )
     return parser
 
 
@@ -114,6 +150,7 @@ def _list(kind):
             return [kind(x) for x in text.split(",") if x]
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a list of {kind.__name__}: {text!r}") from None
+
     return parse
 
 
@@ -195,12 +232,17 @@ def _cmd_status(args) -> int:
         return 0
     lost = status["lost"]
     print(f"uptime: {status['uptime_s']} s")
-    print(f"enhanced recording: {status['enhanced_recording']}, buffers (pages per CPU): "
-          + ", ".join(f"{k} {v}" for k, v in status["buffer_pages"].items()))
+    print(
+        f"enhanced recording: {status['enhanced_recording']}, buffers (pages per CPU): "
+        + ", ".join(f"{k} {v}" for k, v in status["buffer_pages"].items())
+    )
     print(f"sessions open: {status['sessions_open']}")
     print("events: " + ", ".join(f"{k} {v}" for k, v in status["events"].items()))
-    print("lost per buffer: " + ", ".join(f"{k} {v}" for k, v in lost["buffer"].items())
-          + f"; in user space: {lost['user_space']}")
+    print(
+        "lost per buffer: "
+        + ", ".join(f"{k} {v}" for k, v in lost["buffer"].items())
+        + f"; in user space: {lost['user_space']}"
+    )
     for sid, counts in lost["sessions"].items():
         print(f"lost in session {sid}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"bytes written: {status['bytes_written']}")
@@ -239,12 +281,16 @@ def _cmd_bench(args) -> int:
 
         print(json.dumps(measure(level=config.compression_level), indent=1))
         return 0
-    for name, chosen, known in (("workload", args.workloads, run.WORKLOADS),
-                                ("mode", args.modes, run.MODES)):
+    for name, chosen, known in (
+        ("workload", args.workloads, run.WORKLOADS),
+        ("mode", args.modes, run.MODES),
+    ):
         unknown = set(chosen) - set(known)
         if unknown:
-            raise UsageError(f"bench: unknown {name} {', '.join(sorted(unknown))} "
-                             f"(choose from {', '.join(known)})")
+            raise UsageError(
+                f"bench: unknown {name} {', '.join(sorted(unknown))} "
+                f"(choose from {', '.join(known)})"
+            )
     if args.smoke:
         return run.main(run.WORKLOADS, [5000, 0], run.MODES, 0.3, args.json, True, config)
     return run.main(args.workloads, args.rates, args.modes, args.seconds, args.json, False, config)
@@ -279,8 +325,19 @@ def _expected_errors() -> tuple:
     from esr.show import Broken
     from esr.bench.run import BenchError
 
-    return (BenchError, ConfigError, ControlError, DaemonError, DataDirError, LoadError,
-            PamSetupError, SessionError, RegistryFull, Broken, UsageError)
+    return (
+        BenchError,
+        ConfigError,
+        ControlError,
+        DaemonError,
+        DataDirError,
+        LoadError,
+        PamSetupError,
+        SessionError,
+        RegistryFull,
+        Broken,
+        UsageError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,11 +68,15 @@ def _check(config: Config) -> None:
     for key, least in _MIN_PAGES.items():
         pages = getattr(r, key)
         if pages & (pages - 1):
-            raise ConfigError(f"enhanced_recording.{key}: {pages} is not a power of two "
-                              "(perf buffers are 2^n pages)")
+            raise ConfigError(
+                f"enhanced_recording.{key}: {pages} is not a power of two "
+                "(perf buffers are 2^n pages)"
+            )
         if pages < least:
-            raise ConfigError(f"enhanced_recording.{key}: {pages} pages is too small: "
-                              f"the largest record needs {least}")
+            raise ConfigError(
+                f"enhanced_recording.{key}: {pages} pages is too small: "
+                f"the largest record needs {least}"
+            )
     for key in ("data_dir", "control_socket"):
         if not os.path.isabs(getattr(config, key)):
             raise ConfigError(f"{key}: must be an absolute path")

@@ -16,9 +16,9 @@ MAX_MESSAGE = 64 * 1024
 AuditId = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
 
 
-class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=True,
-           kw_only=True):
+class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=True, kw_only=True):
     """Record a new session seeded with seed_pid, or anchored at anchor_pid."""
+
     login: str
     user: str = ""
     seed_pid: int = 0
@@ -33,9 +33,9 @@ class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=Tru
     interactive: bool = False
 
 
-class Close(msgspec.Struct, tag="close", tag_field="op", forbid_unknown_fields=True,
-            kw_only=True):
+class Close(msgspec.Struct, tag="close", tag_field="op", forbid_unknown_fields=True, kw_only=True):
     """The session's leader is gone: by sid, or by the anchor PAM opened it at."""
+
     sid: str = ""
     anchor_pid: int = 0
     audit_sessionid: AuditId | None = None
@@ -95,8 +95,9 @@ def request(path: str, message, timeout: float) -> Reply:
         except (FileNotFoundError, ConnectionRefusedError) as err:
             raise DaemonUnavailable(f"no esr daemon on {path}: {err.strerror}") from None
         except OSError as err:
-            raise ControlError(f"cannot reach the esr daemon on {path}: "
-                               f"{err.strerror or err}") from None
+            raise ControlError(
+                f"cannot reach the esr daemon on {path}: {err.strerror or err}"
+            ) from None
         reply = b""
         try:
             sock.sendall(data)
@@ -107,10 +108,13 @@ def request(path: str, message, timeout: float) -> Reply:
                     break
                 reply += chunk
         except socket.timeout:
-            raise ControlError(f"the esr daemon on {path} did not answer within "
-                               f"{timeout:g} s") from None
+            raise ControlError(
+                f"the esr daemon on {path} did not answer within {timeout:g} s"
+            ) from None
         except OSError as err:
-            raise ControlError(f"talking to the esr daemon on {path}: {err.strerror or err}") from None
+            raise ControlError(
+                f"talking to the esr daemon on {path}: {err.strerror or err}"
+            ) from None
         try:
             return _reply_decoder.decode(reply)
         except (msgspec.DecodeError, msgspec.ValidationError):

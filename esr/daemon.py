@@ -58,8 +58,9 @@ def _lock(datadir: DataDir) -> int:
     except BlockingIOError:
         owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise DaemonError(f"an esr daemon (pid {owner}) is already recording into "
-                          f"{datadir.path}") from None
+        raise DaemonError(
+            f"an esr daemon (pid {owner}) is already recording into {datadir.path}"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -70,8 +71,9 @@ class _Client:
         self.sock = sock
         self.buffer = b""
         self.deadline = time.monotonic() + REQUEST_TIMEOUT
-        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        pid, uid, _gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
         self.pid, self.uid = pid, uid
 
 
@@ -120,13 +122,19 @@ class Daemon:
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         self.selector.register(self.sig_r, selectors.EVENT_READ, self._signals)
         if probe is not None:
-            self.selector.register(probe.fileno(), selectors.EVENT_READ,
-                                   lambda _fd: self.recorder.flush())
+            self.selector.register(
+                probe.fileno(), selectors.EVENT_READ, lambda _fd: self.recorder.flush()
+            )
         r = self.config.enhanced_recording
-        log("daemon.start", pid=os.getpid(), data_dir=self.datadir.path,
-            socket=self.config.control_socket, enhanced_recording=probe is not None,
+        log(
+            "daemon.start",
+            pid=os.getpid(),
+            data_dir=self.datadir.path,
+            socket=self.config.control_socket,
+            enhanced_recording=probe is not None,
             buffers=f"{r.command_buffer_size}/{r.disk_buffer_size}/{r.network_buffer_size}",
-            programs=len(probe.programs) if probe is not None else 0)
+            programs=len(probe.programs) if probe is not None else 0,
+        )
 
     def _listen(self, path: str) -> socket.socket:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
@@ -160,7 +168,11 @@ class Daemon:
         except OSError:
             pass
         os.close(self.lock_fd)
-        log("daemon.stop", events=self.recorder.events, lost_in_user_space=self.recorder.lost_in_user_space)
+        log(
+            "daemon.stop",
+            events=self.recorder.events,
+            lost_in_user_space=self.recorder.lost_in_user_space,
+        )
 
     # --- the loop -----------------------------------------------------------------
 
@@ -208,11 +220,17 @@ class Daemon:
                 (applied if key in RELOADABLE else ignored).append(key)
         if applied:
             import msgspec
+
             self.config = msgspec.structs.replace(
-                self.config, **{k: getattr(new, k) for k in applied})
+                self.config, **{k: getattr(new, k) for k in applied}
+            )
             self.recorder.reconfigure(self.config)
-        log("daemon.reload", reopened="audit log", applied=",".join(applied),
-            needs_restart=",".join(ignored))
+        log(
+            "daemon.reload",
+            reopened="audit log",
+            applied=",".join(applied),
+            needs_restart=",".join(ignored),
+        )
 
     # --- control socket ---------------------------------------------------------
 
@@ -230,8 +248,12 @@ class Daemon:
                 # Make room by dropping the slowest sender, so that idle
                 # connections can't lock the PAM hook out.
                 oldest = min(self.clients.values(), key=lambda c: c.deadline)
-                self._reply(oldest, control.Reply(
-                    ok=False, error="incomplete request: dropped for a newer connection"))
+                self._reply(
+                    oldest,
+                    control.Reply(
+                        ok=False, error="incomplete request: dropped for a newer connection"
+                    ),
+                )
             client = _Client(sock)
             self.clients[sock.fileno()] = client
             self.selector.register(sock, selectors.EVENT_READ, self._read)
@@ -246,8 +268,12 @@ class Daemon:
             chunk = b""
         client.buffer += chunk
         if len(client.buffer) > control.MAX_MESSAGE:
-            self._reply(client, control.Reply(
-                ok=False, error=f"request too large: more than {control.MAX_MESSAGE} bytes"))
+            self._reply(
+                client,
+                control.Reply(
+                    ok=False, error=f"request too large: more than {control.MAX_MESSAGE} bytes"
+                ),
+            )
         elif b"\n" in client.buffer:
             line, _, rest = client.buffer.partition(b"\n")
             if rest.strip():
@@ -255,8 +281,12 @@ class Daemon:
             else:
                 self._reply(client, self._handle(client, line))
         elif not chunk:
-            self._reply(client, control.Reply(
-                ok=False, error="incomplete request: connection closed before a newline"))
+            self._reply(
+                client,
+                control.Reply(
+                    ok=False, error="incomplete request: connection closed before a newline"
+                ),
+            )
 
     def _reply(self, client: _Client, reply: control.Reply) -> None:
         try:
@@ -264,8 +294,13 @@ class Daemon:
         except OSError:
             pass
         if not reply.ok:
-            log("control.refused", level="warning", peer_pid=client.pid, peer_uid=client.uid,
-                error=reply.error)
+            log(
+                "control.refused",
+                level="warning",
+                peer_pid=client.pid,
+                peer_uid=client.uid,
+                error=reply.error,
+            )
         self._drop(client)
 
     def _drop(self, client: _Client) -> None:
@@ -281,8 +316,10 @@ class Daemon:
         if isinstance(request, control.Status):
             return control.Reply(ok=True, status=self.recorder.status())
         if client.uid != 0:
-            return control.Reply(ok=False, error=f"permission denied: uid {client.uid} may not "
-                                 "open or close sessions")
+            return control.Reply(
+                ok=False,
+                error=f"permission denied: uid {client.uid} may not open or close sessions",
+            )
         try:
             if isinstance(request, control.Open):
                 return self._open(request)
@@ -310,11 +347,19 @@ class Daemon:
             return control.Reply(ok=False, error=f"no process {pid}")
         try:
             session = self.recorder.open_session(
-                login=req.login, user=req.user or req.login, seed_pid=req.seed_pid,
-                anchor_pid=req.anchor_pid, sid=req.sid, remote_addr=req.remote_addr,
-                service=req.service, tty=req.tty, command=req.command,
-                audit_sessionid=req.audit_sessionid, loginuid=req.loginuid,
-                interactive=req.interactive)
+                login=req.login,
+                user=req.user or req.login,
+                seed_pid=req.seed_pid,
+                anchor_pid=req.anchor_pid,
+                sid=req.sid,
+                remote_addr=req.remote_addr,
+                service=req.service,
+                tty=req.tty,
+                command=req.command,
+                audit_sessionid=req.audit_sessionid,
+                loginuid=req.loginuid,
+                interactive=req.interactive,
+            )
         except BaseException:
             if anchor >= 0:
                 os.close(anchor)
@@ -323,8 +368,9 @@ class Daemon:
             # sshd killed before PAM could close the session: the anchor's
             # exit is the logout.
             self.anchors[session.sid] = anchor
-            self.selector.register(anchor, selectors.EVENT_READ,
-                                   lambda _fd, sid=session.sid: self._anchor_gone(sid))
+            self.selector.register(
+                anchor, selectors.EVENT_READ, lambda _fd, sid=session.sid: self._anchor_gone(sid)
+            )
         return control.Reply(ok=True, sid=session.sid)
 
     def _forget_anchor(self, sid: str) -> None:
@@ -347,7 +393,8 @@ class Daemon:
                 # The open was nested, refused, or made while no daemon ran.
                 return control.Reply(ok=True)
             if SID_PATTERN.fullmatch(req.sid) and os.path.exists(
-                    self.recorder.datadir.recording(req.sid)):
+                self.recorder.datadir.recording(req.sid)
+            ):
                 # It ended already: its last task exited before the close came.
                 return control.Reply(ok=True, sid=req.sid)
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")

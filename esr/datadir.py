@@ -1,10 +1,10 @@
 """Where esr keeps its files, under data_dir:
 
-    server_id                 this host's stable id
-    sessions/<sid>.esr        one recording per session
-    log/<server_id>/<day>.00:00:00.log   the JSON audit log, one file per UTC day
-    log/events.log            symlink to the current day's file
-    esr.lock                  held by the running daemon
+server_id                 this host's stable id
+sessions/<sid>.esr        one recording per session
+log/<server_id>/<day>.00:00:00.log   the JSON audit log, one file per UTC day
+log/events.log            symlink to the current day's file
+esr.lock                  held by the running daemon
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ class DataDirError(Exception):
 
 def check_sid(sid: str) -> str:
     if not SID_PATTERN.fullmatch(sid):
-        raise DataDirError(f"invalid session id {sid!r}: use letters, digits and . _ : - "
-                           "(at most 128)")
+        raise DataDirError(
+            f"invalid session id {sid!r}: use letters, digits and . _ : - (at most 128)"
+        )
     return sid
 
 

@@ -40,12 +40,15 @@ def load(config: Config):
     from esr._fast.probe import Probe, ProbeError
 
     if os.geteuid() != 0:
-        raise LoadError("recording needs root: loading BPF programs requires CAP_BPF, "
-                        "CAP_PERFMON and CAP_SYS_ADMIN")
+        raise LoadError(
+            "recording needs root: loading BPF programs requires CAP_BPF, "
+            "CAP_PERFMON and CAP_SYS_ADMIN"
+        )
     mount_tracefs()
     try:
-        return Probe(bpf_image(), config.buffer_pages(), config.max_sessions,
-                     config.max_tracked_tasks)
+        return Probe(
+            bpf_image(), config.buffer_pages(), config.max_sessions, config.max_tracked_tasks
+        )
     except ProbeError as err:
         reason = err.strerror or str(err)
         if err.errno == errno.EPERM:

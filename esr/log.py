@@ -15,8 +15,11 @@ def _value(v) -> str:
 
 
 def log(event: str, level: str = "info", **fields) -> None:
-    parts = [f"time={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", f"level={level}",
-             f"event={event}"]
+    parts = [
+        f"time={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+        f"level={level}",
+        f"event={event}",
+    ]
     parts += [f"{k}={_value(v)}" for k, v in fields.items() if v not in (None, "")]
     try:
         sys.stderr.write(" ".join(parts) + "\n")

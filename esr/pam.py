@@ -61,10 +61,15 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
     audit_sessionid = _proc_id("sessionid")
     if kind == "open_session":
         message = control.Open(
-            login=user, user=env.get("PAM_RUSER") or user, anchor_pid=anchor,
-            remote_addr=env.get("PAM_RHOST", ""), service=env.get("PAM_SERVICE", ""),
-            tty=env.get("PAM_TTY", ""), audit_sessionid=audit_sessionid,
-            loginuid=_proc_id("loginuid"))
+            login=user,
+            user=env.get("PAM_RUSER") or user,
+            anchor_pid=anchor,
+            remote_addr=env.get("PAM_RHOST", ""),
+            service=env.get("PAM_SERVICE", ""),
+            tty=env.get("PAM_TTY", ""),
+            audit_sessionid=audit_sessionid,
+            loginuid=_proc_id("loginuid"),
+        )
     elif kind == "close_session":
         message = control.Close(anchor_pid=anchor, audit_sessionid=audit_sessionid)
     else:
@@ -99,13 +104,15 @@ def _rule(command: str) -> str:
 
 def profile(command: str) -> str:
     """The pam-auth-update profile; the package ships it for /usr/bin/esr."""
-    return ("Name: Record login sessions with esr (Enhanced Session Recorder)\n"
-            "Default: no\n"
-            "Priority: 0\n"
-            "Session-Interactive-Only: yes\n"
-            "Session-Type: Additional\n"
-            "Session:\n"
-            f"\t{_rule(command)}\n")
+    return (
+        "Name: Record login sessions with esr (Enhanced Session Recorder)\n"
+        "Default: no\n"
+        "Priority: 0\n"
+        "Session-Interactive-Only: yes\n"
+        "Session-Type: Additional\n"
+        "Session:\n"
+        f"\t{_rule(command)}\n"
+    )
 
 
 def _backup(path: str) -> None:
@@ -117,8 +124,10 @@ def _backup(path: str) -> None:
 def _hooked(path: str) -> bool:
     try:
         with open(path) as f:
-            return any("pam_exec.so" in l and " pam" in l and "esr" in l
-                       and not l.lstrip().startswith("#") for l in f)
+            return any(
+                "pam_exec.so" in l and " pam" in l and "esr" in l and not l.lstrip().startswith("#")
+                for l in f
+            )
     except FileNotFoundError:
         return False
 
@@ -136,8 +145,9 @@ def _pam_auth_update(*args: str) -> None:
     r = subprocess.run(["pam-auth-update", "--package", *args], capture_output=True, text=True)
     if r.returncode != 0:
         detail = (r.stderr or r.stdout).strip().splitlines()
-        raise PamSetupError(f"pam-auth-update {' '.join(args)} failed: "
-                            f"{detail[-1] if detail else r.returncode}")
+        raise PamSetupError(
+            f"pam-auth-update {' '.join(args)} failed: {detail[-1] if detail else r.returncode}"
+        )
 
 
 def enable(config_path: str | None) -> str:
@@ -156,8 +166,10 @@ def enable(config_path: str | None) -> str:
         _backup(COMMON_SESSION)
         _pam_auth_update("--enable", "esr")
         if not _hooked(COMMON_SESSION):
-            raise PamSetupError(f"pam-auth-update left {COMMON_SESSION} without the esr hook "
-                                "(was it edited by hand? see pam-auth-update(8) --force)")
+            raise PamSetupError(
+                f"pam-auth-update left {COMMON_SESSION} without the esr hook "
+                "(was it edited by hand? see pam-auth-update(8) --force)"
+            )
         return f"enabled in {COMMON_SESSION} (profile {PROFILE})"
     if _hooked(SSHD):
         return f"already enabled in {SSHD}"
@@ -179,8 +191,11 @@ def disable() -> str:
         _backup(SSHD)
         with open(SSHD) as f:
             lines = f.read().splitlines()
-        kept = [l for l in lines if l != MARK and not ("pam_exec.so" in l and "esr" in l
-                                                       and " pam" in l)]
+        kept = [
+            l
+            for l in lines
+            if l != MARK and not ("pam_exec.so" in l and "esr" in l and " pam" in l)
+        ]
         _write(SSHD, "\n".join(kept) + "\n")
         done.append(SSHD)
     if _hooked(COMMON_SESSION):

@@ -34,8 +34,7 @@ def _noop_log(event: str, **fields) -> None:
 
 
 class Recorder:
-    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log,
-                 decode=decode_batch):
+    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log, decode=decode_batch):
         """probe is an esr._fast.probe.Probe, or None when enhanced recording
         is disabled: sessions then get start and end events only. decode is
         swapped only by the benchmark, to measure what the Cython one buys."""
@@ -59,11 +58,22 @@ class Recorder:
 
     # --- sessions ------------------------------------------------------------
 
-    def open_session(self, *, login: str, user: str, seed_pid: int = 0, anchor_pid: int = 0,
-                     sid: str | None = None, remote_addr: str = "", service: str = "",
-                     tty: str = "", command: list[bytes] | None = None,
-                     audit_sessionid: int | None = None, loginuid: int | None = None,
-                     interactive: bool = False) -> Session:
+    def open_session(
+        self,
+        *,
+        login: str,
+        user: str,
+        seed_pid: int = 0,
+        anchor_pid: int = 0,
+        sid: str | None = None,
+        remote_addr: str = "",
+        service: str = "",
+        tty: str = "",
+        command: list[bytes] | None = None,
+        audit_sessionid: int | None = None,
+        loginuid: int | None = None,
+        interactive: bool = False,
+    ) -> Session:
         """Start recording a session seeded with seed_pid (recorded itself,
         with everything it forks) or anchor_pid (only what it forks from now
         on is recorded)."""
@@ -79,16 +89,34 @@ class Recorder:
         try:
             writer = Writer.create(path, sid, self.config.compression_level)
             start = schema.SessionStart(
-                ei=0, time=time.time_ns(), sid=sid, server_id=self.server_id,
-                server_hostname=self.hostname, login=login, user=user, remote_addr=remote_addr,
-                service=service, tty=tty, command=command or [],
-                seed_pid=seed_pid or anchor_pid, audit_sessionid=audit_sessionid,
-                loginuid=loginuid)
-            session = Session(sid=sid, slot=slot, cookie=cookie, start=start,
-                              audit=schema.AuditFormat(schema.Identity.of(start)), writer=writer,
-                              path=path, pending=SessionEvents(audit_disks=self.config.audit_disk_events,
-                                                    interactive=interactive),
-                              anchor_pid=anchor_pid)
+                ei=0,
+                time=time.time_ns(),
+                sid=sid,
+                server_id=self.server_id,
+                server_hostname=self.hostname,
+                login=login,
+                user=user,
+                remote_addr=remote_addr,
+                service=service,
+                tty=tty,
+                command=command or [],
+                seed_pid=seed_pid or anchor_pid,
+                audit_sessionid=audit_sessionid,
+                loginuid=loginuid,
+            )
+            session = Session(
+                sid=sid,
+                slot=slot,
+                cookie=cookie,
+                start=start,
+                audit=schema.AuditFormat(schema.Identity.of(start)),
+                writer=writer,
+                path=path,
+                pending=SessionEvents(
+                    audit_disks=self.config.audit_disk_events, interactive=interactive
+                ),
+                anchor_pid=anchor_pid,
+            )
             writer.append(KIND_START, [start])
             self.audit.write(session.audit.line(start))
             if self.probe is not None:
@@ -112,8 +140,16 @@ class Recorder:
                 raise SessionError(f"cannot start session {sid}: {err.strerror or err}") from None
             raise
         self.registry.add(session)
-        self.log("session.start", sid=sid, login=login, user=user, seed_pid=seed_pid,
-                 anchor_pid=anchor_pid, service=service, remote=remote_addr)
+        self.log(
+            "session.start",
+            sid=sid,
+            login=login,
+            user=user,
+            seed_pid=seed_pid,
+            anchor_pid=anchor_pid,
+            service=service,
+            remote=remote_addr,
+        )
         return session
 
     def session_of_task(self, pid: int) -> Session | None:
@@ -125,13 +161,18 @@ class Recorder:
             return None
         return self.registry.by_cookie.get(tracked[0])
 
-    def find_session(self, sid: str = "", anchor_pid: int = 0,
-                     audit_sessionid: int | None = None) -> Session | None:
+    def find_session(
+        self, sid: str = "", anchor_pid: int = 0, audit_sessionid: int | None = None
+    ) -> Session | None:
         if sid:
             return self.registry.by_sid.get(sid)
         for session in self.registry:
-            if (anchor_pid and session.anchor_pid == anchor_pid and not session.leader_gone
-                    and session.start.audit_sessionid == audit_sessionid):
+            if (
+                anchor_pid
+                and session.anchor_pid == anchor_pid
+                and not session.leader_gone
+                and session.start.audit_sessionid == audit_sessionid
+            ):
                 return session
         return None
 
@@ -174,17 +215,30 @@ class Recorder:
         self._flush_session(session)
         lost = session.lost
         end = schema.SessionEnd(
-            ei=session.pending.next_ei, time=time.time_ns(), reason=reason,
-            enhanced_recording=self.probe is not None, interactive=session.pending.interactive,
-            commands=session.commands, disks=session.disks, networks=session.networks,
-            lost_command=lost[0], lost_disk=lost[1], lost_network=lost[2],
-            untracked_forks=session.untracked_forks)
+            ei=session.pending.next_ei,
+            time=time.time_ns(),
+            reason=reason,
+            enhanced_recording=self.probe is not None,
+            interactive=session.pending.interactive,
+            commands=session.commands,
+            disks=session.disks,
+            networks=session.networks,
+            lost_command=lost[0],
+            lost_disk=lost[1],
+            lost_network=lost[2],
+            untracked_forks=session.untracked_forks,
+        )
         session.pending.next_ei += 1
         if self.probe is not None:
             # Tasks and an anchor still tracked must not outlive the slot,
             # unless the maps themselves are about to go.
-            self.probe.close_session(session.slot, not self._closing and (
-                self.live_tasks(session) > 0 or (session.anchor_pid and not session.leader_gone)))
+            self.probe.close_session(
+                session.slot,
+                not self._closing
+                and (
+                    self.live_tasks(session) > 0 or (session.anchor_pid and not session.leader_gone)
+                ),
+            )
         self.registry.remove(session)
         try:
             session.writer.append(KIND_END, [end])
@@ -193,9 +247,16 @@ class Recorder:
         self._audit_write(session.audit.line(end))
         session.writer.close()
         self.closed_bytes += session.writer.bytes_written
-        self.log("session.end", sid=session.sid, reason=reason, commands=session.commands,
-                 disks=session.disks, networks=session.networks,
-                 lost=sum(lost), untracked_forks=session.untracked_forks)
+        self.log(
+            "session.end",
+            sid=session.sid,
+            reason=reason,
+            commands=session.commands,
+            disks=session.disks,
+            networks=session.networks,
+            lost=sum(lost),
+            untracked_forks=session.untracked_forks,
+        )
 
     def close(self, reason: str = "recorder stopped") -> None:
         """End every open session, then release the probe."""
@@ -220,8 +281,11 @@ class Recorder:
         # anchor, which may not have forked anything yet. Read before
         # taking the batch: a task's records are all in the buffers before it
         # exits, and taking it drains the buffers once more.
-        over = [s for s in self.registry
-                if (s.leader_gone or not s.anchor_pid) and self.live_tasks(s) == 0]
+        over = [
+            s
+            for s in self.registry
+            if (s.leader_gone or not s.anchor_pid) and self.live_tasks(s) == 0
+        ]
         self._decode()
         for session in self.registry:
             self._flush_session(session)
@@ -235,8 +299,9 @@ class Recorder:
         batch = self.probe.take_batch()
         try:
             if batch:
-                self.orphans += self.decode(batch, self.registry.pending_by_cookie,
-                                            _boot_to_epoch_ns())
+                self.orphans += self.decode(
+                    batch, self.registry.pending_by_cookie, _boot_to_epoch_ns()
+                )
         finally:
             batch.release()
             self.probe.release_batch()
@@ -249,8 +314,14 @@ class Recorder:
             _live, *lost, untracked = self.probe.session_counters(session.slot)
             if lost != session.lost or untracked != session.untracked_forks:
                 newly_lost = [now - before for now, before in zip(lost, session.lost)]
-                pending.add(schema.Lost(pending.next_ei, time.time_ns(), *newly_lost,
-                                        untracked - session.untracked_forks))
+                pending.add(
+                    schema.Lost(
+                        pending.next_ei,
+                        time.time_ns(),
+                        *newly_lost,
+                        untracked - session.untracked_forks,
+                    )
+                )
                 session.lost = lost
                 session.untracked_forks = untracked
         if not pending.events:
@@ -264,8 +335,9 @@ class Recorder:
         self.events["network"] += networks
         self._append(session, events, audited, (commands, disks, networks, *newly_lost))
 
-    def _append(self, session: Session, events: list, audited: list,
-                counts=(0, 0, 0, 0, 0, 0)) -> None:
+    def _append(
+        self, session: Session, events: list, audited: list, counts=(0, 0, 0, 0, 0, 0)
+    ) -> None:
         """Write events as a frame, and those to audit as lines."""
         try:
             session.writer.append(KIND_EVENTS, events, counts)
@@ -285,8 +357,13 @@ class Recorder:
         self.write_errors += 1
         self.lost_in_user_space += count
         session.writer.discard_partial()
-        self.log("recording.write_failed", level="error", sid=session.sid, error=err.strerror,
-                 events=count)
+        self.log(
+            "recording.write_failed",
+            level="error",
+            sid=session.sid,
+            error=err.strerror,
+            events=count,
+        )
 
     # --- status ----------------------------------------------------------------
 
@@ -295,21 +372,22 @@ class Recorder:
         return {
             "uptime_s": round(time.monotonic() - self.started, 1),
             "enhanced_recording": self.probe is not None,
-            "buffer_pages": dict(zip(("command", "disk", "network"),
-                                     self.config.buffer_pages())),
+            "buffer_pages": dict(zip(("command", "disk", "network"), self.config.buffer_pages())),
             "events": dict(self.events),
             "lost": {
                 "buffer": dict(zip(("command", "disk", "network"), lost)),
                 # The same losses as the perf buffers report them, to cross-check.
                 "reported_by_perf": self.probe.lost_notified if self.probe is not None else 0,
                 "user_space": self.lost_in_user_space,
-                "sessions": {s.sid: dict(zip(("command", "disk", "network"), s.lost))
-                             for s in self.registry},
+                "sessions": {
+                    s.sid: dict(zip(("command", "disk", "network"), s.lost)) for s in self.registry
+                },
             },
             "orphan_records": self.orphans,
             "sessions_open": len(self.registry),
             "bytes_written": sum(s.writer.bytes_written for s in self.registry)
-            + self.closed_bytes + self.audit.bytes_written,
+            + self.closed_bytes
+            + self.audit.bytes_written,
             "write_errors": self.write_errors,
         }
 
@@ -331,10 +409,19 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
             continue
         start = recording.session_start(path)
         end = schema.SessionEnd(
-            ei=summary.last_ei + 1, time=time.time_ns(), reason="recorder stopped",
-            enhanced_recording=True, interactive=False, commands=summary.commands,
-            disks=summary.disks, networks=summary.networks, lost_command=summary.lost[0],
-            lost_disk=summary.lost[1], lost_network=summary.lost[2], untracked_forks=0)
+            ei=summary.last_ei + 1,
+            time=time.time_ns(),
+            reason="recorder stopped",
+            enhanced_recording=True,
+            interactive=False,
+            commands=summary.commands,
+            disks=summary.disks,
+            networks=summary.networks,
+            lost_command=summary.lost[0],
+            lost_disk=summary.lost[1],
+            lost_network=summary.lost[2],
+            untracked_forks=0,
+        )
         writer.append(KIND_END, [end])
         writer.close()
         audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end))

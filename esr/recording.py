@@ -70,6 +70,7 @@ class Frame:
 @dataclass
 class Summary:
     """What the intact part of a recording holds."""
+
     frames: int = 0
     last_ei: int = -1
     commands: int = 0
@@ -132,14 +133,28 @@ class Reader:
             size = os.fstat(f.fileno()).st_size
             offset = index = 0
             while offset < size:
+
                 def damage(reason, truncated=False):
                     return Damage(index, offset, reason, summary, truncated)
 
                 head = f.read(HEADER.size)
                 if len(head) < HEADER.size:
                     raise damage(f"truncated: {len(head)} of {HEADER.size} header bytes", True)
-                (magic, version, kind, _flags, length, count, first_ei, last_ei,
-                 commands, disks, networks, *lost, digest) = HEADER.unpack(head)
+                (
+                    magic,
+                    version,
+                    kind,
+                    _flags,
+                    length,
+                    count,
+                    first_ei,
+                    last_ei,
+                    commands,
+                    disks,
+                    networks,
+                    *lost,
+                    digest,
+                ) = HEADER.unpack(head)
                 if magic != MAGIC:
                     raise damage("not an esr frame (bad magic)")
                 if version != VERSION:
@@ -151,11 +166,14 @@ class Reader:
                 if summary.closed:
                     raise damage("frame after session.end")
                 if first_ei != expect_ei or last_ei - first_ei + 1 != count or count == 0:
-                    raise damage(f"sequence break: events {first_ei}..{last_ei} (x{count}), "
-                                 f"expected to start at {expect_ei}")
+                    raise damage(
+                        f"sequence break: events {first_ei}..{last_ei} (x{count}), "
+                        f"expected to start at {expect_ei}"
+                    )
                 if offset + HEADER.size + length > size:
-                    raise damage(f"truncated: {size - offset - HEADER.size} of {length} "
-                                 "payload bytes", True)
+                    raise damage(
+                        f"truncated: {size - offset - HEADER.size} of {length} payload bytes", True
+                    )
                 if self.payloads:
                     payload = f.read(length)
                     if _digest(prev, head[:-DIGEST_SIZE], payload) != digest:
@@ -163,8 +181,21 @@ class Reader:
                 else:
                     payload = None
                     f.seek(length, os.SEEK_CUR)
-                frame = Frame(index, offset, kind, length, count, first_ei, last_ei, commands,
-                              disks, networks, tuple(lost), digest, payload)
+                frame = Frame(
+                    index,
+                    offset,
+                    kind,
+                    length,
+                    count,
+                    first_ei,
+                    last_ei,
+                    commands,
+                    disks,
+                    networks,
+                    tuple(lost),
+                    digest,
+                    payload,
+                )
                 summary.add(frame)
                 yield frame
                 prev = digest
@@ -201,11 +232,37 @@ def read_frame(path: str, offset: int) -> Frame:
     """One frame at an offset found by scan(), unchecked."""
     with open(path, "rb") as f:
         f.seek(offset)
-        (_m, _v, kind, _fl, length, count, first_ei, last_ei, commands, disks, networks,
-         *lost, digest) = HEADER.unpack(f.read(HEADER.size))
+        (
+            _m,
+            _v,
+            kind,
+            _fl,
+            length,
+            count,
+            first_ei,
+            last_ei,
+            commands,
+            disks,
+            networks,
+            *lost,
+            digest,
+        ) = HEADER.unpack(f.read(HEADER.size))
         payload = f.read(length)
-    return Frame(-1, offset, kind, length, count, first_ei, last_ei, commands, disks, networks,
-                 tuple(lost), digest, payload)
+    return Frame(
+        -1,
+        offset,
+        kind,
+        length,
+        count,
+        first_ei,
+        last_ei,
+        commands,
+        disks,
+        networks,
+        tuple(lost),
+        digest,
+        payload,
+    )
 
 
 class Writer:
@@ -248,16 +305,28 @@ class Writer:
         disks and networks among them, and the command, disk and network
         events their Lost records report. Returns bytes written."""
         schema.encode_events_into(events, self._encoded)
-        return self.append_compressed(kind, self.compress(self._encoded),
-                                      events[0].ei, events[-1].ei, counts)
+        return self.append_compressed(
+            kind, self.compress(self._encoded), events[0].ei, events[-1].ei, counts
+        )
 
     def compress(self, payload) -> bytes:
         return self._zstd.compress(payload)
 
-    def append_compressed(self, kind: int, payload: bytes, first_ei: int, last_ei: int,
-                          counts: tuple) -> int:
-        head = HEADER.pack(MAGIC, VERSION, kind, 0, len(payload), last_ei - first_ei + 1,
-                           first_ei, last_ei, *counts, b"")[:-DIGEST_SIZE]
+    def append_compressed(
+        self, kind: int, payload: bytes, first_ei: int, last_ei: int, counts: tuple
+    ) -> int:
+        head = HEADER.pack(
+            MAGIC,
+            VERSION,
+            kind,
+            0,
+            len(payload),
+            last_ei - first_ei + 1,
+            first_ei,
+            last_ei,
+            *counts,
+            b"",
+        )[:-DIGEST_SIZE]
         digest = _digest(self.digest, head, payload)
         data = head + digest + payload
         view = memoryview(data)

@@ -90,9 +90,15 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
     pid, release = _spawn_held(argv)
     try:
         tty = os.ttyname(0) if os.isatty(0) else ""
-        request = control.Open(login=login, user=user, seed_pid=pid, sid=sid,
-                               command=[os.fsencode(a) for a in argv], tty=tty,
-                               interactive=bool(tty))
+        request = control.Open(
+            login=login,
+            user=user,
+            seed_pid=pid,
+            sid=sid,
+            command=[os.fsencode(a) for a in argv],
+            tty=tty,
+            interactive=bool(tty),
+        )
         try:
             reply = control.request(config.control_socket, request, timeout=10)
         except control.DaemonUnavailable:
@@ -112,13 +118,18 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
     status = _wait_forwarding(pid, signals)
     if not reply.nested:
         try:
-            closed = control.request(config.control_socket, control.Close(sid=reply.sid),
-                                     timeout=10)
+            closed = control.request(
+                config.control_socket, control.Close(sid=reply.sid), timeout=10
+            )
             if not closed.ok:
                 print(f"esr: warning: {closed.error}", file=sys.stderr, flush=True)
             elif closed.remaining:
-                print(f"esr: {argv[0]} exited; the daemon keeps recording the {closed.remaining} "
-                      "tasks it left running", file=sys.stderr, flush=True)
+                print(
+                    f"esr: {argv[0]} exited; the daemon keeps recording the {closed.remaining} "
+                    "tasks it left running",
+                    file=sys.stderr,
+                    flush=True,
+                )
         except control.ControlError as err:
             print(f"esr: warning: {err}", file=sys.stderr, flush=True)
     return status
@@ -154,8 +165,14 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
         raise
     try:
         session = recorder.open_session(
-            login=request.login, user=request.user, seed_pid=pid, sid=request.sid,
-            command=request.command, tty=request.tty, interactive=request.interactive)
+            login=request.login,
+            user=request.user,
+            seed_pid=pid,
+            sid=request.sid,
+            command=request.command,
+            tty=request.tty,
+            interactive=request.interactive,
+        )
     except BaseException:
         _kill(pid)
         recorder.close()
@@ -188,8 +205,12 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
                     ended = session.sid not in recorder.registry.by_sid
                     remaining = 0 if ended else recorder.leave(session)
                     if remaining:
-                        print(f"esr: {argv0} exited; recording {remaining} tasks it left "
-                              f"running (interrupt to stop)", file=sys.stderr, flush=True)
+                        print(
+                            f"esr: {argv0} exited; recording {remaining} tasks it left "
+                            f"running (interrupt to stop)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 elif key.data == "signal":
                     for sig in signals.read():
                         if status is None and sig in (signal.SIGTERM, signal.SIGHUP):

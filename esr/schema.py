@@ -69,6 +69,7 @@ class Network(msgspec.Struct, tag=3, array_like=True, gc=False):
 
 class Lost(msgspec.Struct, tag=4, array_like=True, gc=False):
     """Records the kernel could not deliver since the previous report."""
+
     ei: int
     time: int
     command: int
@@ -96,6 +97,7 @@ class SessionStart(msgspec.Struct, tag=10, array_like=True, gc=False):
 
 class SessionLeave(msgspec.Struct, tag=11, array_like=True, gc=False):
     """The session's leader is gone while some of its processes still run."""
+
     ei: int
     time: int
     live_tasks: int
@@ -167,6 +169,7 @@ def rfc3339(ns: int) -> str:
 
 class Identity(msgspec.Struct, frozen=True):
     """The fields every JSON event of a session repeats."""
+
     sid: str
     server_id: str
     server_hostname: str
@@ -182,34 +185,63 @@ def _fields(event, identity: Identity) -> dict:
     """The fields of an event besides the ones every event has."""
     kind = type(event)
     if kind is Command:
-        out = {"pid": event.pid, "ppid": event.ppid, "cgroup_id": event.cgroup_id,
-               "program": text(event.program), "path": text(event.path),
-               "argv": [text(a) for a in event.argv], "return_code": event.return_code,
-               "unix_uid": event.unix_uid, "unix_gid": event.unix_gid}
+        out = {
+            "pid": event.pid,
+            "ppid": event.ppid,
+            "cgroup_id": event.cgroup_id,
+            "program": text(event.program),
+            "path": text(event.path),
+            "argv": [text(a) for a in event.argv],
+            "return_code": event.return_code,
+            "unix_uid": event.unix_uid,
+            "unix_gid": event.unix_gid,
+        }
         if event.argv_truncated:
-            out.update(argv_truncated=True, argv_cut_args=event.argv_cut_args,
-                       argv_cut_bytes=event.argv_cut_bytes)
+            out.update(
+                argv_truncated=True,
+                argv_cut_args=event.argv_cut_args,
+                argv_cut_bytes=event.argv_cut_bytes,
+            )
         return out
     if kind is Disk:
-        out = {"pid": event.pid, "cgroup_id": event.cgroup_id, "program": text(event.program),
-               "path": text(event.path), "flags": event.flags, "return_code": event.return_code}
+        out = {
+            "pid": event.pid,
+            "cgroup_id": event.cgroup_id,
+            "program": text(event.program),
+            "path": text(event.path),
+            "flags": event.flags,
+            "return_code": event.return_code,
+        }
         if event.path_truncated:
             out["path_truncated"] = True
         return out
     if kind is Network:
-        return {"pid": event.pid, "cgroup_id": event.cgroup_id, "program": text(event.program),
-                "src_addr": event.src_addr, "src_port": event.src_port,
-                "dst_addr": event.dst_addr, "dst_port": event.dst_port,
-                "version": event.version, "operation": event.operation,
-                "action": event.action, "return_code": event.return_code}
+        return {
+            "pid": event.pid,
+            "cgroup_id": event.cgroup_id,
+            "program": text(event.program),
+            "src_addr": event.src_addr,
+            "src_port": event.src_port,
+            "dst_addr": event.dst_addr,
+            "dst_port": event.dst_port,
+            "version": event.version,
+            "operation": event.operation,
+            "action": event.action,
+            "return_code": event.return_code,
+        }
     if kind is Lost:
         out = {"lost": {"command": event.command, "disk": event.disk, "network": event.network}}
         if event.untracked_forks:
             out["untracked_forks"] = event.untracked_forks
         return out
     if kind is SessionStart:
-        out = {"addr.remote": event.remote_addr, "service": event.service, "tty": event.tty,
-               "command": [text(a) for a in event.command], "seed_pid": event.seed_pid}
+        out = {
+            "addr.remote": event.remote_addr,
+            "service": event.service,
+            "tty": event.tty,
+            "command": [text(a) for a in event.command],
+            "seed_pid": event.seed_pid,
+        }
         if event.audit_sessionid is not None:
             out["audit_sessionid"] = event.audit_sessionid
         if event.loginuid is not None:
@@ -217,12 +249,19 @@ def _fields(event, identity: Identity) -> dict:
         return out
     if kind is SessionLeave:
         return {"live_tasks": event.live_tasks}
-    return {"enhanced_recording": event.enhanced_recording, "interactive": event.interactive,
-            "participants": [identity.user], "reason": event.reason,
-            "events": {"command": event.commands, "disk": event.disks, "network": event.networks},
-            "lost": {"command": event.lost_command, "disk": event.lost_disk,
-                     "network": event.lost_network},
-            "untracked_forks": event.untracked_forks}
+    return {
+        "enhanced_recording": event.enhanced_recording,
+        "interactive": event.interactive,
+        "participants": [identity.user],
+        "reason": event.reason,
+        "events": {"command": event.commands, "disk": event.disks, "network": event.networks},
+        "lost": {
+            "command": event.lost_command,
+            "disk": event.lost_disk,
+            "network": event.lost_network,
+        },
+        "untracked_forks": event.untracked_forks,
+    }
 
 
 def _ascii_json(value) -> bytes:
@@ -250,14 +289,27 @@ class AuditFormat:
         # Event ids are the session's own id space: a UUID derived from the
         # sid, its last 48 bits replaced by the event index.
         self.uid_prefix = str(uuid.uuid5(_UID_NAMESPACE, identity.sid))[:24]
-        self._common = _ascii_json({
-            "sid": identity.sid, "namespace": "default", "server_id": identity.server_id,
-            "server_hostname": identity.server_hostname, "login": identity.login,
-            "user": identity.user})[1:-1]
+        self._common = _ascii_json(
+            {
+                "sid": identity.sid,
+                "namespace": "default",
+                "server_id": identity.server_id,
+                "server_hostname": identity.server_hostname,
+                "login": identity.login,
+                "user": identity.user,
+            }
+        )[1:-1]
 
     def line(self, event) -> bytes:
         name, code = _NAMES[type(event)]
-        head = (f'{{"event":"{name}","code":"{code}","ei":{event.ei},'
-                f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",')
-        return (head.encode() + self._common + b"," + _ascii_json(_fields(event, self.identity))[1:]
-                + b"\n")
+        head = (
+            f'{{"event":"{name}","code":"{code}","ei":{event.ei},'
+            f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",'
+        )
+        return (
+            head.encode()
+            + self._common
+            + b","
+            + _ascii_json(_fields(event, self.identity))[1:]
+            + b"\n"
+        )

@@ -40,30 +40,44 @@ def _text_line(event) -> str:
     when = schema.rfc3339(event.time)
     if kind is schema.Command:
         argv = " ".join(_printable(a) for a in event.argv)
-        cut = (f" [argv truncated: {event.argv_cut_args} args, {event.argv_cut_bytes} bytes cut]"
-               if event.argv_truncated else "")
-        detail = (f"pid={event.pid} ppid={event.ppid} uid={event.unix_uid} rc={event.return_code} "
-                  f"{_printable(event.path)} {argv}{cut}")
+        cut = (
+            f" [argv truncated: {event.argv_cut_args} args, {event.argv_cut_bytes} bytes cut]"
+            if event.argv_truncated
+            else ""
+        )
+        detail = (
+            f"pid={event.pid} ppid={event.ppid} uid={event.unix_uid} rc={event.return_code} "
+            f"{_printable(event.path)} {argv}{cut}"
+        )
     elif kind is schema.Disk:
-        detail = (f"pid={event.pid} {_printable(event.program)} flags={event.flags:#o} "
-                  f"rc={event.return_code} {_printable(event.path)}")
+        detail = (
+            f"pid={event.pid} {_printable(event.program)} flags={event.flags:#o} "
+            f"rc={event.return_code} {_printable(event.path)}"
+        )
     elif kind is schema.Network:
         src = f"[{event.src_addr}]" if event.version == 6 else event.src_addr
         dst = f"[{event.dst_addr}]" if event.version == 6 else event.dst_addr
-        detail = (f"pid={event.pid} {_printable(event.program)} {src}:{event.src_port} -> "
-                  f"{dst}:{event.dst_port} rc={event.return_code}")
+        detail = (
+            f"pid={event.pid} {_printable(event.program)} {src}:{event.src_port} -> "
+            f"{dst}:{event.dst_port} rc={event.return_code}"
+        )
     elif kind is schema.Lost:
-        detail = (f"LOST command={event.command} disk={event.disk} network={event.network}"
-                  + (f" untracked_forks={event.untracked_forks}" if event.untracked_forks else ""))
+        detail = f"LOST command={event.command} disk={event.disk} network={event.network}" + (
+            f" untracked_forks={event.untracked_forks}" if event.untracked_forks else ""
+        )
     elif kind is schema.SessionStart:
-        detail = (f"sid={event.sid} login={event.login} user={event.user} "
-                  f"remote={event.remote_addr or '-'} service={event.service or '-'} "
-                  f"tty={event.tty or '-'}")
+        detail = (
+            f"sid={event.sid} login={event.login} user={event.user} "
+            f"remote={event.remote_addr or '-'} service={event.service or '-'} "
+            f"tty={event.tty or '-'}"
+        )
     elif kind is schema.SessionLeave:
         detail = f"leader gone, {event.live_tasks} tasks still running"
     else:
-        detail = (f"reason={event.reason!r} commands={event.commands} disks={event.disks} "
-                  f"networks={event.networks} lost={event.lost_command + event.lost_disk + event.lost_network}")
+        detail = (
+            f"reason={event.reason!r} commands={event.commands} disks={event.disks} "
+            f"networks={event.networks} lost={event.lost_command + event.lost_disk + event.lost_network}"
+        )
     return f"{when} {event.ei:>6} {schema.event_name(event):<15} {detail}"
 
 
@@ -100,12 +114,16 @@ def verify(datadir: DataDir, sid: str) -> str:
         s = recording.verify(datadir.recording(sid), sid)
     except recording.Damage as err:
         intact = err.intact
-        good = (f"frames 0..{err.frame - 1} (events 0..{intact.last_ei}) are intact"
-                if err.frame else "nothing before it is intact")
-        raise Broken(f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; "
-                     f"{good}") from None
+        good = (
+            f"frames 0..{err.frame - 1} (events 0..{intact.last_ei}) are intact"
+            if err.frame
+            else "nothing before it is intact"
+        )
+        raise Broken(
+            f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; {good}"
+        ) from None
     state = "closed" if s.closed else "not closed: still recording, or the recorder stopped"
-    return (f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}")
+    return f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}"
 
 
 def _first_command(path: str, summary: recording.Summary) -> str:
@@ -122,18 +140,29 @@ def sessions(datadir: DataDir) -> list[dict]:
     for sid in datadir.sids():
         path = datadir.recording(sid)
         summary, damage = recording.scan(path, sid)
-        row = {"sid": sid, "start": None, "end": None, "login": "", "user": "",
-               "command": "", "events": {"command": summary.commands, "disk": summary.disks,
-                                         "network": summary.networks},
-               "lost": dict(zip(("command", "disk", "network"), summary.lost)),
-               "state": "closed" if summary.closed else "open",
-               "damaged": str(damage) if damage else None}
+        row = {
+            "sid": sid,
+            "start": None,
+            "end": None,
+            "login": "",
+            "user": "",
+            "command": "",
+            "events": {
+                "command": summary.commands,
+                "disk": summary.disks,
+                "network": summary.networks,
+            },
+            "lost": dict(zip(("command", "disk", "network"), summary.lost)),
+            "state": "closed" if summary.closed else "open",
+            "damaged": str(damage) if damage else None,
+        }
         try:
             if summary.frames:
                 start = recording.session_start(path)
                 row.update(start=schema.rfc3339(start.time), login=start.login, user=start.user)
-                row["command"] = (" ".join(schema.text(a) for a in start.command)
-                                  or _first_command(path, summary))
+                row["command"] = " ".join(schema.text(a) for a in start.command) or _first_command(
+                    path, summary
+                )
             if summary.closed:
                 end = recording.read_frame(path, summary.last_offset).events()[0]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)
@@ -145,8 +174,10 @@ def sessions(datadir: DataDir) -> list[dict]:
 
 
 def sessions_text(rows: list[dict]) -> str:
-    lines = [f"{'SID':36}  {'START':19}  {'END':19}  {'LOGIN/USER':16}  {'CMD':>5} {'DISK':>7} "
-             f"{'NET':>5} {'LOST':>5}  COMMAND"]
+    lines = [
+        f"{'SID':36}  {'START':19}  {'END':19}  {'LOGIN/USER':16}  {'CMD':>5} {'DISK':>7} "
+        f"{'NET':>5} {'LOST':>5}  COMMAND"
+    ]
     for r in rows:
         lost = sum(r["lost"].values())
         end = (r["end"] or r["state"])[:19]
@@ -154,7 +185,9 @@ def sessions_text(rows: list[dict]) -> str:
         command = _printable(r["command"].encode("utf-8", "surrogateescape"))[:60]
         if r["damaged"]:
             command += "  [DAMAGED]"
-        lines.append(f"{r['sid']:36}  {(r['start'] or '-')[:19]:19}  {end:19}  {who:16}  "
-                     f"{r['events']['command']:>5} {r['events']['disk']:>7} "
-                     f"{r['events']['network']:>5} {lost:>5}  {command}")
+        lines.append(
+            f"{r['sid']:36}  {(r['start'] or '-')[:19]:19}  {end:19}  {who:16}  "
+            f"{r['events']['command']:>5} {r['events']['disk']:>7} "
+            f"{r['events']['network']:>5} {lost:>5}  {command}"
+        )
     return "\n".join(lines)

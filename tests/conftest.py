@@ -54,8 +54,10 @@ class Esr:
     def __call__(self, *args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
         r = subprocess.run([ESR, *args], capture_output=True, env=self.env, timeout=timeout, **kw)
         if check and r.returncode != 0:
-            raise AssertionError(f"esr {' '.join(map(str, args))} exited {r.returncode}:\n"
-                                 f"{r.stderr.decode(errors='replace')}")
+            raise AssertionError(
+                f"esr {' '.join(map(str, args))} exited {r.returncode}:\n"
+                f"{r.stderr.decode(errors='replace')}"
+            )
         return r
 
     def popen(self, *args, **kw) -> subprocess.Popen:
@@ -119,6 +121,7 @@ def listener(family=socket.AF_INET, host="127.0.0.1") -> socket.socket:
             except OSError:
                 return
             conn.close()
+
     threading.Thread(target=accept, daemon=True).start()
     return srv
 

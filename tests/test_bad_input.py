@@ -18,20 +18,29 @@ def one_line_error(r) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("text, mentions", [
-    ("enhanced_recording: [unclosed\n", "malformed YAML"),
-    ("enhanced_recording:\n  disk_bufer_size: 64\n", "enhanced_recording.disk_bufer_size: unknown key"),
-    ("enhanced_recording:\n  disk_buffer_size: -8\n", "enhanced_recording.disk_buffer_size"),
-    ("enhanced_recording:\n  command_buffer_size: 12\n", "not a power of two"),
-    ("enhanced_recording:\n  enabled: sometimes\n", "enhanced_recording.enabled"),
-    ("data_dir: relative/dir\n", "data_dir: must be an absolute path"),
-    ("- a list\n", "mapping"),
-    ("max_sessions: 0\n", "max_sessions"),
-])
+@pytest.mark.parametrize(
+    "text, mentions",
+    [
+        ("enhanced_recording: [unclosed\n", "malformed YAML"),
+        (
+            "enhanced_recording:\n  disk_bufer_size: 64\n",
+            "enhanced_recording.disk_bufer_size: unknown key",
+        ),
+        ("enhanced_recording:\n  disk_buffer_size: -8\n", "enhanced_recording.disk_buffer_size"),
+        ("enhanced_recording:\n  command_buffer_size: 12\n", "not a power of two"),
+        ("enhanced_recording:\n  enabled: sometimes\n", "enhanced_recording.enabled"),
+        ("data_dir: relative/dir\n", "data_dir: must be an absolute path"),
+        ("- a list\n", "mapping"),
+        ("max_sessions: 0\n", "max_sessions"),
+    ],
+)
 def test_bad_config(esr, tmp_path, text, mentions):
     config = tmp_path / "esr.yaml"
     config.write_text(text)
-    for args in (["--config", str(config), "sessions"], ["run", "--config", str(config), "--", "true"]):
+    for args in (
+        ["--config", str(config), "sessions"],
+        ["run", "--config", str(config), "--", "true"],
+    ):
         line = one_line_error(esr(*args, check=False))
         assert mentions in line and str(config) in line
 
@@ -41,15 +50,18 @@ def test_missing_config_file(esr, tmp_path):
     assert "no such file" in line
 
 
-@pytest.mark.parametrize("args, mentions", [
-    (["show", "0123-no-such-session"], "no session"),
-    (["verify", "0123-no-such-session"], "no session"),
-    (["show"], "required"),
-    (["frobnicate"], "invalid choice"),
-    (["run"], "no command given"),
-    (["run", "--sid", "../../etc/passwd", "--", "true"], "invalid session id"),
-    (["show", "x", "--type", "everything"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, mentions",
+    [
+        (["show", "0123-no-such-session"], "no session"),
+        (["verify", "0123-no-such-session"], "no session"),
+        (["show"], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["run"], "no command given"),
+        (["run", "--sid", "../../etc/passwd", "--", "true"], "invalid session id"),
+        (["show", "x", "--type", "everything"], "invalid choice"),
+    ],
+)
 def test_bad_arguments(esr, args, mentions):
     assert mentions in one_line_error(esr(*args, check=False))
 
@@ -101,5 +113,7 @@ def test_sid_that_exists_already(esr, recorded):
 def test_not_root(esr):
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another user")
-    r = esr("run", "--", "true", check=False, preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+    r = esr(
+        "run", "--", "true", check=False, preexec_fn=lambda: (os.setgid(65534), os.setuid(65534))
+    )
     assert "needs root" in one_line_error(r) or "Permission denied" in r.stderr.decode()

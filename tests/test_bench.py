@@ -14,8 +14,9 @@ pytestmark = pytest.mark.usefixtures("bpf")
 
 
 def test_bench_smoke_accounts_for_every_event():
-    r = subprocess.run([ESR, "bench", "--smoke", "--json"], capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [ESR, "bench", "--smoke", "--json"], capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
     runs = report["runs"]

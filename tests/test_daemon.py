@@ -34,8 +34,9 @@ class Daemon:
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen([ESR, "daemon", "--config", str(self.config)],
-                                     stderr=open(self.log, "ab"))
+        self.proc = subprocess.Popen(
+            [ESR, "daemon", "--config", str(self.config)], stderr=open(self.log, "ab")
+        )
         deadline = time.time() + 20
         while True:
             assert self.proc.poll() is None, self.log.read_text()
@@ -113,8 +114,12 @@ def sshd(daemon_root):
     user = f"esrt{secrets.token_hex(3)}"
     work = daemon_root / "sshd"
     work.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "host_key"], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "user_key"], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "host_key"], check=True
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "user_key"], check=True
+    )
     subprocess.run(["useradd", "-m", "-s", "/bin/bash", user], check=True)
     pam_file = Path("/etc/pam.d") / service
     try:
@@ -128,9 +133,24 @@ def sshd(daemon_root):
         os.symlink(SSHD, work / service)
         os.makedirs("/run/sshd", exist_ok=True)
         port = free_port()
-        proc = subprocess.Popen([str(work / service), "-D", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
-                                 "-o", f"HostKey={work / 'host_key'}", "-o", "UsePAM=yes",
-                                 "-o", "PidFile=none", "-E", str(work / "sshd.log")])
+        proc = subprocess.Popen(
+            [
+                str(work / service),
+                "-D",
+                "-p",
+                str(port),
+                "-o",
+                "ListenAddress=127.0.0.1",
+                "-o",
+                f"HostKey={work / 'host_key'}",
+                "-o",
+                "UsePAM=yes",
+                "-o",
+                "PidFile=none",
+                "-E",
+                str(work / "sshd.log"),
+            ]
+        )
         _wait_port(port)
         yield SshServer(port, user, work / "user_key", service)
         proc.terminate()
@@ -158,8 +178,20 @@ class SshServer:
 
     def options(self, port_flag="-p") -> list[str]:
         """The one spelling of the client options (scp takes the port as -P)."""
-        return ["-i", str(self.key), port_flag, str(self.port), "-o", "StrictHostKeyChecking=no",
-                "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+        return [
+            "-i",
+            str(self.key),
+            port_flag,
+            str(self.port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
 
     def argv(self, *cmd, tty=False) -> list[str]:
         return ["ssh", *self.options(), *(["-tt"] if tty else []), f"{self.user}@127.0.0.1", *cmd]
@@ -168,8 +200,9 @@ class SshServer:
         return ["scp", *self.options("-P"), str(local), f"{self.user}@127.0.0.1:{remote}"]
 
     def ssh(self, *cmd, tty=False, input=None, timeout=60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*cmd, tty=tty), input=input,
-                              capture_output=True, timeout=timeout)
+        return subprocess.run(
+            self.argv(*cmd, tty=tty), input=input, capture_output=True, timeout=timeout
+        )
 
 
 def _only_new(rows_before, rows_after):
@@ -182,7 +215,7 @@ def test_ssh_command_session_is_recorded(daemon, sshd):
     port = srv.getsockname()[1]
     before = daemon.sessions(sshd.user)
     connect = f"import socket; socket.create_connection(('127.0.0.1', {port})).close()"
-    r = sshd.ssh(f"ls /; cat /etc/hostname; python3 -c \"{connect}\"")
+    r = sshd.ssh(f'ls /; cat /etc/hostname; python3 -c "{connect}"')
     assert r.returncode == 0, r.stderr
     assert open("/etc/hostname").read().strip().encode() in r.stdout
     [row] = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
@@ -214,7 +247,9 @@ def test_ssh_command_session_is_recorded(daemon, sshd):
     log = daemon.data_dir / "log" / "events.log"
     logged = [json.loads(l) for l in log.read_text().splitlines()]
     mine = [e for e in logged if e["sid"] == row["sid"]]
-    assert {"session.start", "session.command", "session.network", "session.end"} <= {e["event"] for e in mine}
+    assert {"session.start", "session.command", "session.network", "session.end"} <= {
+        e["event"] for e in mine
+    }
     srv.close()
 
 
@@ -233,16 +268,24 @@ def test_interactive_ssh_session_is_recorded(daemon, sshd):
 
 def test_two_concurrent_ssh_sessions_keep_their_events_apart(daemon, sshd):
     before = daemon.sessions(sshd.user)
-    procs = [subprocess.Popen(sshd.argv(
-        f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; sleep 0.02; done; true"))
-        for k in range(2)]
+    procs = [
+        subprocess.Popen(
+            sshd.argv(
+                f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; sleep 0.02; done; true"
+            )
+        )
+        for k in range(2)
+    ]
     assert [p.wait(60) for p in procs] == [0, 0]
     rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 2))
     assert len(rows) == 2
     seen = set()
     for row in rows:
-        paths = {e["path"] for e in daemon.esr.events(row["sid"], "disk")
-                 if e["path"].startswith("/nonexistent/ssh-")}
+        paths = {
+            e["path"]
+            for e in daemon.esr.events(row["sid"], "disk")
+            if e["path"].startswith("/nonexistent/ssh-")
+        }
         ks = {p.split("-")[1] for p in paths}
         assert len(ks) == 1 and len(paths) == 15
         seen |= ks
@@ -312,8 +355,9 @@ def test_restart_between_sessions_and_sigterm_during_one(daemon_root, sshd):
 def test_a_killed_daemon_sessions_are_ended_on_next_start(daemon_root):
     d = Daemon(daemon_root).start()
     try:
-        r = d.esr.popen("run", "--config", str(d.config), "--", "sleep", "5",
-                        stderr=subprocess.PIPE)
+        r = d.esr.popen(
+            "run", "--config", str(d.config), "--", "sleep", "5", stderr=subprocess.PIPE
+        )
         sid = sid_from_stderr(r.stderr.readline())
         time.sleep(0.3)
         d.stop(signal.SIGKILL)
@@ -338,14 +382,27 @@ def test_esr_run_registers_with_the_daemon(daemon):
 
 
 def test_ten_parallel_esr_run_sessions_under_one_daemon(daemon):
-    procs = [daemon.esr.popen("run", "--config", str(daemon.config), "--", "sh", "-c",
-                              f"for i in $(seq 1 20); do cat /nonexistent/d-{k}-$i 2>/dev/null; done; true",
-                              stderr=subprocess.PIPE) for k in range(10)]
+    procs = [
+        daemon.esr.popen(
+            "run",
+            "--config",
+            str(daemon.config),
+            "--",
+            "sh",
+            "-c",
+            f"for i in $(seq 1 20); do cat /nonexistent/d-{k}-$i 2>/dev/null; done; true",
+            stderr=subprocess.PIPE,
+        )
+        for k in range(10)
+    ]
     sids = [sid_from_stderr(p.communicate(timeout=60)[1]) for p in procs]
     daemon.wait_sids_closed(*sids)
     for k, sid in enumerate(sids):
-        paths = sorted(e["path"] for e in daemon.esr.events(sid, "disk")
-                       if e["path"].startswith("/nonexistent/d-"))
+        paths = sorted(
+            e["path"]
+            for e in daemon.esr.events(sid, "disk")
+            if e["path"].startswith("/nonexistent/d-")
+        )
         assert paths == sorted(f"/nonexistent/d-{k}-{i}" for i in range(1, 21))
 
 
@@ -362,24 +419,32 @@ def test_status_reports_counters(daemon):
 
 
 def test_second_daemon_on_the_same_data_dir_fails(daemon):
-    r = subprocess.run([ESR, "daemon", "--config", str(daemon.config)], capture_output=True, timeout=30)
+    r = subprocess.run(
+        [ESR, "daemon", "--config", str(daemon.config)], capture_output=True, timeout=30
+    )
     assert r.returncode != 0
     assert r.stderr.decode().strip().splitlines() == [
-        f"esr: an esr daemon (pid {daemon.proc.pid}) is already recording into {daemon.data_dir}"]
+        f"esr: an esr daemon (pid {daemon.proc.pid}) is already recording into {daemon.data_dir}"
+    ]
 
 
-@pytest.mark.parametrize("raw, error", [
-    (b"this is not json\n", "bad request"),
-    (b'{"op": "open"}\n', "bad request"),
-    (b'{"op": "launch"}\n', "bad request"),
-    (b'{"op": "open", "login": "x", "seed_pid": 1, "anchor_pid": 1}\n', "exactly one"),
-    (b'{"op": "open", "login": "x", "seed_pid": 999999999}\n', "no process"),
-    (b'{"op": "open", "login": "x", "seed_pid": 1, "audit_sessionid": 18446744073709551616}\n',
-     "audit_sessionid"),
-    (b'{"op": "status"', "incomplete request"),
-    (b"\xff\xfe\x00garbage\n", "bad request"),
-    (b"{}" * 40000, "too large"),
-])
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (b"this is not json\n", "bad request"),
+        (b'{"op": "open"}\n', "bad request"),
+        (b'{"op": "launch"}\n', "bad request"),
+        (b'{"op": "open", "login": "x", "seed_pid": 1, "anchor_pid": 1}\n', "exactly one"),
+        (b'{"op": "open", "login": "x", "seed_pid": 999999999}\n', "no process"),
+        (
+            b'{"op": "open", "login": "x", "seed_pid": 1, "audit_sessionid": 18446744073709551616}\n',
+            "audit_sessionid",
+        ),
+        (b'{"op": "status"', "incomplete request"),
+        (b"\xff\xfe\x00garbage\n", "bad request"),
+        (b"{}" * 40000, "too large"),
+    ],
+)
 def test_bad_requests_get_an_error_and_the_daemon_keeps_recording(daemon, raw, error):
     reply = daemon.request(raw)
     assert reply["ok"] is False and error in reply["error"]
@@ -404,18 +469,34 @@ def test_non_root_clients_are_refused_and_logged(tmp_path):
     # everyone at connect(); open it up to exercise the daemon's own check.
     daemon = Daemon(tmp_path, Path(f"/run/esr-test-{secrets.token_hex(4)}/esr.sock")).start()
     os.chmod(daemon.socket, 0o666)
-    script = ("import socket, sys\n"
-              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-              "s.sendall(b'{\"op\": \"open\", \"login\": \"mallory\", \"seed_pid\": 1}\\n')\n"
-              "print(s.recv(4096).decode())\n")
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        "/usr/bin/python3", "-c", script, str(daemon.socket)],
-                       capture_output=True, timeout=30)
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        's.sendall(b\'{"op": "open", "login": "mallory", "seed_pid": 1}\\n\')\n'
+        "print(s.recv(4096).decode())\n"
+    )
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+            str(daemon.socket),
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     reply = json.loads(r.stdout)
     assert reply["ok"] is False and "permission denied" in reply["error"]
     daemon.stop()
     shutil.rmtree(daemon.socket.parent, ignore_errors=True)
-    assert "event=control.refused" in daemon.log.read_text() and "peer_uid=65534" in daemon.log.read_text()
+    assert (
+        "event=control.refused" in daemon.log.read_text()
+        and "peer_uid=65534" in daemon.log.read_text()
+    )
 
 
 def test_a_flood_of_requests_does_not_starve_recording(daemon):
@@ -432,6 +513,7 @@ def test_a_flood_of_requests_does_not_starve_recording(daemon):
                     s.recv(65536)
             except OSError as err:
                 errors.append(err)
+
     # Connections that never finish their request, holding client slots.
     idle = []
     for _ in range(100):
@@ -444,8 +526,15 @@ def test_a_flood_of_requests_does_not_starve_recording(daemon):
         t.start()
     try:
         t0 = time.monotonic()
-        r = daemon.esr("run", "--config", str(daemon.config), "--", "sh", "-c",
-                       "for i in $(seq 1 200); do head -c1 /etc/hostname >/dev/null; done")
+        r = daemon.esr(
+            "run",
+            "--config",
+            str(daemon.config),
+            "--",
+            "sh",
+            "-c",
+            "for i in $(seq 1 200); do head -c1 /etc/hostname >/dev/null; done",
+        )
         took = time.monotonic() - t0
     finally:
         stop.set()
@@ -463,8 +552,11 @@ def test_a_flood_of_requests_does_not_starve_recording(daemon):
 def test_pam_enable_disable_status_on_this_host():
     if os.geteuid() != 0 or not shutil.which("pam-auth-update"):
         pytest.skip("needs root and pam-auth-update")
-    watched = ["/etc/pam.d/common-session", "/etc/pam.d/common-session-noninteractive",
-               "/etc/pam.d/sshd"] + [str(p) for p in Path("/var/lib/pam").glob("*")]
+    watched = [
+        "/etc/pam.d/common-session",
+        "/etc/pam.d/common-session-noninteractive",
+        "/etc/pam.d/sshd",
+    ] + [str(p) for p in Path("/var/lib/pam").glob("*")]
     saved = {p: Path(p).read_bytes() for p in watched if Path(p).exists()}
     profile = Path("/usr/share/pam-configs/esr")
     had_profile = profile.exists()
@@ -478,7 +570,10 @@ def test_pam_enable_disable_status_on_this_host():
         common = Path("/etc/pam.d/common-session").read_text()
         assert f"pam_exec.so quiet {ESR} pam" in common
         assert "esr" not in Path("/etc/pam.d/common-session-noninteractive").read_text()
-        assert Path("/etc/pam.d/common-session.esr-backup").read_bytes() == saved["/etc/pam.d/common-session"]
+        assert (
+            Path("/etc/pam.d/common-session.esr-backup").read_bytes()
+            == saved["/etc/pam.d/common-session"]
+        )
         again = subprocess.run([ESR, "pam", "enable"], capture_output=True, text=True)
         assert again.returncode == 0 and "already enabled" in again.stdout
         assert Path("/etc/pam.d/common-session").read_text() == common
@@ -516,9 +611,17 @@ def test_session_ends_when_sshd_dies_without_closing_it(daemon, sshd):
 
 def test_seeded_session_ends_even_if_esr_run_is_killed(daemon, tmp_path):
     started = tmp_path / "started"
-    p = daemon.esr.popen("run", "--config", str(daemon.config), "--", "sh", "-c",
-                         f"touch {started}; sleep 0.5; head -c1 /etc/hostname",
-                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    p = daemon.esr.popen(
+        "run",
+        "--config",
+        str(daemon.config),
+        "--",
+        "sh",
+        "-c",
+        f"touch {started}; sleep 0.5; head -c1 /etc/hostname",
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     sid = sid_from_stderr(p.stderr.readline())
     while not started.exists():
         time.sleep(0.01)
@@ -552,16 +655,24 @@ for pid in pids:
 
 def test_more_than_a_thousand_concurrent_sessions(daemon):
     n = 1100
-    held = subprocess.Popen(["/usr/bin/python3", "-c", HELD, str(n)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    held = subprocess.Popen(
+        ["/usr/bin/python3", "-c", HELD, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     pids = [int(p) for p in held.stdout.readline().split()]
     sids = {}
     for pid in pids:
-        reply = daemon.request(json.dumps({"op": "open", "login": "many", "seed_pid": pid}).encode()
-                               + b"\n")
+        reply = daemon.request(
+            json.dumps({"op": "open", "login": "many", "seed_pid": pid}).encode() + b"\n"
+        )
         assert reply["ok"], reply
         sids[reply["sid"]] = pid
-    status = json.loads(daemon.esr("status", "--config", str(daemon.config), "--format", "json").stdout)
+    status = json.loads(
+        daemon.esr("status", "--config", str(daemon.config), "--format", "json").stdout
+    )
     assert status["sessions_open"] >= n
     held.communicate("go\n", timeout=120)
     deadline = time.time() + 60
@@ -587,7 +698,9 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
     current = (log_dir / "events.log").resolve()
     rotated = current.with_name(current.name + ".1")
     current.rename(rotated)  # what logrotate does
-    daemon.config.write_text(daemon.config.read_text() + "audit_disk_events: true\nmax_sessions: 8\n")
+    daemon.config.write_text(
+        daemon.config.read_text() + "audit_disk_events: true\nmax_sessions: 8\n"
+    )
     try:
         daemon.proc.send_signal(signal.SIGHUP)
         deadline = time.time() + 10
@@ -596,8 +709,9 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
             time.sleep(0.05)
         line = [l for l in daemon.log.read_text().splitlines() if "event=daemon.reload" in l][-1]
         assert "applied=audit_disk_events" in line and "needs_restart=max_sessions" in line
-        sid = sid_from_stderr(daemon.esr("run", "--config", str(daemon.config), "--",
-                                         "cat", "/etc/hostname").stderr)
+        sid = sid_from_stderr(
+            daemon.esr("run", "--config", str(daemon.config), "--", "cat", "/etc/hostname").stderr
+        )
         daemon.wait_sids_closed(sid, timeout=10)
         logged = [json.loads(l) for l in current.read_text().splitlines()]
         assert any(e["event"] == "session.disk" and e["sid"] == sid for e in logged)
@@ -612,8 +726,9 @@ def test_when_every_session_slot_is_taken_the_next_open_is_refused(tmp_path):
     d.config.write_text(d.config.read_text() + "max_sessions: 1\n")
     d.start()
     try:
-        first = d.esr.popen("run", "--config", str(d.config), "--", "sleep", "2",
-                            stderr=subprocess.PIPE)
+        first = d.esr.popen(
+            "run", "--config", str(d.config), "--", "sleep", "2", stderr=subprocess.PIPE
+        )
         sid_from_stderr(first.stderr.readline())
         r = d.esr("run", "--config", str(d.config), "--", "true", check=False)
         assert r.returncode == 1
@@ -630,10 +745,10 @@ def test_when_every_session_slot_is_taken_the_next_open_is_refused(tmp_path):
 
 
 def test_esr_run_passes_sigterm_on_while_the_daemon_records(daemon):
-    run = daemon.esr.popen("run", "--config", str(daemon.config), "--", "sleep", "30",
-                           stderr=subprocess.PIPE)
+    run = daemon.esr.popen(
+        "run", "--config", str(daemon.config), "--", "sleep", "30", stderr=subprocess.PIPE
+    )
     sid = sid_from_stderr(run.stderr.readline())
     run.send_signal(signal.SIGTERM)
     assert run.wait(10) == 128 + signal.SIGTERM  # sleep's status: it got the signal
     daemon.wait_sids_closed(sid)
-

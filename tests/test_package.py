@@ -42,11 +42,16 @@ def test_install_use_remove_purge(deb, tmp_path):
         assert re.fullmatch(r"esr \d+\.\d+\.\d+ \(commit [0-9a-f]{7,}(-dirty)?\)\n", version)
         assert sh("/usr/bin/esr", "check").stdout.count(": yes") >= 20
         data = tmp_path / "data"
-        r = sh("/usr/bin/esr", "--data-dir", str(data), "run", "--", "sh", "-c", "cat /etc/hostname")
+        r = sh(
+            "/usr/bin/esr", "--data-dir", str(data), "run", "--", "sh", "-c", "cat /etc/hostname"
+        )
         sid = sid_from_stderr(r.stderr)
         shown = sh("/usr/bin/esr", "--data-dir", str(data), "show", sid, "--type", "command").stdout
         assert '"path":"/usr/bin/cat"' in shown
-        assert Path("/etc/esr/esr.yaml").exists() and oct(Path("/var/lib/esr").stat().st_mode)[-3:] == "700"
+        assert (
+            Path("/etc/esr/esr.yaml").exists()
+            and oct(Path("/var/lib/esr").stat().st_mode)[-3:] == "700"
+        )
         assert "Default: no" in Path("/usr/share/pam-configs/esr").read_text()
         assert "esr" not in Path("/etc/pam.d/common-session").read_text()  # shipped disabled
         assert Path("/usr/share/man/man1/esr.1.gz").exists()

@@ -30,10 +30,13 @@ def opened(events, path: str) -> list[dict]:
 
 
 def ran(events, program: str) -> list[dict]:
-    return [e for e in commands(events) if e["return_code"] == 0 and e["path"].endswith("/" + program)]
+    return [
+        e for e in commands(events) if e["return_code"] == 0 and e["path"].endswith("/" + program)
+    ]
 
 
 # --- session.disk -----------------------------------------------------------------
+
 
 def test_ls_la_opens_the_user_and_group_databases(esr):
     sid = esr.record("ls", "-la", "/")
@@ -47,12 +50,20 @@ def test_ls_la_opens_the_user_and_group_databases(esr):
         assert all(e["code"] == "T4001I" and e["sid"] == sid for e in opens)
 
 
-@pytest.mark.parametrize("call, path, flags, result", [
-    ("os.open(p, os.O_RDONLY)", "/etc/hostname", os.O_RDONLY, "fd"),
-    ("os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)", "{tmp}/new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "fd"),
-    ("os.open(p, os.O_RDONLY)", "/nonexistent/esr-test", os.O_RDONLY, -2),
-    ("os.open(p, os.O_RDONLY)", "relative/path/as/passed", os.O_RDONLY, -2),
-])
+@pytest.mark.parametrize(
+    "call, path, flags, result",
+    [
+        ("os.open(p, os.O_RDONLY)", "/etc/hostname", os.O_RDONLY, "fd"),
+        (
+            "os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)",
+            "{tmp}/new",
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+            "fd",
+        ),
+        ("os.open(p, os.O_RDONLY)", "/nonexistent/esr-test", os.O_RDONLY, -2),
+        ("os.open(p, os.O_RDONLY)", "relative/path/as/passed", os.O_RDONLY, -2),
+    ],
+)
 def test_open_records_path_flags_and_result(esr, tmp_path, call, path, flags, result):
     path = path.format(tmp=tmp_path)
     script = f"import os\np = {path!r}\ntry:\n    {call}\nexcept OSError:\n    pass\n"
@@ -83,6 +94,7 @@ def test_creat_and_openat2_are_recorded(esr, tmp_path):
 
 
 # --- session.command ---------------------------------------------------------------
+
 
 def test_obfuscated_command_is_recorded_decoded(esr):
     hidden = base64.b64encode(b"cat /etc/hostname\n").decode()
@@ -119,7 +131,9 @@ def test_exec_denied_is_recorded_with_eacces(esr, tmp_path):
     script = tmp_path / "not-executable"
     script.write_text("echo hi\n")
     script.chmod(0o644)
-    sid = esr.record(PY, "-c", f"import os\ntry: os.execv({str(script)!r}, ['x', 'arg'])\nexcept OSError: pass")
+    sid = esr.record(
+        PY, "-c", f"import os\ntry: os.execv({str(script)!r}, ['x', 'arg'])\nexcept OSError: pass"
+    )
     [denied] = [c for c in commands(esr.events(sid)) if c["path"] == str(script)]
     assert denied["return_code"] == -13 and denied["argv"] == ["arg"]
 
@@ -142,8 +156,9 @@ def _run_in_pty(esr, lines: list[bytes]) -> str:
     """Drive an interactive `esr run -- bash` through a pseudo-terminal."""
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(ESR, [ESR, "run", "--", "bash", "--norc", "--noprofile", "-i"],
-                  dict(esr.env, PS1="$ "))
+        os.execve(
+            ESR, [ESR, "run", "--", "bash", "--norc", "--noprofile", "-i"], dict(esr.env, PS1="$ ")
+        )
     output = b""
     try:
         for line in lines:
@@ -167,8 +182,16 @@ def _run_in_pty(esr, lines: list[bytes]) -> str:
 
 
 def test_commands_typed_after_stty_minus_echo_are_recorded(esr):
-    sid = _run_in_pty(esr, [b"stty -echo\n", b"cat /etc/hostname\n", b"printf secret-%s\\\\n typed\n",
-                            b"stty echo\n", b"exit\n"])
+    sid = _run_in_pty(
+        esr,
+        [
+            b"stty -echo\n",
+            b"cat /etc/hostname\n",
+            b"printf secret-%s\\\\n typed\n",
+            b"stty echo\n",
+            b"exit\n",
+        ],
+    )
     events = esr.events(sid)
     run = executed(events)
     assert ["/usr/bin/stty", "-echo"] in run
@@ -184,17 +207,20 @@ ODD_ARGS = [
     b"line one\nline two",
     b"\xff\xfe invalid utf-8 \xc3\x28",
     b"\x1b[31mred\x1b[0m \x1b]0;title\x07",
-    b"tab\there, nul-free, quote \" and backslash \\",
+    b'tab\there, nul-free, quote " and backslash \\',
     "unicode caf\u00e9 \u2603".encode(),
     b"",
 ]
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param([b"arg%d" % i for i in range(200)], id="200-arguments"),
-    pytest.param([b"x" * 10240], id="10KiB-argument"),
-    pytest.param(ODD_ARGS, id="spaces-newlines-invalid-utf8-escapes"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([b"arg%d" % i for i in range(200)], id="200-arguments"),
+        pytest.param([b"x" * 10240], id="10KiB-argument"),
+        pytest.param(ODD_ARGS, id="spaces-newlines-invalid-utf8-escapes"),
+    ],
+)
 def test_argv_round_trips_exactly(esr, args):
     r = esr("run", "--", "/bin/true", *args)
     sid = sid_from_stderr(r.stderr)
@@ -226,22 +252,27 @@ def test_argv_beyond_the_limit_says_what_was_cut(esr):
 
 # --- session.network --------------------------------------------------------------------
 
-CONNECT = ("import socket, sys\n"
-           "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
-           "s = socket.socket(fam, socket.SOCK_STREAM)\n"
-           "s.setblocking(sys.argv[3] == 'blocking')\n"
-           "err = s.connect_ex((sys.argv[1], int(sys.argv[2])))\n"
-           "if sys.argv[3] != 'blocking':\n"
-           "    import select; select.select([], [s], [], 5)\n"
-           "    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)\n"
-           "print('local', s.getsockname()[1], 'err', err)\n")
+CONNECT = (
+    "import socket, sys\n"
+    "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+    "s = socket.socket(fam, socket.SOCK_STREAM)\n"
+    "s.setblocking(sys.argv[3] == 'blocking')\n"
+    "err = s.connect_ex((sys.argv[1], int(sys.argv[2])))\n"
+    "if sys.argv[3] != 'blocking':\n"
+    "    import select; select.select([], [s], [], 5)\n"
+    "    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)\n"
+    "print('local', s.getsockname()[1], 'err', err)\n"
+)
 
 
 @pytest.mark.parametrize("mode", ["blocking", "nonblocking"])
-@pytest.mark.parametrize("family, host, version", [
-    (socket.AF_INET, "127.0.0.1", 4),
-    (socket.AF_INET6, "::1", 6),
-])
+@pytest.mark.parametrize(
+    "family, host, version",
+    [
+        (socket.AF_INET, "127.0.0.1", 4),
+        (socket.AF_INET6, "::1", 6),
+    ],
+)
 def test_connect_to_a_listener(esr, family, host, version, mode):
     srv = listener(family, host)
     port = srv.getsockname()[1]
@@ -269,20 +300,28 @@ def test_refused_connect_is_recorded_with_its_errno(esr, family, host, mode):
 
 
 def test_udp_and_unix_connects_are_not_network_events(esr, tmp_path):
-    script = ("import socket\n"
-              "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 53))\n"
-              "u = socket.socket(socket.AF_UNIX)\n"
-              f"u.connect_ex({str(tmp_path / 'none.sock')!r})\n")
+    script = (
+        "import socket\n"
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 53))\n"
+        "u = socket.socket(socket.AF_UNIX)\n"
+        f"u.connect_ex({str(tmp_path / 'none.sock')!r})\n"
+    )
     assert esr.events(esr.record(PY, "-c", script), "network") == []
 
 
 # --- membership ------------------------------------------------------------------------
 
+
 def test_double_forked_daemon_is_recorded_after_the_shell_exits(esr, tmp_path):
     marker = tmp_path / "daemon-was-here"
-    r = esr("run", "--", "sh", "-c",
-            f"setsid sh -c 'sleep 0.5; touch {marker}' </dev/null >/dev/null 2>&1 & "
-            f"nohup sh -c 'sleep 0.3; head -c1 /etc/hostname' >/dev/null 2>&1 & exit 0")
+    r = esr(
+        "run",
+        "--",
+        "sh",
+        "-c",
+        f"setsid sh -c 'sleep 0.5; touch {marker}' </dev/null >/dev/null 2>&1 & "
+        f"nohup sh -c 'sleep 0.3; head -c1 /etc/hostname' >/dev/null 2>&1 & exit 0",
+    )
     assert marker.exists()
     assert b"tasks it left running" in r.stderr
     events = esr.events(sid_from_stderr(r.stderr))
@@ -318,19 +357,24 @@ def test_leaving_the_cgroup_does_not_escape_recording(esr):
 
 
 def test_threads_and_exec_from_a_thread_stay_recorded(esr):
-    script = ("import os, threading\n"
-              "def work():\n"
-              "    open('/etc/hostname').close()\n"
-              "    os.execv('/usr/bin/head', ['head', '-c1', '/etc/hostname'])\n"
-              "threading.Thread(target=work).start()\n"
-              "threading.Event().wait(5)\n")
+    script = (
+        "import os, threading\n"
+        "def work():\n"
+        "    open('/etc/hostname').close()\n"
+        "    os.execv('/usr/bin/head', ['head', '-c1', '/etc/hostname'])\n"
+        "threading.Thread(target=work).start()\n"
+        "threading.Event().wait(5)\n"
+    )
     sid = esr.record(PY, "-c", script)
     events = esr.events(sid)
     assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(events)
     [head] = ran(events, "head")
     # After exec the process reads its libraries: still recorded.
-    assert [e for e in events if e["event"] == "session.disk" and e["pid"] == head["pid"]
-            and e["program"] == "head"]
+    assert [
+        e
+        for e in events
+        if e["event"] == "session.disk" and e["pid"] == head["pid"] and e["program"] == "head"
+    ]
 
 
 def test_processes_outside_the_session_produce_nothing(esr):
@@ -344,10 +388,13 @@ def test_processes_outside_the_session_produce_nothing(esr):
             except OSError:
                 pass
             time.sleep(0.005)
+
     t = threading.Thread(target=outside)
     t.start()
     try:
-        sid = esr.record("sh", "-c", "for i in 1 2 3 4 5; do cat /etc/hostname >/dev/null; sleep 0.05; done")
+        sid = esr.record(
+            "sh", "-c", "for i in 1 2 3 4 5; do cat /etc/hostname >/dev/null; sleep 0.05; done"
+        )
     finally:
         stop.set()
         t.join()
@@ -358,9 +405,18 @@ def test_processes_outside_the_session_produce_nothing(esr):
 
 def test_parallel_sessions_keep_their_events_apart(esr):
     n = 10
-    procs = [esr.popen("run", "--", "sh", "-c",
-                       f"for i in $(seq 1 20); do cat /nonexistent/session-{k}-$i 2>/dev/null; done",
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(n)]
+    procs = [
+        esr.popen(
+            "run",
+            "--",
+            "sh",
+            "-c",
+            f"for i in $(seq 1 20); do cat /nonexistent/session-{k}-$i 2>/dev/null; done",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for k in range(n)
+    ]
     sids = []
     for p in procs:
         _, err = p.communicate(timeout=120)
@@ -368,14 +424,18 @@ def test_parallel_sessions_keep_their_events_apart(esr):
         sids.append(sid_from_stderr(err))
     for k, sid in enumerate(sids):
         events = esr.events(sid)
-        markers = [e["path"] for e in events if e["event"] == "session.disk"
-                   and e["path"].startswith("/nonexistent/session-")]
+        markers = [
+            e["path"]
+            for e in events
+            if e["event"] == "session.disk" and e["path"].startswith("/nonexistent/session-")
+        ]
         assert sorted(markers) == sorted(f"/nonexistent/session-{k}-{i}" for i in range(1, 21))
         assert all(e["sid"] == sid for e in events)
         assert len(ran(events, "cat")) == 20
 
 
 # --- the recorder itself ------------------------------------------------------------
+
 
 def test_exit_status_is_the_commands(esr):
     assert esr("run", "--", "sh", "-c", "exit 7", check=False).returncode == 7
@@ -404,7 +464,17 @@ def test_session_start_end_and_audit_log(esr):
     assert {"session.start", "session.command", "session.end"} <= set(by_event)
     assert "session.disk" not in by_event  # only in the recording unless audit_disk_events
     for e in logged:
-        for field in ("ei", "uid", "time", "sid", "login", "user", "server_id", "server_hostname", "code"):
+        for field in (
+            "ei",
+            "uid",
+            "time",
+            "sid",
+            "login",
+            "user",
+            "server_id",
+            "server_hostname",
+            "code",
+        ):
             assert field in e
     [show_end] = [e for e in events if e["event"] == "session.end"]
     assert show_end == by_event["session.end"][0]
@@ -436,9 +506,14 @@ def test_sessions_lists_counts(esr):
 
 
 def test_kill_minus_9_of_the_recorder_keeps_complete_frames(esr):
-    p = esr.popen("run", "--", "sh", "-c",
-                  "for i in $(seq 1 100); do head -c1 /etc/hostname >/dev/null; sleep 0.02; done",
-                  stderr=subprocess.PIPE)
+    p = esr.popen(
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 1 100); do head -c1 /etc/hostname >/dev/null; sleep 0.02; done",
+        stderr=subprocess.PIPE,
+    )
     sid = sid_from_stderr(p.stderr.readline())
     time.sleep(1.0)
     p.kill()
@@ -457,8 +532,16 @@ def test_lost_records_are_counted_and_written_into_the_session(esr, tmp_path):
     config = tmp_path / "small.yaml"
     config.write_text("enhanced_recording:\n  disk_buffer_size: 2\n")  # 8 KiB per CPU
     # gen waits for "go" on stdin; feed it at once and let it open flat out.
-    r = esr("run", "--config", str(config), "--", "sh", "-c",
-            f"echo go | {gen} open 1 0 --cpu -1", check=True)
+    r = esr(
+        "run",
+        "--config",
+        str(config),
+        "--",
+        "sh",
+        "-c",
+        f"echo go | {gen} open 1 0 --cpu -1",
+        check=True,
+    )
     generated = json.loads(r.stdout.splitlines()[-1])["events"]["disk"]
     events = esr.events(sid_from_stderr(r.stderr))
     end = events[-1]

@@ -107,6 +107,7 @@ class Unbuildable(Exception):
 
 # ---------------------------------------------------------------- build
 
+
 class _Captured:
     """fd 1 and 2 into a file while bcc compiles: it prints to stdout too,
     which is the protocol's channel."""
@@ -148,8 +149,9 @@ def _summary(log: str) -> str:
     # file's); clang spells out the whole condition of a failed
     # _Static_assert, where its message says what drifted.
     log = log.replace("/virtual/main.c", os.path.basename(BPF_SOURCE))
-    log = re.sub(r"(static_assert failed) due to requirement '.*' (\".*\")$", r"\1: \2", log,
-                 flags=re.M)
+    log = re.sub(
+        r"(static_assert failed) due to requirement '.*' (\".*\")$", r"\1: \2", log, flags=re.M
+    )
     lines = [l.strip() for l in log.splitlines() if l.strip()]
     keep = [l for l in lines if re.search(r"error|unable|cannot|not found|invalid", l, re.I)]
     return " | ".join((keep or lines)[:4])[:800]
@@ -188,6 +190,7 @@ def build(env: dict, cflags: list):
 
 # ---------------------------------------------------------------- consumer
 
+
 def _peak_rss_kb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -213,8 +216,12 @@ def _addr(family, raw):
 def run(args) -> int:
     pages = [int(p) for p in args.pages.split(",")]
     if len(pages) != 3 or any(p <= 0 or p & (p - 1) for p in pages):
-        print(json.dumps({"error": f"--pages {args.pages}: three powers of two, "
-                                   "command,disk,network"}), flush=True)
+        print(
+            json.dumps(
+                {"error": f"--pages {args.pages}: three powers of two, command,disk,network"}
+            ),
+            flush=True,
+        )
         return 2
     os.sched_setaffinity(0, {args.cpu})
     headers = "none"
@@ -228,8 +235,11 @@ def run(args) -> int:
     records = [0, 0, 0]
     lost_cb = [0, 0, 0]
     last = [None]
-    command_table, disk_table, network_table = \
-        b["command_events"], b["disk_events"], b["network_events"]
+    command_table, disk_table, network_table = (
+        b["command_events"],
+        b["disk_events"],
+        b["network_events"],
+    )
     data_offset = []  # offset of command_event.data, known after the first decode
 
     def on_command(cpu, data, size):
@@ -242,35 +252,68 @@ def run(args) -> int:
         if raw.endswith(b"\0"):
             argv.pop()
         path = ct.string_at(base + e.argv_len, max(e.path_len - 1, 0))
-        last[0] = (e.ts_boot_ns, e.session, e.cgroup_id, e.pid, e.comm.decode(errors="replace"),
-                   e.ppid, e.uid, e.gid, e.return_code, e.argc, e.argv_size, e.flags,
-                   [a.decode(errors="surrogateescape") for a in argv],
-                   path.decode(errors="surrogateescape"))
+        last[0] = (
+            e.ts_boot_ns,
+            e.session,
+            e.cgroup_id,
+            e.pid,
+            e.comm.decode(errors="replace"),
+            e.ppid,
+            e.uid,
+            e.gid,
+            e.return_code,
+            e.argc,
+            e.argv_size,
+            e.flags,
+            [a.decode(errors="surrogateescape") for a in argv],
+            path.decode(errors="surrogateescape"),
+        )
         records[0] += 1
 
     def on_disk(cpu, data, size):
         e = disk_table.event(data)
-        last[0] = (e.ts_boot_ns, e.session, e.cgroup_id, e.pid, e.comm.decode(errors="replace"),
-                   e.flags, e.return_code, e.path_truncated,
-                   e.path.decode(errors="surrogateescape"))
+        last[0] = (
+            e.ts_boot_ns,
+            e.session,
+            e.cgroup_id,
+            e.pid,
+            e.comm.decode(errors="replace"),
+            e.flags,
+            e.return_code,
+            e.path_truncated,
+            e.path.decode(errors="surrogateescape"),
+        )
         records[1] += 1
 
     def on_network(cpu, data, size):
         e = network_table.event(data)
-        last[0] = (e.ts_boot_ns, e.session, e.cgroup_id, e.pid, e.comm.decode(errors="replace"),
-                   e.return_code, e.family, _addr(e.family, e.src_addr), e.src_port,
-                   _addr(e.family, e.dst_addr), e.dst_port)
+        last[0] = (
+            e.ts_boot_ns,
+            e.session,
+            e.cgroup_id,
+            e.pid,
+            e.comm.decode(errors="replace"),
+            e.return_code,
+            e.family,
+            _addr(e.family, e.src_addr),
+            e.src_port,
+            _addr(e.family, e.dst_addr),
+            e.dst_port,
+        )
         records[2] += 1
 
     def lost_into(i):
         def lost(count):
             lost_cb[i] += count
+
         return lost
 
-    for i, (table, cb) in enumerate(((command_table, on_command), (disk_table, on_disk),
-                                     (network_table, on_network))):
-        table.open_perf_buffer(cb, page_cnt=pages[i], lost_cb=lost_into(i),
-                               wakeup_events=args.wakeup_events)
+    for i, (table, cb) in enumerate(
+        ((command_table, on_command), (disk_table, on_disk), (network_table, on_network))
+    ):
+        table.open_perf_buffer(
+            cb, page_cnt=pages[i], lost_cb=lost_into(i), wakeup_events=args.wakeup_events
+        )
 
     tracked = b["tracked_tasks"]
     states = b["session_states"]
@@ -306,8 +349,9 @@ def run(args) -> int:
                 start = resource.getrusage(resource.RUSAGE_SELF)
                 print("tracking", flush=True)
             elif words[:1] == ["stop"] or not words:
-                return stop(b, args, headers, offsets_from, start, records, lost_cb,
-                            states, buffer_lost)
+                return stop(
+                    b, args, headers, offsets_from, start, records, lost_cb, states, buffer_lost
+                )
 
 
 def stop(b, args, headers, offsets_from, start, records, lost_cb, states, buffer_lost) -> int:
@@ -346,14 +390,27 @@ def stop(b, args, headers, offsets_from, start, records, lost_cb, states, buffer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pages", required=True, metavar="C,D,N",
-                        help="perf buffer pages per CPU: command,disk,network")
-    parser.add_argument("--wakeup-events", type=int, default=1, metavar="K",
-                        help="records per wakeup (bcc's default: 1)")
+    parser.add_argument(
+        "--pages",
+        required=True,
+        metavar="C,D,N",
+        help="perf buffer pages per CPU: command,disk,network",
+    )
+    parser.add_argument(
+        "--wakeup-events",
+        type=int,
+        default=1,
+        metavar="K",
+        help="records per wakeup (bcc's default: 1)",
+    )
     parser.add_argument("--cpu", type=int, default=0, help="CPU to run on (default 0)")
-    parser.add_argument("--headers", default="auto", metavar="auto|running|DIR",
-                        help="kernel headers for bcc: auto (running kernel's, else the "
-                             "nearest installed linux-headers-*), running, or a tree")
+    parser.add_argument(
+        "--headers",
+        default="auto",
+        metavar="auto|running|DIR",
+        help="kernel headers for bcc: auto (running kernel's, else the "
+        "nearest installed linux-headers-*), running, or a tree",
+    )
     args = parser.parse_args()
     try:
         status = run(args)

@@ -15,8 +15,8 @@ BTF_PATH = "/sys/kernel/btf/vmlinux"
 
 _BTF_PTR, _BTF_ARRAY, _BTF_STRUCT, _BTF_UNION = 2, 3, 4, 5
 _BTF_TYPEDEF, _BTF_VOLATILE, _BTF_CONST, _BTF_RESTRICT, _BTF_TYPE_TAG = 8, 9, 10, 11, 18
-_BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}                       # fixed tail
-_BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}    # per member
+_BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}  # fixed tail
+_BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # per member
 
 
 def field_offsets(fields: dict, path: str = BTF_PATH) -> dict:
@@ -24,17 +24,18 @@ def field_offsets(fields: dict, path: str = BTF_PATH) -> dict:
     of anonymous structs and unions are found as the compiler would."""
     with open(path, "rb") as f:
         data = f.read()
-    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, _str_len = \
-        struct.unpack_from("<HBBIIIII", data, 0)
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, _str_len = struct.unpack_from(
+        "<HBBIIIII", data, 0
+    )
     if magic != 0xEB9F:
         raise ValueError(f"{path}: not BTF")
     strings = hdr_len + str_off
 
     def name(off):
-        return data[strings + off:data.index(b"\0", strings + off)].decode()
+        return data[strings + off : data.index(b"\0", strings + off)].decode()
 
     wanted = {s for s, _, _ in fields.values()}
-    types = [None]          # id -> (kind, name_off, size_or_type, kind_flag, pos, vlen)
+    types = [None]  # id -> (kind, name_off, size_or_type, kind_flag, pos, vlen)
     by_name = {}
     pos, end = hdr_len + type_off, hdr_len + type_off + type_len
     while pos < end:
@@ -48,8 +49,13 @@ def field_offsets(fields: dict, path: str = BTF_PATH) -> dict:
         pos += 12 + _BTF_EXTRA.get(kind, 0) + _BTF_PER_VLEN.get(kind, 0) * vlen
 
     def resolve(tid):
-        while types[tid][0] in (_BTF_TYPEDEF, _BTF_VOLATILE, _BTF_CONST, _BTF_RESTRICT,
-                                _BTF_TYPE_TAG):
+        while types[tid][0] in (
+            _BTF_TYPEDEF,
+            _BTF_VOLATILE,
+            _BTF_CONST,
+            _BTF_RESTRICT,
+            _BTF_TYPE_TAG,
+        ):
             tid = types[tid][2]
         return tid
 

@@ -40,8 +40,12 @@ def _release_of(tree: str) -> str:
 
 def _deb_version(release: str) -> str:
     try:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "linux-headers-" + release],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "linux-headers-" + release],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -74,11 +78,17 @@ def _common_of(build: str) -> str:
 
 def _split_tree(build: str, source: str, running: str, why: str):
     """bcc settings for a Debian-style split tree (build = arch, source = common)."""
-    arch = "x86" if platform.machine() in ("x86_64", "i686", "i386") else {
-        "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    cflags = [f"-I{build}/arch/{arch}/include/generated", f"-I{build}/include",
-              f"-I{build}/arch/{arch}/include/generated/uapi",
-              f"-I{build}/include/generated/uapi"]
+    arch = (
+        "x86"
+        if platform.machine() in ("x86_64", "i686", "i386")
+        else {"aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    )
+    cflags = [
+        f"-I{build}/arch/{arch}/include/generated",
+        f"-I{build}/include",
+        f"-I{build}/arch/{arch}/include/generated/uapi",
+        f"-I{build}/include/generated/uapi",
+    ]
     release = _release_of(build)
     deb = _deb_version(release)
     desc = f"{build} + {source} (Linux {release}{', Debian ' + deb if deb else ''}; {why}"
@@ -96,13 +106,18 @@ def find_headers(mode: str):
     if mode not in ("auto", "running"):
         tree = os.path.realpath(mode)
         if _is_source_tree(tree) and _is_build_tree(tree):
-            return ({"BCC_KERNEL_SOURCE": tree}, [],
-                    f"{tree} (Linux {_release_of(tree)}; --headers)")
+            return (
+                {"BCC_KERNEL_SOURCE": tree},
+                [],
+                f"{tree} (Linux {_release_of(tree)}; --headers)",
+            )
         common = _is_build_tree(tree) and _common_of(tree)
         if common:
             return _split_tree(tree, common, running, "--headers")
-        raise NoKernelHeaders(f"--headers {mode}: not a kernel header tree "
-                          "(no include/linux/kconfig.h + include/generated/autoconf.h)")
+        raise NoKernelHeaders(
+            f"--headers {mode}: not a kernel header tree "
+            "(no include/linux/kconfig.h + include/generated/autoconf.h)"
+        )
 
     env_tree = os.environ.get("BCC_KERNEL_SOURCE")
     if env_tree:
@@ -113,15 +128,21 @@ def find_headers(mode: str):
     build, source = os.path.join(modules, "build"), os.path.join(modules, "source")
     if os.path.isdir(source) and os.path.isdir(build):
         if _is_source_tree(source) and _is_build_tree(build):
-            return {}, [], f"{os.path.realpath(build)} + {os.path.realpath(source)} " \
-                           f"(running kernel {running})"
+            return (
+                {},
+                [],
+                f"{os.path.realpath(build)} + {os.path.realpath(source)} "
+                f"(running kernel {running})",
+            )
     elif _is_source_tree(build) and _is_build_tree(build):
         return {}, [], f"{os.path.realpath(build)} (running kernel {running})"
     if os.path.exists("/sys/kernel/kheaders.tar.xz"):
         return {}, [], f"/sys/kernel/kheaders.tar.xz (running kernel {running})"
     if mode == "running":
-        raise NoKernelHeaders(f"no kernel headers for the running kernel {running} "
-                          f"({modules}/build, /sys/kernel/kheaders.tar.xz)")
+        raise NoKernelHeaders(
+            f"no kernel headers for the running kernel {running} "
+            f"({modules}/build, /sys/kernel/kheaders.tar.xz)"
+        )
 
     # The nearest installed Debian linux-headers-*: the newest release not
     # newer than the running kernel, else the oldest newer one; the generic
@@ -140,9 +161,11 @@ def find_headers(mode: str):
         flavour = 0 if re.search(r"\d-(amd64|arm64|686|686-pae)$", release) else 1
         trees.append((_version_key(release), flavour, release, os.path.realpath(build), source))
     if not trees:
-        raise NoKernelHeaders(f"no kernel headers: none for the running kernel {running} "
-                          f"({modules}/build, /sys/kernel/kheaders.tar.xz) and no "
-                          "/usr/src/linux-headers-* installed (apt-get install linux-headers-amd64)")
+        raise NoKernelHeaders(
+            f"no kernel headers: none for the running kernel {running} "
+            f"({modules}/build, /sys/kernel/kheaders.tar.xz) and no "
+            "/usr/src/linux-headers-* installed (apt-get install linux-headers-amd64)"
+        )
     mine = _version_key(running)
     older = [t for t in trees if t[0] <= mine]
     if older:
@@ -151,6 +174,9 @@ def find_headers(mode: str):
         best = min(trees, key=lambda t: (t[0], t[1]))
     _, _, release, build, source = best
     if build == source:
-        return ({"BCC_KERNEL_SOURCE": build}, [],
-                f"{build} (Linux {release}, nearest installed; not the running kernel {running})")
+        return (
+            {"BCC_KERNEL_SOURCE": build},
+            [],
+            f"{build} (Linux {release}, nearest installed; not the running kernel {running})",
+        )
     return _split_tree(build, source, running, "nearest installed")

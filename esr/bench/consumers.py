@@ -87,13 +87,15 @@ class Consumer:
 
 def start_program(name: str, argv: list[str]) -> Consumer:
     stderr = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
+    )
     return Consumer(name, proc.pid, proc.stdin, proc.stdout, stderr)
 
 
-def start_esr(pages: tuple[int, int, int], data_dir: str, python_decoder: bool = False,
-              cpu: int = 0) -> Consumer:
+def start_esr(
+    pages: tuple[int, int, int], data_dir: str, python_decoder: bool = False, cpu: int = 0
+) -> Consumer:
     """esr's recorder in a forked child (works the same from a venv and from
     the single binary, which can't run `python -m`)."""
     down_r, down_w = os.pipe()
@@ -104,11 +106,19 @@ def start_esr(pages: tuple[int, int, int], data_dir: str, python_decoder: bool =
         try:
             os.close(down_w)
             os.close(up_r)
-            status = _serve(os.fdopen(down_r, "r"), os.fdopen(up_w, "w", buffering=1), pages,
-                            data_dir, python_decoder, cpu)
+            status = _serve(
+                os.fdopen(down_r, "r"),
+                os.fdopen(up_w, "w", buffering=1),
+                pages,
+                data_dir,
+                python_decoder,
+                cpu,
+            )
         except BaseException as err:  # the parent reads the reason as the reply
             try:
-                os.write(up_w, (json.dumps({"error": str(err) or type(err).__name__}) + "\n").encode())
+                os.write(
+                    up_w, (json.dumps({"error": str(err) or type(err).__name__}) + "\n").encode()
+                )
             except OSError:
                 pass
         finally:
@@ -144,12 +154,14 @@ def _reset_peak_rss() -> None:
 
 def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
     os.sched_setaffinity(0, {cpu})
-    r = EnhancedRecording(command_buffer_size=pages[0], disk_buffer_size=pages[1],
-                          network_buffer_size=pages[2])
+    r = EnhancedRecording(
+        command_buffer_size=pages[0], disk_buffer_size=pages[1], network_buffer_size=pages[2]
+    )
     config = Config(enhanced_recording=r, data_dir=data_dir, max_sessions=64)
     decode = {}
     if python_decoder:
         from esr.bench.pydecode import decode_batch
+
         decode["decode"] = decode_batch
     recorder = Recorder(config, loader.load(config), DataDir(data_dir), **decode)
     probe = recorder.probe
@@ -175,14 +187,21 @@ def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
             elif words[:1] == ["stop"] or not words:
                 recorder.flush()
                 end_cpu = _cpu()
-                result = {"records": {"command": 0, "disk": 0, "network": 0},
-                          "lost": {"command": 0, "disk": 0, "network": 0}, "bytes": 0,
-                          "lost_user": recorder.lost_in_user_space + recorder.orphans,
-                          "user_s": end_cpu[0] - start_cpu[0], "sys_s": end_cpu[1] - start_cpu[1],
-                          "max_rss_kb": _peak_rss_kb()}
+                result = {
+                    "records": {"command": 0, "disk": 0, "network": 0},
+                    "lost": {"command": 0, "disk": 0, "network": 0},
+                    "bytes": 0,
+                    "lost_user": recorder.lost_in_user_space + recorder.orphans,
+                    "user_s": end_cpu[0] - start_cpu[0],
+                    "sys_s": end_cpu[1] - start_cpu[1],
+                    "max_rss_kb": _peak_rss_kb(),
+                }
                 if session is not None:  # none when recording what runs outside sessions
-                    result["records"] = {"command": session.commands, "disk": session.disks,
-                                         "network": session.networks}
+                    result["records"] = {
+                        "command": session.commands,
+                        "disk": session.disks,
+                        "network": session.networks,
+                    }
                     result["lost"] = dict(zip(("command", "disk", "network"), session.lost))
                     if session.sid in recorder.registry.by_sid:
                         recorder.end(session, "exited")

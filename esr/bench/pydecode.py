@@ -27,39 +27,61 @@ def _cstr(raw: bytes) -> bytes:
 
 
 def _command(buf, off, time, ei, pid, cgroup, comm):
-    ppid, uid, gid, ret, argc, argv_size, argv_len, path_len, flags = \
-        COMMAND.unpack_from(buf, off + HEADER.size)
+    ppid, uid, gid, ret, argc, argv_size, argv_len, path_len, flags = COMMAND.unpack_from(
+        buf, off + HEADER.size
+    )
     argv_len = min(argv_len, ARGV_MAX)
     data = off + COMMAND_DATA
-    block = bytes(buf[data:data + argv_len])
+    block = bytes(buf[data : data + argv_len])
     strings = block.split(b"\0") if block else []
     if block.endswith(b"\0"):
         strings.pop()
-    path = _cstr(bytes(buf[data + argv_len:data + argv_len + path_len]))
+    path = _cstr(bytes(buf[data + argv_len : data + argv_len + path_len]))
     cut_args = max(argc - len(strings), 0)
     cut_bytes = max(argv_size - argv_len, 0)
     truncated = cut_args > 0 or cut_bytes > 0 or bool(flags & (ARGV_INCOMPLETE | ARGV_UNREADABLE))
-    return Command(ei, time, pid, ppid, cgroup, comm, path, strings[1:], ret, uid, gid,
-                   bool(flags & COMMAND_TTY), truncated, cut_args, cut_bytes)
+    return Command(
+        ei,
+        time,
+        pid,
+        ppid,
+        cgroup,
+        comm,
+        path,
+        strings[1:],
+        ret,
+        uid,
+        gid,
+        bool(flags & COMMAND_TTY),
+        truncated,
+        cut_args,
+        cut_bytes,
+    )
 
 
 def _disk(buf, off, time, ei, pid, cgroup, comm):
     flags, ret, path_len, truncated = DISK.unpack_from(buf, off + HEADER.size)
-    path = _cstr(bytes(buf[off + DISK_PATH:off + DISK_PATH + path_len]))
+    path = _cstr(bytes(buf[off + DISK_PATH : off + DISK_PATH + path_len]))
     return Disk(ei, time, pid, cgroup, comm, path, flags, ret, truncated != 0)
 
 
 def _network(buf, off, time, ei, pid, cgroup, comm):
     ret, family, sport, dport = NETWORK.unpack_from(buf, off + HEADER.size)
     af, size = (socket.AF_INET, 4) if family == AF_INET else (socket.AF_INET6, 16)
-    src = socket.inet_ntop(af, bytes(buf[off + NETWORK_ADDRS:off + NETWORK_ADDRS + size]))
-    dst = socket.inet_ntop(af, bytes(buf[off + NETWORK_ADDRS + 16:off + NETWORK_ADDRS + 16 + size]))
-    return Network(ei, time, pid, cgroup, comm, 4 if af == socket.AF_INET else 6, src, sport,
-                   dst, dport, ret)
+    src = socket.inet_ntop(af, bytes(buf[off + NETWORK_ADDRS : off + NETWORK_ADDRS + size]))
+    dst = socket.inet_ntop(
+        af, bytes(buf[off + NETWORK_ADDRS + 16 : off + NETWORK_ADDRS + 16 + size])
+    )
+    return Network(
+        ei, time, pid, cgroup, comm, 4 if af == socket.AF_INET else 6, src, sport, dst, dport, ret
+    )
 
 
-_DECODERS = {EVENT_COMMAND: (_command, "commands"), EVENT_DISK: (_disk, "disks"),
-             EVENT_NETWORK: (_network, "networks")}
+_DECODERS = {
+    EVENT_COMMAND: (_command, "commands"),
+    EVENT_DISK: (_disk, "disks"),
+    EVENT_NETWORK: (_network, "networks"),
+}
 
 
 def decode_batch(batch, sessions: dict, time_offset_ns: int) -> int:

@@ -28,8 +28,13 @@ WORKLOADS = ("open", "exec", "connect", "mixed")
 RATES = (10_000, 50_000, 100_000, 200_000, 0)  # events/s; 0 is flat out
 # none: no BPF at all. outside: esr records, but not the generator.
 MODES = ("none", "outside", "esr", "floor", "esr-pydecode", "bcc", "bcc-wk64")
-TARGETS = {"recorder_ns_per_event": 400, "open_cost_vs_floor": 1.15, "bytes_per_open": 20,
-           "vs_bcc": 20, "vs_bcc-wk64": 6}
+TARGETS = {
+    "recorder_ns_per_event": 400,
+    "open_cost_vs_floor": 1.15,
+    "bytes_per_open": 20,
+    "vs_bcc": 20,
+    "vs_bcc-wk64": 6,
+}
 
 
 class BenchError(Exception):
@@ -59,18 +64,28 @@ class Result:
 def tools() -> dict:
     """Where the generator, the C floor and the bcc peer are."""
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get("ESR_BENCH_TOOLS", ""),
-                  os.path.join(here, "..", "..", "build", "bench"), "/usr/lib/esr/bench"]
+    candidates = [
+        os.environ.get("ESR_BENCH_TOOLS", ""),
+        os.path.join(here, "..", "..", "build", "bench"),
+        "/usr/lib/esr/bench",
+    ]
     for d in filter(None, candidates):
         if os.path.exists(os.path.join(d, "gen")):
             found = {name: os.path.join(d, name) for name in ("gen", "nop", "floor")}
-            peer = [p for p in (os.path.join(d, "bcc", "bccpeer.py"),
-                                os.path.join(here, "..", "..", "bench", "bcc", "bccpeer.py"))
-                    if os.path.exists(p)]
+            peer = [
+                p
+                for p in (
+                    os.path.join(d, "bcc", "bccpeer.py"),
+                    os.path.join(here, "..", "..", "bench", "bcc", "bccpeer.py"),
+                )
+                if os.path.exists(p)
+            ]
             found["bccpeer"] = peer[0] if peer else ""
             return found
-    raise BenchError("the benchmark's programs (gen, nop, floor) are missing: run `make build`, "
-                     "or point ESR_BENCH_TOOLS at them")
+    raise BenchError(
+        "the benchmark's programs (gen, nop, floor) are missing: run `make build`, "
+        "or point ESR_BENCH_TOOLS at them"
+    )
 
 
 def _bcc_missing() -> str | None:
@@ -98,16 +113,26 @@ class Bench:
         if mode in ("esr", "outside"):
             return start_esr(self.pages, os.path.join(self.tmp, f"data{self.runs}"))
         if mode == "esr-pydecode":
-            return start_esr(self.pages, os.path.join(self.tmp, f"data{self.runs}"),
-                             python_decoder=True)
+            return start_esr(
+                self.pages, os.path.join(self.tmp, f"data{self.runs}"), python_decoder=True
+            )
         if mode == "floor":
             with resources.as_file(resources.files("esr.bpf").joinpath("esr.bpf.o")) as obj:
                 return start_program("C floor", [self.tools["floor"], str(obj), "--pages", pages])
         if mode in ("bcc", "bcc-wk64"):
             if self.bcc_missing or not self.tools["bccpeer"]:
                 raise ConsumerError(self.bcc_missing or "bench/bcc/bccpeer.py is missing")
-            return start_program(mode, ["/usr/bin/python3", self.tools["bccpeer"], "--pages",
-                                        pages, "--wakeup-events", "64" if mode == "bcc-wk64" else "1"])
+            return start_program(
+                mode,
+                [
+                    "/usr/bin/python3",
+                    self.tools["bccpeer"],
+                    "--pages",
+                    pages,
+                    "--wakeup-events",
+                    "64" if mode == "bcc-wk64" else "1",
+                ],
+            )
         return None
 
     def run(self, workload: str, rate: int, mode: str) -> Result:
@@ -118,9 +143,22 @@ class Bench:
         except ConsumerError as err:
             result.error = str(err)
             return result
-        gen = subprocess.Popen([self.tools["gen"], workload, str(self.seconds), str(rate),
-                                "--cpu", "1", "--nop", self.tools["nop"]],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        gen = subprocess.Popen(
+            [
+                self.tools["gen"],
+                workload,
+                str(self.seconds),
+                str(rate),
+                "--cpu",
+                "1",
+                "--nop",
+                self.tools["nop"],
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         try:
             if gen.stdout.readline().strip() != "ready":
                 raise BenchError(f"gen {workload} did not start")
@@ -159,7 +197,8 @@ class Bench:
         result.accounted = events == recorded + result.lost_kernel + result.lost_user
         if recorded:
             result.recorder_ns_per_event = round(
-                (consumed["user_s"] + consumed["sys_s"]) / recorded * 1e9)
+                (consumed["user_s"] + consumed["sys_s"]) / recorded * 1e9
+            )
             if "bytes" in consumed:
                 result.bytes_per_event = round(consumed["bytes"] / recorded, 2)
         result.peak_rss_mb = round(consumed["max_rss_kb"] / 1024, 1)
@@ -172,19 +211,35 @@ class Bench:
 
 def summarize(results: list[Result]) -> dict:
     by = {(r.workload, r.rate, r.mode): r for r in results}
-    summary: dict = {"highest_rate_without_loss": {}, "outside_session_overhead": {},
-                     "recorded_process_cost": {}, "targets": {}}
+    summary: dict = {
+        "highest_rate_without_loss": {},
+        "outside_session_overhead": {},
+        "recorded_process_cost": {},
+        "targets": {},
+    }
     for w in {r.workload for r in results}:
-        clean = [r.events_per_s for r in results if r.workload == w and r.mode == "esr"
-                 and r.accounted and r.lost_kernel == 0 and r.lost_user == 0]
+        clean = [
+            r.events_per_s
+            for r in results
+            if r.workload == w
+            and r.mode == "esr"
+            and r.accounted
+            and r.lost_kernel == 0
+            and r.lost_user == 0
+        ]
         summary["highest_rate_without_loss"][w] = max(clean, default=0)
         none, outside = by.get((w, 0, "none")), by.get((w, 0, "outside"))
         if none and outside and none.process_ns_per_op:
             summary["outside_session_overhead"][w] = {
                 "no_bpf_ns_per_op": none.process_ns_per_op,
                 "outside_session_ns_per_op": outside.process_ns_per_op,
-                "overhead_pct": round((outside.process_ns_per_op / none.process_ns_per_op - 1) * 100, 1)}
-        row = {m: by[(w, 0, m)].process_ns_per_op for m in ("none", "esr", "floor") if (w, 0, m) in by}
+                "overhead_pct": round(
+                    (outside.process_ns_per_op / none.process_ns_per_op - 1) * 100, 1
+                ),
+            }
+        row = {
+            m: by[(w, 0, m)].process_ns_per_op for m in ("none", "esr", "floor") if (w, 0, m) in by
+        }
         if row:
             summary["recorded_process_cost"][w] = row
     esr_open = by.get(("open", 0, "esr"))
@@ -214,13 +269,16 @@ def _target(value, target, met: bool) -> dict:
 
 
 def table(results: list[Result]) -> str:
-    head = (f"{'workload':8} {'rate':>7} {'consumer':13} {'events/s':>9} {'generated':>10} "
-            f"{'recorded':>10} {'lost(k)':>8} {'lost(u)':>7} {'exact':>5} {'rec ns/ev':>9} "
-            f"{'RSS MiB':>7} {'proc ns/op':>10} {'B/ev':>6}")
+    head = (
+        f"{'workload':8} {'rate':>7} {'consumer':13} {'events/s':>9} {'generated':>10} "
+        f"{'recorded':>10} {'lost(k)':>8} {'lost(u)':>7} {'exact':>5} {'rec ns/ev':>9} "
+        f"{'RSS MiB':>7} {'proc ns/op':>10} {'B/ev':>6}"
+    )
     lines = [head, "-" * len(head)]
 
     def f(v, fmt="{}"):
         return "-" if v is None else fmt.format(v)
+
     for r in results:
         rate = "max" if r.rate == 0 else f"{r.rate // 1000}k"
         if r.error:
@@ -231,16 +289,19 @@ def table(results: list[Result]) -> str:
             f"{f(r.recorded):>10} {f(r.lost_kernel):>8} {f(r.lost_user):>7} "
             f"{f(None if r.accounted is None else ('yes' if r.accounted else 'NO')):>5} "
             f"{f(r.recorder_ns_per_event):>9} {f(r.peak_rss_mb):>7} {f(r.process_ns_per_op):>10} "
-            f"{f(r.bytes_per_event):>6}")
+            f"{f(r.bytes_per_event):>6}"
+        )
     return "\n".join(lines)
 
 
-def main(workloads, rates, modes, seconds: float, as_json: bool, smoke: bool,
-         config: Config) -> int:
+def main(
+    workloads, rates, modes, seconds: float, as_json: bool, smoke: bool, config: Config
+) -> int:
     if os.geteuid() != 0:
-        raise BenchError("the benchmark loads BPF programs: run it as root "
-                         "(`esr bench --offline` needs no root)")
-    say = (lambda line: print(line, file=sys.stderr, flush=True))
+        raise BenchError(
+            "the benchmark loads BPF programs: run it as root (`esr bench --offline` needs no root)"
+        )
+    say = lambda line: print(line, file=sys.stderr, flush=True)
     bench = Bench(seconds, config.buffer_pages())
     plan = [(w, r, m) for w in workloads for r in rates for m in modes]
     results = []
@@ -249,29 +310,43 @@ def main(workloads, rates, modes, seconds: float, as_json: bool, smoke: bool,
         for i, (w, r, m) in enumerate(plan, 1):
             res = bench.run(w, r, m)
             results.append(res)
-            what = (f"skipped ({res.error})" if res.error else
-                    f"{res.events_per_s} ev/s, lost {res.lost_kernel or 0}+{res.lost_user or 0}, "
-                    f"{res.recorder_ns_per_event or '-'} ns/ev recorder, "
-                    f"{res.process_ns_per_op or '-'} ns/op")
+            what = (
+                f"skipped ({res.error})"
+                if res.error
+                else f"{res.events_per_s} ev/s, lost {res.lost_kernel or 0}+{res.lost_user or 0}, "
+                f"{res.recorder_ns_per_event or '-'} ns/ev recorder, "
+                f"{res.process_ns_per_op or '-'} ns/op"
+            )
             say(f"[{i}/{len(plan)}] {w} @ {'max' if r == 0 else r} {m}: {what}")
     finally:
         bench.close()
     say("[offline] decode -> msgpack -> zstd -> write")
     micro = offline.measure(20_000 if smoke else 200_000, config.compression_level)
-    report = {"esr": __version__, "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                                            "machine": platform.machine()},
-              "seconds_per_run": seconds, "buffer_pages": dict(zip(("command", "disk", "network"),
-                                                                    config.buffer_pages())),
-              "runs": [asdict(r) for r in results], "summary": summarize(results),
-              "offline": micro, "notes": bench.notes,
-              "wall_s": round(time.monotonic() - started, 1)}
+    report = {
+        "esr": __version__,
+        "host": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
+        "seconds_per_run": seconds,
+        "buffer_pages": dict(zip(("command", "disk", "network"), config.buffer_pages())),
+        "runs": [asdict(r) for r in results],
+        "summary": summarize(results),
+        "offline": micro,
+        "notes": bench.notes,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     if as_json:
         print(json.dumps(report, indent=1))
     else:
         print(table(results))
         print()
-        print(json.dumps({"summary": report["summary"], "offline": micro, "notes": bench.notes},
-                         indent=1))
+        print(
+            json.dumps(
+                {"summary": report["summary"], "offline": micro, "notes": bench.notes}, indent=1
+            )
+        )
     if smoke:
         return _smoke_verdict(results, say)
     return 0
@@ -291,8 +366,10 @@ def _smoke_verdict(results: list[Result], say) -> int:
         if r.mode in ("none", "outside"):
             continue
         if not r.accounted:
-            bad.append(f"{r.workload}/{r.mode}: generated {r.generated} != recorded {r.recorded} "
-                       f"+ lost {r.lost_kernel} + {r.lost_user}")
+            bad.append(
+                f"{r.workload}/{r.mode}: generated {r.generated} != recorded {r.recorded} "
+                f"+ lost {r.lost_kernel} + {r.lost_user}"
+            )
         if r.recorder_ns_per_event is None or r.peak_rss_mb is None:
             bad.append(f"{r.workload}/{r.mode}: missing figures")
         if r.mode.startswith("esr") and r.bytes_per_event is None:
