@@ -31,9 +31,13 @@ def run(cmd):
     subprocess.run(cmd, check=True)
 
 
+BPF_BUILD_DIR = os.path.join(HERE, "build", "bpf")
+
+
 class build_bpf(Command):
     """Compile bpf/*.bpf.c with clang into esr/bpf/esr.bpf.o (the recorder)
-    and esr/bpf/feature_probe.bpf.o.
+    and esr/bpf/feature_probe.bpf.o, and generate their subskeletons, through
+    which the C side names maps, programs and settings.
 
     vmlinux.h is generated from the build host's BTF; CO-RE relocations let
     the object load on other kernels."""
@@ -48,7 +52,7 @@ class build_bpf(Command):
         pass
 
     def run(self):
-        out = os.path.join(HERE, "build", "bpf")
+        out = BPF_BUILD_DIR
         os.makedirs(out, exist_ok=True)
         os.makedirs(PACKAGE_BPF_DIR, exist_ok=True)
         vmlinux = os.path.join(out, "vmlinux.h")
@@ -60,8 +64,9 @@ class build_bpf(Command):
                                check=True, stdout=f)
             os.replace(vmlinux + ".tmp", vmlinux)
         headers = glob.glob(os.path.join(BPF_DIR, "*.h")) + [vmlinux]
-        self.link("esr.bpf.o", [self.compile(src, out, headers) for src in RECORDER_SOURCES])
-        self.link("feature_probe.bpf.o", [self.compile(FEATURE_PROBE_SOURCE, out, headers)])
+        for name, sources in (("esr", RECORDER_SOURCES), ("feature_probe", [FEATURE_PROBE_SOURCE])):
+            target = self.link(f"{name}.bpf.o", [self.compile(src, out, headers) for src in sources])
+            self.subskeleton(target, name, out)
 
     @staticmethod
     def compile(source, out, headers):
@@ -77,11 +82,22 @@ class build_bpf(Command):
     @staticmethod
     def link(name, objects):
         target = os.path.join(PACKAGE_BPF_DIR, name)
-        if os.path.exists(target) and os.path.getmtime(target) >= max(
+        if not os.path.exists(target) or os.path.getmtime(target) < max(
                 os.path.getmtime(o) for o in objects):
+            run(["bpftool", "gen", "object", target + ".tmp", *objects])
+            os.replace(target + ".tmp", target)
+        return target
+
+    @staticmethod
+    def subskeleton(obj, name, out):
+        header = os.path.join(out, f"{name}.subskel.h")
+        if os.path.exists(header) and os.path.getmtime(header) >= os.path.getmtime(obj):
             return
-        run(["bpftool", "gen", "object", target + ".tmp", *objects])
-        os.replace(target + ".tmp", target)
+        print(f"bpftool gen subskeleton {obj} name {name}_bpf > {header}", flush=True)
+        with open(header + ".tmp", "w") as f:
+            subprocess.run(["bpftool", "gen", "subskeleton", obj, "name", f"{name}_bpf"],
+                           check=True, stdout=f)
+        os.replace(header + ".tmp", header)
 
 
 def write_commit():
@@ -94,6 +110,8 @@ def write_commit():
         commit = "unknown"
     path = os.path.join(HERE, "esr", "_commit.py")
     text = f'COMMIT = "{commit}"\n'
+    if commit == "unknown" and os.path.exists(path):
+        return  # git is not usable here (another user's tree): keep what was built
     if not os.path.exists(path) or open(path).read() != text:
         with open(path, "w") as f:
             f.write(text)
@@ -112,13 +130,18 @@ def extensions():
     if not os.path.exists(LIBBPF_A):
         sys.exit(f"esr build: {LIBBPF_A} is missing: run `make build`, or point ESR_LIBBPF "
                  "at a prefix holding a position-independent libbpf.a and its headers")
-    common = dict(include_dirs=[os.path.join(HERE, "bpf"), LIBBPF_INCLUDE],
+    common = dict(include_dirs=[os.path.join(HERE, "bpf"), os.path.join(HERE, "esr", "_fast"),
+                                BPF_BUILD_DIR, LIBBPF_INCLUDE],
                   extra_compile_args=["-O2"])
     return cythonize(
         [
-            Extension("esr._fast.probe", ["esr/_fast/probe.pyx"],
-                      extra_objects=[LIBBPF_A], libraries=["elf", "z"], **common),
-            Extension("esr._fast.decode", ["esr/_fast/decode.pyx"], **common),
+            Extension("esr._fast.probe", ["esr/_fast/probe.pyx", "esr/_fast/object.c",
+                                          "esr/_fast/drain.c"],
+                      extra_objects=[LIBBPF_A], libraries=["elf", "z"],
+                      depends=["esr/_fast/object.h", "esr/_fast/drain.h", "bpf/esr_events.h"],
+                      **common),
+            Extension("esr._fast.decode", ["esr/_fast/decode.pyx"],
+                      depends=["bpf/esr_events.h"], **common),
         ],
         compiler_directives={"language_level": 3},
     )

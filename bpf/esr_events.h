@@ -15,18 +15,27 @@
 /* A failed exec's argv is walked pointer by pointer at syscall entry. */
 #define ESR_ARGS_MAX 512
 
-/* Which perf buffer a record goes to; also indexes the lost counters. */
+/* The perf buffers, the one place that names them. A buffer's name also
+ * names its BPF map (<name>_events), its config key (<name>_buffer_size)
+ * and its counters; its index orders every per-buffer array. */
+#define ESR_BUFFERS(X) \
+	X(COMMAND, command) \
+	X(DISK, disk) \
+	X(NETWORK, network)
+
 enum esr_buffer {
-	ESR_BUF_COMMAND = 0,
-	ESR_BUF_DISK = 1,
-	ESR_BUF_NETWORK = 2,
-	ESR_BUF_COUNT = 3,
+#define ESR_BUFFER_INDEX(upper, lower) ESR_BUF_##upper,
+	ESR_BUFFERS(ESR_BUFFER_INDEX)
+#undef ESR_BUFFER_INDEX
+	ESR_BUF_COUNT
 };
 
+/* Record types: struct esr_event_header.type. */
 enum esr_event_type {
 	ESR_EVENT_COMMAND = 1,
 	ESR_EVENT_DISK = 2,
 	ESR_EVENT_NETWORK = 3,
+	ESR_EVENT_TYPE_END
 };
 
 struct esr_event_header {
@@ -93,19 +102,20 @@ struct esr_session_state {
 #define ESR_TASK_ANCHOR 0x1	/* not recorded itself; what it forks joins the session */
 #define ESR_TASK_ANCHOR_CHILD 0x2	/* forked by an anchor, has not exec'd yet */
 
-/* The esr executable. A session's anchor (sshd's monitor, su) runs the PAM
- * hook as a direct child: that child leaves the session when it execs esr,
- * so the hook's own work is not recorded as the user's. */
-struct esr_exe {
-	__u64 dev;	/* as the kernel encodes it: major << 20 | minor */
-	__u64 ino;
-};
-
 /* Value of the tracked_tasks map, keyed by thread id. */
 struct esr_task {
 	__u64 session;
 	__u32 flags;
 	__u32 reserved;
 };
+
+#ifndef __bpf__
+/* User space: the buffers' names, in index order. */
+static const char *const esr_buffer_names[ESR_BUF_COUNT] = {
+#define ESR_BUFFER_NAME(upper, lower) [ESR_BUF_##upper] = #lower,
+	ESR_BUFFERS(ESR_BUFFER_NAME)
+#undef ESR_BUFFER_NAME
+};
+#endif
 
 #endif /* ESR_EVENTS_H */

@@ -20,13 +20,12 @@ struct {
 	__uint(value_size, sizeof(__u32));
 } command_events SEC(".maps");
 
-/* Set by user space: see struct esr_exe. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct esr_exe);
-} recorder_exe SEC(".maps");
+/* The esr executable, set before load (0 when unknown). A session's anchor
+ * (sshd's monitor, su) runs the PAM hook as a direct child: that child
+ * leaves the session when it execs esr, so the hook's own work is not
+ * recorded as the user's. dev is encoded as the kernel does: major << 20 | minor. */
+const volatile __u64 recorder_exe_dev = 0;
+const volatile __u64 recorder_exe_ino = 0;
 
 /* The record being built, per CPU: too large for the BPF stack. */
 struct {
@@ -205,12 +204,10 @@ int execat_exit(struct trace_event_raw_sys_exit *ctx)
 
 static __always_inline bool is_recorder_exe(struct task_struct *task)
 {
-	__u32 zero = 0;
-	struct esr_exe *exe = bpf_map_lookup_elem(&recorder_exe, &zero);
 	struct inode *inode = BPF_CORE_READ(task, mm, exe_file, f_inode);
 
-	return exe && exe->ino && BPF_CORE_READ(inode, i_ino) == exe->ino &&
-	       BPF_CORE_READ(inode, i_sb, s_dev) == exe->dev;
+	return recorder_exe_ino && BPF_CORE_READ(inode, i_ino) == recorder_exe_ino &&
+	       BPF_CORE_READ(inode, i_sb, s_dev) == recorder_exe_dev;
 }
 
 SEC("tp/sched/sched_process_exec")

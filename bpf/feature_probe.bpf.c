@@ -18,17 +18,3 @@ int BPF_PROG(probe_fentry, int dfd)
 {
 	return 0;
 }
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4096);
-} probe_ringbuf SEC(".maps");
-
-SEC("tp/syscalls/sys_enter_getpid")
-int probe_ringbuf_output(void *ctx)
-{
-	__u32 zero = 0;
-
-	bpf_ringbuf_output(&probe_ringbuf, &zero, sizeof(zero), 0);
-	return 0;
-}

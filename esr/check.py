@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from esr import loader
+from esr import loader, schema
+from esr._fast.probe import map_type_supported, try_hook
 from esr.config import Config
+from esr.errors import LoadError
 
 BTF = "/sys/kernel/btf/vmlinux"
 TRACEPOINTS = [
@@ -49,22 +51,20 @@ def check(config: Config):
         mounted = loader.mount_tracefs()
         yield f"tracefs: {loader.TRACEFS} ({'mounted it' if mounted else 'already mounted'})", True
         tracefs = True
-    except loader.LoadError as err:
+    except LoadError as err:
         yield f"tracefs: {err}", False
         tracefs = False
     for tp in TRACEPOINTS:
         present = tracefs and os.path.exists(os.path.join(loader.TRACEFS, "events", tp, "id"))
         yield f"tracepoint {tp}: {'yes' if present else 'missing'}", present
 
-    from esr._fast.probe import map_type_supported, try_program
-
     perf = map_type_supported("perf")
     yield f"perf buffer: {'yes' if perf else 'no'}", perf
     yield f"ring buffer: {'yes' if map_type_supported('ringbuf') else 'no'} (not used)", True
 
     probes = loader.bpf_image("feature_probe.bpf.o")
-    for hook, program in (("kprobe", "probe_kprobe"), ("fentry", "probe_fentry")):
-        why = try_program(probes, program)
+    for hook in ("kprobe", "fentry"):
+        why = try_hook(probes, hook)
         yield f"{hook}: {'available' if why is None else f'unavailable ({why})'} (optional)", True
 
     cgroup = config.enhanced_recording.cgroup_path or cgroup2_mount()
@@ -74,15 +74,15 @@ def check(config: Config):
 
     try:
         probe = loader.load(config)
-    except loader.LoadError as err:
+    except LoadError as err:
         yield f"recorder programs: {err}", False
         return
     if probe is None:
         yield "recorder programs: not loaded (enhanced_recording.enabled is false)", True
         return
-    pages = dict(zip(("command", "disk", "network"), probe.buffer_pages))
+    pages = schema.by_buffer(list(probe.buffer_pages))
     yield (
-        f"recorder programs: {len(probe.programs)} loaded and attached; buffers per CPU "
+        f"recorder programs: {probe.programs} loaded and attached; buffers per CPU "
         f"(pages): {pages}",
         True,
     )

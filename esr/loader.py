@@ -8,17 +8,20 @@ import errno
 import os
 from importlib import resources
 
+from esr._fast.probe import Probe
 from esr.config import Config
+from esr.errors import LoadError, ProbeError
 
 TRACEFS = "/sys/kernel/tracing"
 
 
-class LoadError(Exception):
-    pass
-
-
 def bpf_image(name: str = "esr.bpf.o") -> bytes:
     return resources.files("esr.bpf").joinpath(name).read_bytes()
+
+
+def kernel_dev(st_dev: int) -> int:
+    """A device number as the kernel encodes it internally: major << 20 | minor."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
 def mount_tracefs() -> bool:
@@ -33,24 +36,31 @@ def mount_tracefs() -> bool:
     return True
 
 
-def load(config: Config):
-    """The attached probe, or None when enhanced recording is disabled."""
+def load(config: Config, recorder_exe: str | None = None):
+    """The attached probe, or None when enhanced recording is disabled.
+
+    recorder_exe: the esr executable that a session's anchor runs as the
+    PAM hook, whose work is not the user's."""
     if not config.enhanced_recording.enabled:
         return None
-    from esr._fast.probe import Probe, ProbeError
-
     if os.geteuid() != 0:
         raise LoadError(
             "recording needs root: loading BPF programs requires CAP_BPF, "
             "CAP_PERFMON and CAP_SYS_ADMIN"
         )
     mount_tracefs()
+    exe = os.stat(recorder_exe) if recorder_exe else None
     try:
         return Probe(
-            bpf_image(), config.buffer_pages(), config.max_sessions, config.max_tracked_tasks
+            bpf_image(),
+            config.buffer_pages(),
+            config.max_sessions,
+            config.max_tracked_tasks,
+            recorder_exe_dev=kernel_dev(exe.st_dev) if exe else 0,
+            recorder_exe_ino=exe.st_ino if exe else 0,
         )
     except ProbeError as err:
-        reason = err.strerror or str(err)
+        reason = str(err)
         if err.errno == errno.EPERM:
             reason += " (missing capabilities, or locked down?)"
         raise LoadError(f"cannot load the BPF programs: {reason}") from None

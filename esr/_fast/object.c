@@ -1,0 +1,227 @@
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <bpf/libbpf.h>
+#include "object.h"
+#include "feature_probe.subskel.h"
+
+/* --- why a load failed ------------------------------------------------------ */
+
+static char reason[1024];
+/* libbpf says what went wrong first, then sums it up ("failed to load
+ * object"): keep the first message, unless a verifier log comes, whose
+ * last line is the kernel's own objection. */
+static int have_reason, reason_is_verifiers;
+
+/* The last non-empty line of text[0..len). */
+static void last_line(const char *text, size_t len, char *out, size_t size)
+{
+	const char *start;
+
+	while (len && (text[len - 1] == '\n' || text[len - 1] == ' '))
+		len--;
+	start = text + len;
+	while (start > text && start[-1] != '\n')
+		start--;
+	if (!strncmp(start, "libbpf: ", 8))
+		start += 8;
+	snprintf(out, size, "%.*s", (int)(text + len - start), start);
+}
+
+static int capture(enum libbpf_print_level level, const char *fmt, va_list args)
+{
+	static const char end_marker[] = "-- END PROG LOAD LOG --";
+	const char *end, *prog;
+	char line[512];
+	char *msg;
+	va_list copy;
+	int n;
+
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	va_copy(copy, args);
+	n = vsnprintf(NULL, 0, fmt, copy);
+	va_end(copy);
+	if (n < 0 || !(msg = malloc(n + 1)))
+		return 0;
+	vsnprintf(msg, n + 1, fmt, args);
+	end = strstr(msg, end_marker);
+	prog = strstr(msg, "prog '");
+	if (end && !reason_is_verifiers) {
+		/* "prog 'NAME': -- BEGIN PROG LOAD LOG --\n<log>-- END ...": the
+		 * log's last line is the verifier's objection. */
+		last_line(msg, end - msg, line, sizeof(line));
+		if (prog && strchr(prog + 6, '\''))
+			snprintf(reason, sizeof(reason), "%.*s: %s",
+				 (int)(strchr(prog + 6, '\'') + 1 - prog), prog, line);
+		else
+			snprintf(reason, sizeof(reason), "%s", line);
+		reason_is_verifiers = 1;
+	} else if (!have_reason) {
+		last_line(msg, n, reason, sizeof(reason));
+	}
+	have_reason = 1;
+	free(msg);
+	return 0;
+}
+
+static void capture_reasons(void)
+{
+	libbpf_set_print(capture);
+	reason[0] = 0;
+	have_reason = reason_is_verifiers = 0;
+}
+
+const char *esr_libbpf_reason(void)
+{
+	return reason;
+}
+
+/* --- the recorder's object ---------------------------------------------------- */
+
+static int fail(struct esr_object *o, const char **step, const char *what, int err)
+{
+	*step = what;
+	esr_object_close(o);
+	return err ? err : -EINVAL;
+}
+
+static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *settings,
+		     const char **step)
+{
+	struct bpf_map *per_thread[] = { skel->maps.tracked_tasks, skel->maps.open_in_flight,
+					 skel->maps.connect_attempts, skel->maps.connect_in_flight };
+	int cpus = libbpf_num_possible_cpus();
+	size_t i;
+	int err;
+
+	for (i = 0; i < sizeof(per_thread) / sizeof(per_thread[0]); i++)
+		if ((err = bpf_map__set_max_entries(per_thread[i], settings->max_tasks))) {
+			*step = "cannot size the per-thread maps";
+			return err;
+		}
+	if ((err = bpf_map__set_max_entries(skel->maps.session_states, settings->max_sessions))) {
+		*step = "cannot size session_states";
+		return err;
+	}
+	if (cpus <= 0) {
+		*step = "cannot count the possible CPUs";
+		return cpus ? cpus : -EINVAL;
+	}
+	/* One argv scratch entry per CPU: per-CPU values are capped at 32 KiB. */
+	if ((err = bpf_map__set_max_entries(skel->maps.argv_scratch, cpus))) {
+		*step = "cannot size argv_scratch";
+		return err;
+	}
+	return 0;
+}
+
+int esr_object_open(struct esr_object *o, const void *image, size_t size,
+		    const struct esr_object_settings *settings, const char **step)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
+	struct bpf_program *prog;
+	struct esr_bpf *skel;
+	int err;
+
+	memset(o, 0, sizeof(*o));
+	capture_reasons();
+	o->obj = bpf_object__open_mem(image, size, &opts);
+	if (!o->obj)
+		return fail(o, step, "cannot open the BPF object", -errno);
+	o->skel = skel = esr_bpf__open(o->obj);
+	if (!skel)
+		return fail(o, step, "the BPF object is not esr.bpf.o", -errno);
+	if ((err = size_maps(skel, settings, step))) {
+		esr_object_close(o);
+		return err;
+	}
+	*skel->rodata.recorder_exe_dev = settings->recorder_exe_dev;
+	*skel->rodata.recorder_exe_ino = settings->recorder_exe_ino;
+
+	if ((err = bpf_object__load(o->obj)))
+		return fail(o, step, "cannot load the BPF programs", err);
+	o->tracked_tasks_fd = bpf_map__fd(skel->maps.tracked_tasks);
+	o->session_states_fd = bpf_map__fd(skel->maps.session_states);
+	o->buffer_lost_fd = bpf_map__fd(skel->maps.buffer_lost);
+	bpf_object__for_each_program(prog, o->obj) {
+		if (o->nlinks == ESR_MAX_LINKS)
+			return fail(o, step, "more BPF programs than ESR_MAX_LINKS", -E2BIG);
+		o->links[o->nlinks] = bpf_program__attach(prog);
+		if (!o->links[o->nlinks]) {
+			err = -errno;
+			snprintf(reason, sizeof(reason), "%s: %s", bpf_program__name(prog),
+				 strerror(-err));
+			return fail(o, step, "cannot attach a BPF program", err);
+		}
+		o->nlinks++;
+	}
+	return 0;
+}
+
+void esr_object_close(struct esr_object *o)
+{
+	while (o->nlinks)
+		bpf_link__destroy(o->links[--o->nlinks]);
+	esr_bpf__destroy(o->skel);
+	o->skel = NULL;
+	bpf_object__close(o->obj);
+	o->obj = NULL;
+}
+
+int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer)
+{
+	const struct esr_bpf *skel = o->skel;
+	struct bpf_map *maps[ESR_BUF_COUNT] = {
+#define ESR_BUFFER_MAP(upper, lower) [ESR_BUF_##upper] = skel->maps.lower##_events,
+		ESR_BUFFERS(ESR_BUFFER_MAP)
+#undef ESR_BUFFER_MAP
+	};
+
+	return bpf_map__fd(maps[buffer]);
+}
+
+/* --- optional hooks ------------------------------------------------------------ */
+
+int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "feature_probe.bpf.o");
+	struct feature_probe_bpf *skel = NULL;
+	struct bpf_object *obj;
+	struct bpf_program *wanted, *prog;
+	struct bpf_link *link;
+	int err = 0;
+
+	capture_reasons();
+	obj = bpf_object__open_mem(image, size, &opts);
+	if (!obj) {
+		*step = "open";
+		return -errno;
+	}
+	skel = feature_probe_bpf__open(obj);
+	if (!skel) {
+		err = -errno;
+		*step = "open";
+		goto out;
+	}
+	wanted = hook == ESR_HOOK_KPROBE ? skel->progs.probe_kprobe : skel->progs.probe_fentry;
+	bpf_object__for_each_program(prog, obj)
+		bpf_program__set_autoload(prog, prog == wanted);
+	if ((err = bpf_object__load(obj))) {
+		*step = "load";
+		goto out;
+	}
+	link = bpf_program__attach(wanted);
+	if (!link) {
+		err = -errno;
+		*step = "attach";
+		goto out;
+	}
+	bpf_link__destroy(link);
+out:
+	feature_probe_bpf__destroy(skel);
+	bpf_object__close(obj);
+	return err;
+}

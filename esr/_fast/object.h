@@ -1,0 +1,62 @@
+/* The recorder's BPF object (esr.bpf.o), loaded and attached: shared by
+ * the Python extension (probe.pyx) and the benchmark's C floor, so that
+ * both run exactly the same programs, sized the same way.
+ *
+ * Map, program and setting names go through the subskeleton bpftool
+ * generates from the object at build time (esr.subskel.h): a name that
+ * is not in the object fails the build, not a run.
+ */
+#ifndef ESR_OBJECT_H
+#define ESR_OBJECT_H
+
+#include <stddef.h>
+#include <linux/types.h>
+#include <bpf/libbpf.h>
+#include "esr_events.h"
+#include "esr.subskel.h"
+
+/* Links of every program the object has; checked when attaching. */
+#define ESR_MAX_LINKS 64
+
+/* Fixed at load time. */
+struct esr_object_settings {
+	__u32 max_sessions;	/* entries of session_states */
+	__u32 max_tasks;	/* entries of every map with one entry per thread */
+	__u64 recorder_exe_dev;	/* the esr executable, or 0: see exec.bpf.c */
+	__u64 recorder_exe_ino;
+};
+
+struct esr_object {
+	struct bpf_object *obj;
+	struct esr_bpf *skel;
+	struct bpf_link *links[ESR_MAX_LINKS];
+	int nlinks;
+	/* The maps user space reads and writes, once loaded. */
+	int tracked_tasks_fd;
+	int session_states_fd;
+	int buffer_lost_fd;
+};
+
+/* Open an image of esr.bpf.o, size its maps, set its load-time settings,
+ * load it and attach every program. Returns 0, or -errno with what failed
+ * in *step; esr_libbpf_reason() then has libbpf's own words. On failure
+ * the object is closed. */
+int esr_object_open(struct esr_object *o, const void *image, size_t size,
+		    const struct esr_object_settings *settings, const char **step);
+
+/* Detach every program and free the object; safe to call twice. */
+void esr_object_close(struct esr_object *o);
+
+/* The perf event array of a buffer. */
+int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
+
+/* Whether this kernel loads and attaches one of feature_probe.bpf.o's
+ * hooks: 0, or -errno with the step that failed in *step. */
+enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY };
+int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step);
+
+/* libbpf reports why a load failed through its print callback: the last
+ * line it printed, or "" (captured from the first esr_object_open on). */
+const char *esr_libbpf_reason(void);
+
+#endif /* ESR_OBJECT_H */
