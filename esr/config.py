@@ -12,13 +12,12 @@ from typing import Annotated
 
 import msgspec
 
+from esr.errors import ConfigError
+from esr.schema import BUFFERS
+
 DEFAULT_PATH = "/etc/esr/esr.yaml"
 
 Pages = Annotated[int, msgspec.Meta(ge=1, le=65536)]
-
-
-class ConfigError(Exception):
-    pass
 
 
 class EnhancedRecording(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -54,18 +53,20 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # when asked, as they outnumber everything else by orders of magnitude.
     audit_disk_events: bool = False
 
-    def buffer_pages(self) -> tuple[int, int, int]:
+    def buffer_pages(self) -> tuple[int, ...]:
+        """Pages per CPU of each buffer, in esr_events.h's order."""
         r = self.enhanced_recording
-        return (r.command_buffer_size, r.disk_buffer_size, r.network_buffer_size)
+        return tuple(getattr(r, f"{name}_buffer_size") for name in BUFFERS)
 
 
 # The largest record of each buffer must fit in it, or it could never be sent.
-_MIN_PAGES = {"command_buffer_size": 8, "disk_buffer_size": 2, "network_buffer_size": 1}
+_MIN_PAGES = {"command": 8, "disk": 2, "network": 1}
 
 
 def _check(config: Config) -> None:
     r = config.enhanced_recording
-    for key, least in _MIN_PAGES.items():
+    for name in BUFFERS:
+        key, least = f"{name}_buffer_size", _MIN_PAGES[name]
         pages = getattr(r, key)
         if pages & (pages - 1):
             raise ConfigError(
@@ -93,7 +94,7 @@ def _where(message: str) -> str:
 def _explain(err: msgspec.ValidationError) -> str:
     message = str(err)
     where = _where(message)
-    what = message.split(" - at ")[0]
+    what = message.split(" - at ", maxsplit=1)[0]
     unknown = re.match(r"Object contains unknown field `([^`]*)`", what)
     if unknown:
         key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)

@@ -14,6 +14,11 @@ def _value(v) -> str:
     return '"' + s.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
+def counts(by_name: dict[str, int]) -> str:
+    """Counts by name as one logfmt value: command:3,disk:120,network:1."""
+    return ",".join(f"{name}:{n}" for name, n in by_name.items())
+
+
 def log(event: str, level: str = "info", **fields) -> None:
     parts = [
         f"time={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",

@@ -16,13 +16,11 @@ from esr import recording, schema
 from esr._fast.decode import SessionEvents, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
-from esr.datadir import DataDir, DataDirError, check_sid
-from esr.recording import KIND_END, KIND_EVENTS, KIND_START, Writer
-from esr.sessions import Registry, Session
-
-
-class SessionError(Exception):
-    pass
+from esr.datadir import DataDir, check_sid
+from esr.errors import SessionError
+from esr.log import counts
+from esr.recording import FLAG_INTERACTIVE, KIND_END, KIND_EVENTS, KIND_START, Writer
+from esr.registry import Registry, Session
 
 
 def _boot_to_epoch_ns() -> int:
@@ -34,13 +32,11 @@ def _noop_log(event: str, **fields) -> None:
 
 
 class Recorder:
-    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log, decode=decode_batch):
+    def __init__(self, config: Config, probe, datadir: DataDir, log=_noop_log):
         """probe is an esr._fast.probe.Probe, or None when enhanced recording
-        is disabled: sessions then get start and end events only. decode is
-        swapped only by the benchmark, to measure what the Cython one buys."""
+        is disabled: sessions then get start and end events only."""
         self.config = config
         self.probe = probe
-        self.decode = decode
         self.datadir = datadir
         self.log = log
         datadir.ensure()
@@ -49,7 +45,7 @@ class Recorder:
         self.audit = AuditLog(datadir.log_dir, self.server_id)
         self.registry = Registry(config.max_sessions)
         self.started = time.monotonic()
-        self.events = {"command": 0, "disk": 0, "network": 0}
+        self.records = [0] * len(schema.BUFFERS)
         self.orphans = 0
         self.closed_bytes = 0
         self._closing = False
@@ -77,10 +73,7 @@ class Recorder:
         """Start recording a session seeded with seed_pid (recorded itself,
         with everything it forks) or anchor_pid (only what it forks from now
         on is recorded)."""
-        try:
-            sid = check_sid(sid) if sid else str(uuid.uuid4())
-        except DataDirError as err:
-            raise SessionError(str(err)) from None
+        sid = check_sid(sid) if sid else str(uuid.uuid4())
         if sid in self.registry.by_sid:
             raise SessionError(f"session {sid} is already being recorded")
         path = self.datadir.recording(sid)
@@ -103,6 +96,8 @@ class Recorder:
                 seed_pid=seed_pid or anchor_pid,
                 audit_sessionid=audit_sessionid,
                 loginuid=loginuid,
+                enhanced_recording=self.probe is not None,
+                interactive=interactive,
             )
             session = Session(
                 sid=sid,
@@ -112,9 +107,7 @@ class Recorder:
                 audit=schema.AuditFormat(schema.Identity.of(start)),
                 writer=writer,
                 path=path,
-                pending=SessionEvents(
-                    audit_disks=self.config.audit_disk_events, interactive=interactive
-                ),
+                pending=SessionEvents(audited_records=self._audited(), interactive=interactive),
                 anchor_pid=anchor_pid,
             )
             writer.append(KIND_START, [start])
@@ -176,12 +169,20 @@ class Recorder:
                 return session
         return None
 
+    def _audited(self) -> list[type[schema.Record]]:
+        """The record types the audit log gets, besides the recordings."""
+        return [
+            r
+            for r in schema.RECORDS
+            if r.audited or (r is schema.Disk and self.config.audit_disk_events)
+        ]
+
     def reconfigure(self, config: Config) -> None:
         """Apply what can change while recording (see daemon.RELOADABLE)."""
         self.config = config
         for session in self.registry:
             session.writer.set_level(config.compression_level)
-            session.pending.audit_disks = config.audit_disk_events
+            session.pending.audit(self._audited())
 
     def live_tasks(self, session: Session) -> int:
         if self.probe is None:
@@ -213,19 +214,14 @@ class Recorder:
     def end(self, session: Session, reason: str) -> None:
         """Write session.end and close the recording."""
         self._flush_session(session)
-        lost = session.lost
         end = schema.SessionEnd(
             ei=session.pending.next_ei,
             time=time.time_ns(),
             reason=reason,
             enhanced_recording=self.probe is not None,
             interactive=session.pending.interactive,
-            commands=session.commands,
-            disks=session.disks,
-            networks=session.networks,
-            lost_command=lost[0],
-            lost_disk=lost[1],
-            lost_network=lost[2],
+            records=session.records,
+            lost=session.lost,
             untracked_forks=session.untracked_forks,
         )
         session.pending.next_ei += 1
@@ -241,7 +237,7 @@ class Recorder:
             )
         self.registry.remove(session)
         try:
-            session.writer.append(KIND_END, [end])
+            session.writer.append(KIND_END, [end], flags=self._flags(session))
         except OSError as err:
             self._write_failed(session, err, 1)
         self._audit_write(session.audit.line(end))
@@ -251,10 +247,8 @@ class Recorder:
             "session.end",
             sid=session.sid,
             reason=reason,
-            commands=session.commands,
-            disks=session.disks,
-            networks=session.networks,
-            lost=sum(lost),
+            records=counts(schema.by_buffer(session.records)),
+            lost=sum(session.lost),
             untracked_forks=session.untracked_forks,
         )
 
@@ -299,7 +293,7 @@ class Recorder:
         batch = self.probe.take_batch()
         try:
             if batch:
-                self.orphans += self.decode(
+                self.orphans += decode_batch(
                     batch, self.registry.pending_by_cookie, _boot_to_epoch_ns()
                 )
         finally:
@@ -309,16 +303,17 @@ class Recorder:
     def _flush_session(self, session: Session) -> None:
         """Write what the session has pending."""
         pending = session.pending
-        newly_lost = [0, 0, 0]
+        newly_lost: list[int] = []
         if self.probe is not None:
-            _live, *lost, untracked = self.probe.session_counters(session.slot)
+            _live, lost, untracked = self.probe.session_counters(session.slot)
+            lost = list(lost)
             if lost != session.lost or untracked != session.untracked_forks:
                 newly_lost = [now - before for now, before in zip(lost, session.lost)]
                 pending.add(
                     schema.Lost(
                         pending.next_ei,
                         time.time_ns(),
-                        *newly_lost,
+                        newly_lost,
                         untracked - session.untracked_forks,
                     )
                 )
@@ -326,21 +321,19 @@ class Recorder:
                 session.untracked_forks = untracked
         if not pending.events:
             return
-        events, audited, (commands, disks, networks) = pending.take()
-        session.commands += commands
-        session.disks += disks
-        session.networks += networks
-        self.events["command"] += commands
-        self.events["disk"] += disks
-        self.events["network"] += networks
-        self._append(session, events, audited, (commands, disks, networks, *newly_lost))
+        events, audited, records = pending.take()
+        for i, n in enumerate(records):
+            session.records[i] += n
+            self.records[i] += n
+        self._append(session, events, audited, records, newly_lost)
 
-    def _append(
-        self, session: Session, events: list, audited: list, counts=(0, 0, 0, 0, 0, 0)
-    ) -> None:
+    def _flags(self, session: Session) -> int:
+        return FLAG_INTERACTIVE if session.pending.interactive else 0
+
+    def _append(self, session: Session, events: list, audited: list, records=(), lost=()) -> None:
         """Write events as a frame, and those to audit as lines."""
         try:
-            session.writer.append(KIND_EVENTS, events, counts)
+            session.writer.append(KIND_EVENTS, events, records, lost, self._flags(session))
         except OSError as err:
             self._write_failed(session, err, len(events))
         if audited:
@@ -368,20 +361,18 @@ class Recorder:
     # --- status ----------------------------------------------------------------
 
     def status(self) -> dict:
-        lost = self.probe.buffer_lost() if self.probe is not None else (0, 0, 0)
+        lost = self.probe.buffer_lost() if self.probe is not None else [0] * len(schema.BUFFERS)
         return {
             "uptime_s": round(time.monotonic() - self.started, 1),
             "enhanced_recording": self.probe is not None,
-            "buffer_pages": dict(zip(("command", "disk", "network"), self.config.buffer_pages())),
-            "events": dict(self.events),
+            "buffer_pages": schema.by_buffer(list(self.config.buffer_pages())),
+            "events": schema.by_buffer(self.records),
             "lost": {
-                "buffer": dict(zip(("command", "disk", "network"), lost)),
+                "buffer": schema.by_buffer(list(lost)),
                 # The same losses as the perf buffers report them, to cross-check.
                 "reported_by_perf": self.probe.lost_notified if self.probe is not None else 0,
                 "user_space": self.lost_in_user_space,
-                "sessions": {
-                    s.sid: dict(zip(("command", "disk", "network"), s.lost)) for s in self.registry
-                },
+                "sessions": {s.sid: schema.by_buffer(s.lost) for s in self.registry},
             },
             "orphan_records": self.orphans,
             "sessions_open": len(self.registry),
@@ -408,21 +399,18 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
             log("recording.damaged", level="warning", sid=sid, error=str(err))
             continue
         start = recording.session_start(path)
+        interactive = start.interactive or summary.interactive
         end = schema.SessionEnd(
             ei=summary.last_ei + 1,
             time=time.time_ns(),
             reason="recorder stopped",
-            enhanced_recording=True,
-            interactive=False,
-            commands=summary.commands,
-            disks=summary.disks,
-            networks=summary.networks,
-            lost_command=summary.lost[0],
-            lost_disk=summary.lost[1],
-            lost_network=summary.lost[2],
+            enhanced_recording=start.enhanced_recording,
+            interactive=interactive,
+            records=summary.records,
+            lost=summary.lost,
             untracked_forks=0,
         )
-        writer.append(KIND_END, [end])
+        writer.append(KIND_END, [end], flags=FLAG_INTERACTIVE if interactive else 0)
         writer.close()
         audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end))
         log("session.recovered", sid=sid, cut_bytes=cut)

@@ -1,11 +1,11 @@
 """The per-session recording file: append-only, hash-chained frames.
 
-A frame is a 72-byte header and a payload, the zstd-compressed msgpack batch
-of schema events. The header's digest is BLAKE2b-128 over the previous
-frame's digest, the header itself and the payload; the first frame chains
-from a digest of the session id. So a crash leaves every complete frame
-readable, and truncation, reordering, removal or any edit shows up as the
-first frame whose digest or sequence does not follow.
+A frame is a header and a payload, the zstd-compressed msgpack batch of
+schema events. The header's digest is BLAKE2b-128 over the previous frame's
+digest, the header itself and the payload; the first frame chains from a
+digest of the session id. So a crash leaves every complete frame readable,
+and truncation, reordering, removal or any edit shows up as the first frame
+whose digest or sequence does not follow.
 
 The first frame holds session.start, the last one session.end; a file
 without an end frame was not closed (yet).
@@ -13,6 +13,7 @@ without an end frame was not closed (yet).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -21,16 +22,29 @@ from dataclasses import dataclass, field
 import zstandard
 
 from esr import schema
+from esr.errors import RecordingError
 
 MAGIC = b"ESRF"
-VERSION = 1
-HEADER = struct.Struct("<4sBBHIIQQIIIIII16s")
+VERSION = 2
+# Per-buffer counts in every header: room for this many buffers, so that
+# adding one does not change the format.
+SLOTS = 8
+# By format version; version 1 (esr 0.1) counted three buffers.
+HEADERS = {
+    1: struct.Struct("<4sBBHIIQQ3I3I16s"),
+    2: struct.Struct(f"<4sBBHIIQQ{SLOTS}I{SLOTS}I16s"),
+}
+HEADER = HEADERS[VERSION]
+PREFIX = 8  # magic, version, kind, flags: enough to know the header's size
 DIGEST_SIZE = 16
 
 KIND_EVENTS = 0
 KIND_START = 1
 KIND_END = 2
 KINDS = (KIND_EVENTS, KIND_START, KIND_END)
+
+# Header flags.
+FLAG_INTERACTIVE = 0x1  # a command of the session has run on a terminal by now
 
 # A frame larger than this is damage, not data: nothing writes one.
 MAX_PAYLOAD = 1 << 30
@@ -47,24 +61,62 @@ def _digest(prev: bytes, head: bytes, payload: bytes) -> bytes:
     return h.digest()
 
 
+def _slots(counts) -> tuple[int, ...]:
+    """Per-buffer counts, as many as there are buffers."""
+    counts = tuple(counts)[: len(schema.BUFFERS)]
+    return counts + (0,) * (len(schema.BUFFERS) - len(counts))
+
+
 @dataclass(frozen=True)
 class Frame:
     index: int
     offset: int
+    version: int
     kind: int
+    flags: int
+    header_size: int
     length: int  # payload bytes
     count: int
     first_ei: int
     last_ei: int
-    commands: int
-    disks: int
-    networks: int
-    lost: tuple[int, int, int]  # events lost per type, as reported in this frame
+    records: tuple[int, ...]  # kernel records in the payload, per buffer
+    lost: tuple[int, ...]  # records lost per buffer, as its Lost events report
     digest: bytes
     payload: bytes | None  # None when only headers were read
 
+    @classmethod
+    def parse(cls, index: int, offset: int, head: bytes, payload: bytes | None = None) -> Frame:
+        layout = HEADERS[head[4]]
+        _magic, version, kind, flags, length, count, first_ei, last_ei, *rest = layout.unpack(head)
+        slots = (len(rest) - 1) // 2
+        return cls(
+            index,
+            offset,
+            version,
+            kind,
+            flags,
+            layout.size,
+            length,
+            count,
+            first_ei,
+            last_ei,
+            _slots(rest[:slots]),
+            _slots(rest[slots : 2 * slots]),
+            rest[-1],
+            payload,
+        )
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.header_size + self.length
+
     def events(self) -> list:
-        return schema.decode_events(zstandard.ZstdDecompressor().decompress(self.payload))
+        if self.payload is None:
+            raise ValueError("only the frame's header was read")
+        events = schema.decode_events(zstandard.ZstdDecompressor().decompress(self.payload))
+        if self.version == 1:
+            return [schema.upgrade_v1(e) for e in events]
+        return events
 
 
 @dataclass
@@ -73,11 +125,10 @@ class Summary:
 
     frames: int = 0
     last_ei: int = -1
-    commands: int = 0
-    disks: int = 0
-    networks: int = 0
-    lost: list[int] = field(default_factory=lambda: [0, 0, 0])
+    records: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
+    lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     closed: bool = False
+    interactive: bool = False
     end_offset: int = 0  # bytes of intact frames
     digest: bytes = b""
     last_offset: int = 0
@@ -86,23 +137,25 @@ class Summary:
     def add(self, frame: Frame) -> None:
         self.frames += 1
         self.last_ei = frame.last_ei
-        self.commands += frame.commands
-        self.disks += frame.disks
-        self.networks += frame.networks
+        for i, n in enumerate(frame.records):
+            self.records[i] += n
         for i, n in enumerate(frame.lost):
             self.lost[i] += n
         self.closed = frame.kind == KIND_END
-        self.end_offset = frame.offset + HEADER.size + frame.length
+        self.interactive = self.interactive or bool(frame.flags & FLAG_INTERACTIVE)
+        self.end_offset = frame.end
         self.digest = frame.digest
         self.last_offset = frame.offset
-        if frame.commands and self.first_command_offset is None:
+        if frame.records[schema.BUFFERS.index("command")] and self.first_command_offset is None:
             self.first_command_offset = frame.offset
 
 
-class Damage(Exception):
+class Damage(RecordingError):
     """The recording stops being valid at a frame; everything before it is intact."""
 
-    def __init__(self, frame: int, offset: int, reason: str, intact: Summary, truncated: bool):
+    def __init__(
+        self, frame: int, offset: int, reason: str, intact: Summary, truncated: bool = False
+    ):
         super().__init__(f"frame {frame} at byte {offset}: {reason}")
         self.frame = frame
         self.offset = offset
@@ -133,74 +186,53 @@ class Reader:
             size = os.fstat(f.fileno()).st_size
             offset = index = 0
             while offset < size:
-
-                def damage(reason, truncated=False):
-                    return Damage(index, offset, reason, summary, truncated)
-
-                head = f.read(HEADER.size)
-                if len(head) < HEADER.size:
-                    raise damage(f"truncated: {len(head)} of {HEADER.size} header bytes", True)
-                (
-                    magic,
-                    version,
-                    kind,
-                    _flags,
-                    length,
-                    count,
-                    first_ei,
-                    last_ei,
-                    commands,
-                    disks,
-                    networks,
-                    *lost,
-                    digest,
-                ) = HEADER.unpack(head)
-                if magic != MAGIC:
+                damage = functools.partial(Damage, index, offset, intact=summary)
+                head = f.read(PREFIX)
+                if len(head) < PREFIX:
+                    raise damage(f"truncated: {len(head)} header bytes", truncated=True)
+                if head[:4] != MAGIC:
                     raise damage("not an esr frame (bad magic)")
-                if version != VERSION:
-                    raise damage(f"unsupported frame version {version}")
-                if kind not in KINDS or length > MAX_PAYLOAD:
+                layout = HEADERS.get(head[4])
+                if layout is None:
+                    raise damage(f"unsupported frame version {head[4]}")
+                head += f.read(layout.size - PREFIX)
+                if len(head) < layout.size:
+                    raise damage(
+                        f"truncated: {len(head)} of {layout.size} header bytes", truncated=True
+                    )
+                frame = Frame.parse(index, offset, head)
+                if frame.kind not in KINDS or frame.length > MAX_PAYLOAD:
                     raise damage("corrupt header")
-                if (index == 0) != (kind == KIND_START):
+                if (index == 0) != (frame.kind == KIND_START):
                     raise damage("session.start must be the first frame, and only the first")
                 if summary.closed:
                     raise damage("frame after session.end")
-                if first_ei != expect_ei or last_ei - first_ei + 1 != count or count == 0:
+                if (
+                    frame.first_ei != expect_ei
+                    or frame.count == 0
+                    or frame.last_ei - frame.first_ei + 1 != frame.count
+                ):
                     raise damage(
-                        f"sequence break: events {first_ei}..{last_ei} (x{count}), "
-                        f"expected to start at {expect_ei}"
+                        f"sequence break: events {frame.first_ei}..{frame.last_ei} "
+                        f"(x{frame.count}), expected to start at {expect_ei}"
                     )
-                if offset + HEADER.size + length > size:
+                if frame.end > size:
                     raise damage(
-                        f"truncated: {size - offset - HEADER.size} of {length} payload bytes", True
+                        f"truncated: {size - offset - layout.size} of {frame.length} payload bytes",
+                        truncated=True,
                     )
                 if self.payloads:
-                    payload = f.read(length)
-                    if _digest(prev, head[:-DIGEST_SIZE], payload) != digest:
+                    payload = f.read(frame.length)
+                    if _digest(prev, head[:-DIGEST_SIZE], payload) != frame.digest:
                         raise damage("checksum mismatch: the frame was altered")
+                    frame = Frame.parse(index, offset, head, payload)
                 else:
-                    payload = None
-                    f.seek(length, os.SEEK_CUR)
-                frame = Frame(
-                    index,
-                    offset,
-                    kind,
-                    length,
-                    count,
-                    first_ei,
-                    last_ei,
-                    commands,
-                    disks,
-                    networks,
-                    tuple(lost),
-                    digest,
-                    payload,
-                )
+                    f.seek(frame.length, os.SEEK_CUR)
                 summary.add(frame)
                 yield frame
-                prev = digest
-                expect_ei = last_ei + 1
-                offset += HEADER.size + length
+                prev = frame.digest
+                expect_ei = frame.last_ei + 1
+                offset = frame.end
                 index += 1
 
 
@@ -232,37 +264,10 @@ def read_frame(path: str, offset: int) -> Frame:
     """One frame at an offset found by scan(), unchecked."""
     with open(path, "rb") as f:
         f.seek(offset)
-        (
-            _m,
-            _v,
-            kind,
-            _fl,
-            length,
-            count,
-            first_ei,
-            last_ei,
-            commands,
-            disks,
-            networks,
-            *lost,
-            digest,
-        ) = HEADER.unpack(f.read(HEADER.size))
-        payload = f.read(length)
-    return Frame(
-        -1,
-        offset,
-        kind,
-        length,
-        count,
-        first_ei,
-        last_ei,
-        commands,
-        disks,
-        networks,
-        tuple(lost),
-        digest,
-        payload,
-    )
+        head = f.read(PREFIX)
+        head += f.read(HEADERS[head[4]].size - PREFIX)
+        frame = Frame.parse(-1, offset, head)
+        return Frame.parse(-1, offset, head, f.read(frame.length))
 
 
 class Writer:
@@ -278,12 +283,12 @@ class Writer:
         self._encoded = bytearray()
 
     @classmethod
-    def create(cls, path: str, sid: str, level: int) -> "Writer":
+    def create(cls, path: str, sid: str, level: int) -> Writer:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
         return cls(fd, chain_seed(sid), 0, level)
 
     @classmethod
-    def resume(cls, path: str, sid: str, level: int) -> tuple["Writer", Summary, int]:
+    def resume(cls, path: str, sid: str, level: int) -> tuple[Writer, Summary, int]:
         """Reopen an unclosed recording to end it: an incomplete last frame
         (a crash mid-write) is cut off, and its size returned. Raises Damage
         for anything else, which must not be written after."""
@@ -300,31 +305,41 @@ class Writer:
             os.ftruncate(fd, summary.end_offset)
         return cls(fd, summary.digest, summary.end_offset, level), summary, cut
 
-    def append(self, kind: int, events: list, counts: tuple = (0, 0, 0, 0, 0, 0)) -> int:
-        """Write events (consecutive ei) as one frame. counts: the commands,
-        disks and networks among them, and the command, disk and network
-        events their Lost records report. Returns bytes written."""
+    def append(self, kind: int, events: list, records=(), lost=(), flags: int = 0) -> int:
+        """Write events (consecutive ei) as one frame. records: how many of
+        them each buffer delivered; lost: the records their Lost events
+        report, per buffer. Returns bytes written."""
         schema.encode_events_into(events, self._encoded)
         return self.append_compressed(
-            kind, self.compress(self._encoded), events[0].ei, events[-1].ei, counts
+            kind, self.compress(self._encoded), events[0].ei, events[-1].ei, records, lost, flags
         )
 
     def compress(self, payload) -> bytes:
         return self._zstd.compress(payload)
 
     def append_compressed(
-        self, kind: int, payload: bytes, first_ei: int, last_ei: int, counts: tuple
+        self,
+        kind: int,
+        payload: bytes,
+        first_ei: int,
+        last_ei: int,
+        records=(),
+        lost=(),
+        flags: int = 0,
     ) -> int:
+        slots = [0] * (2 * SLOTS)
+        slots[: len(records)] = records
+        slots[SLOTS : SLOTS + len(lost)] = lost
         head = HEADER.pack(
             MAGIC,
             VERSION,
             kind,
-            0,
+            flags,
             len(payload),
             last_ei - first_ei + 1,
             first_ei,
             last_ei,
-            *counts,
+            *slots,
             b"",
         )[:-DIGEST_SIZE]
         digest = _digest(self.digest, head, payload)

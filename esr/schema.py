@@ -1,9 +1,14 @@
 """The schema of everything esr records, and its two wire formats.
 
-Recordings hold these Structs as msgpack arrays tagged with a small integer
+Each event type is one Struct here, and the Struct is all there is to know
+about it in Python: its fields, its tag in the recordings, its name and
+code in the audit log, its JSON fields and its line in `esr show --format
+text`. Records made by the kernel are tagged with their type in
+bpf/esr_events.h and name the buffer they come from.
+
+Recordings hold the Structs as msgpack arrays tagged with a small integer
 (compact, and fast to encode in bulk). The audit log and `esr show --format
-json` render the same Structs as Teleport-style JSON objects: `AuditFormat`
-is the only place that knows those names and codes.
+json` render them as Teleport-style JSON objects through `AuditFormat`.
 
 Paths, argv and program names are bytes, exactly as the kernel saw them. In
 JSON they become strings with every byte that is not valid UTF-8 escaped as a
@@ -14,16 +19,82 @@ round-trip exactly and never reach a terminal raw.
 from __future__ import annotations
 
 import json
+import shlex
 import time as _time
 import uuid
-from typing import Union
+from typing import ClassVar
 
 import msgspec
 
 
-class Command(msgspec.Struct, tag=1, array_like=True, gc=False):
+def text(raw: bytes) -> str:
+    """Bytes as a str that round-trips: invalid UTF-8 becomes lone surrogates."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def printable(raw: bytes) -> str:
+    """Bytes for a terminal, shell-quoted: anything not printable is escaped,
+    so recorded escape sequences can't act on the reviewer's terminal."""
+    out = []
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return shlex.quote("".join(out))
+
+
+class Identity(msgspec.Struct, frozen=True):
+    """The fields every JSON event of a session repeats."""
+
+    sid: str
+    server_id: str
+    server_hostname: str
+    login: str
+    user: str
+
+    @classmethod
+    def of(cls, start: SessionStart) -> Identity:
+        return cls(start.sid, start.server_id, start.server_hostname, start.login, start.user)
+
+
+class Event(msgspec.Struct, array_like=True, gc=False):
+    """What every event has: its index in the session, and when it happened."""
+
     ei: int
     time: int  # ns since the epoch
+
+    name: ClassVar[str]  # the audit log's "event"
+    code: ClassVar[str]  # and "code"
+
+    def fields(self, identity: Identity) -> dict:
+        """The JSON fields besides the ones every event has."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The text view, after the time, index and name."""
+        raise NotImplementedError
+
+
+class Record(Event):
+    """An event made by the BPF programs. Its msgspec tag is its type in
+    bpf/esr_events.h (enum esr_event_type)."""
+
+    buffer: ClassVar[str]  # the perf buffer it comes from (esr_events.h ESR_BUFFERS)
+    audited: ClassVar[bool]  # in the JSON audit log by default
+
+
+# --- records made in the kernel ------------------------------------------------------
+
+
+class Command(Record, tag=1):
     pid: int
     ppid: int
     cgroup_id: int
@@ -38,10 +109,45 @@ class Command(msgspec.Struct, tag=1, array_like=True, gc=False):
     argv_cut_args: int = 0
     argv_cut_bytes: int = 0
 
+    name = "session.command"
+    code = "T4000I"
+    buffer = "command"
+    audited = True
 
-class Disk(msgspec.Struct, tag=2, array_like=True, gc=False):
-    ei: int
-    time: int
+    def fields(self, identity: Identity) -> dict:
+        out = {
+            "pid": self.pid,
+            "ppid": self.ppid,
+            "cgroup_id": self.cgroup_id,
+            "program": text(self.program),
+            "path": text(self.path),
+            "argv": [text(a) for a in self.argv],
+            "return_code": self.return_code,
+            "unix_uid": self.unix_uid,
+            "unix_gid": self.unix_gid,
+        }
+        if self.argv_truncated:
+            out.update(
+                argv_truncated=True,
+                argv_cut_args=self.argv_cut_args,
+                argv_cut_bytes=self.argv_cut_bytes,
+            )
+        return out
+
+    def describe(self) -> str:
+        argv = " ".join(printable(a) for a in self.argv)
+        cut = (
+            f" [argv truncated: {self.argv_cut_args} args, {self.argv_cut_bytes} bytes cut]"
+            if self.argv_truncated
+            else ""
+        )
+        return (
+            f"pid={self.pid} ppid={self.ppid} uid={self.unix_uid} rc={self.return_code} "
+            f"{printable(self.path)} {argv}{cut}"
+        )
+
+
+class Disk(Record, tag=2):
     pid: int
     cgroup_id: int
     program: bytes
@@ -50,10 +156,34 @@ class Disk(msgspec.Struct, tag=2, array_like=True, gc=False):
     return_code: int
     path_truncated: bool = False
 
+    name = "session.disk"
+    code = "T4001I"
+    buffer = "disk"
+    # They outnumber everything else by orders of magnitude: in the audit
+    # log only with audit_disk_events, as Teleport's default role.
+    audited = False
 
-class Network(msgspec.Struct, tag=3, array_like=True, gc=False):
-    ei: int
-    time: int
+    def fields(self, identity: Identity) -> dict:
+        out = {
+            "pid": self.pid,
+            "cgroup_id": self.cgroup_id,
+            "program": text(self.program),
+            "path": text(self.path),
+            "flags": self.flags,
+            "return_code": self.return_code,
+        }
+        if self.path_truncated:
+            out["path_truncated"] = True
+        return out
+
+    def describe(self) -> str:
+        return (
+            f"pid={self.pid} {printable(self.program)} flags={self.flags:#o} "
+            f"rc={self.return_code} {printable(self.path)}"
+        )
+
+
+class Network(Record, tag=3):
     pid: int
     cgroup_id: int
     program: bytes
@@ -66,21 +196,61 @@ class Network(msgspec.Struct, tag=3, array_like=True, gc=False):
     operation: int = 0  # connect
     action: int = 0  # observed
 
+    name = "session.network"
+    code = "T4002I"
+    buffer = "network"
+    audited = True
 
-class Lost(msgspec.Struct, tag=4, array_like=True, gc=False):
-    """Records the kernel could not deliver since the previous report."""
+    def fields(self, identity: Identity) -> dict:
+        return {
+            "pid": self.pid,
+            "cgroup_id": self.cgroup_id,
+            "program": text(self.program),
+            "src_addr": self.src_addr,
+            "src_port": self.src_port,
+            "dst_addr": self.dst_addr,
+            "dst_port": self.dst_port,
+            "version": self.version,
+            "operation": self.operation,
+            "action": self.action,
+            "return_code": self.return_code,
+        }
 
-    ei: int
-    time: int
-    command: int
-    disk: int
-    network: int
+    def describe(self) -> str:
+        src = f"[{self.src_addr}]" if self.version == 6 else self.src_addr
+        dst = f"[{self.dst_addr}]" if self.version == 6 else self.dst_addr
+        return (
+            f"pid={self.pid} {printable(self.program)} {src}:{self.src_port} -> "
+            f"{dst}:{self.dst_port} rc={self.return_code}"
+        )
+
+
+# --- events of the recorder's own ----------------------------------------------------
+
+
+class Lost(Event, tag=5):
+    """Records the kernel could not deliver since the previous report, per
+    buffer (esr._fast.decode.BUFFERS order)."""
+
+    lost: list[int]
     untracked_forks: int = 0
 
+    name = "session.lost"
+    code = "E4100W"
 
-class SessionStart(msgspec.Struct, tag=10, array_like=True, gc=False):
-    ei: int
-    time: int
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {"lost": by_buffer(self.lost)}
+        if self.untracked_forks:
+            out["untracked_forks"] = self.untracked_forks
+        return out
+
+    def describe(self) -> str:
+        lost = " ".join(f"{k}={v}" for k, v in by_buffer(self.lost).items())
+        forks = f" untracked_forks={self.untracked_forks}" if self.untracked_forks else ""
+        return f"LOST {lost}{forks}"
+
+
+class SessionStart(Event, tag=10):
     sid: str
     server_id: str
     server_hostname: str
@@ -93,20 +263,89 @@ class SessionStart(msgspec.Struct, tag=10, array_like=True, gc=False):
     seed_pid: int = 0
     audit_sessionid: int | None = None
     loginuid: int | None = None
+    # What a recorder taking the session over after a crash needs to know.
+    enhanced_recording: bool = True
+    interactive: bool = False  # started on a terminal
+
+    name = "session.start"
+    code = "T2000I"
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {
+            "addr.remote": self.remote_addr,
+            "service": self.service,
+            "tty": self.tty,
+            "command": [text(a) for a in self.command],
+            "seed_pid": self.seed_pid,
+        }
+        if self.audit_sessionid is not None:
+            out["audit_sessionid"] = self.audit_sessionid
+        if self.loginuid is not None:
+            out["loginuid"] = self.loginuid
+        return out
+
+    def describe(self) -> str:
+        return (
+            f"sid={self.sid} login={self.login} user={self.user} "
+            f"remote={self.remote_addr or '-'} service={self.service or '-'} "
+            f"tty={self.tty or '-'}"
+        )
 
 
-class SessionLeave(msgspec.Struct, tag=11, array_like=True, gc=False):
+class SessionLeave(Event, tag=11):
     """The session's leader is gone while some of its processes still run."""
 
-    ei: int
-    time: int
     live_tasks: int
 
+    name = "session.leave"
+    code = "T2003I"
 
-class SessionEnd(msgspec.Struct, tag=12, array_like=True, gc=False):
-    ei: int
-    time: int
+    def fields(self, identity: Identity) -> dict:
+        return {"live_tasks": self.live_tasks}
+
+    def describe(self) -> str:
+        return f"leader gone, {self.live_tasks} tasks still running"
+
+
+class SessionEnd(Event, tag=13):
     reason: str  # "exited" or "recorder stopped"
+    enhanced_recording: bool
+    interactive: bool
+    records: list[int]  # per buffer
+    lost: list[int]  # per buffer
+    untracked_forks: int
+
+    name = "session.end"
+    code = "T2004I"
+
+    def fields(self, identity: Identity) -> dict:
+        return {
+            "enhanced_recording": self.enhanced_recording,
+            "interactive": self.interactive,
+            "participants": [identity.user],
+            "reason": self.reason,
+            "events": by_buffer(self.records),
+            "lost": by_buffer(self.lost),
+            "untracked_forks": self.untracked_forks,
+        }
+
+    def describe(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in by_buffer(self.records).items())
+        return f"reason={self.reason!r} {counts} lost={sum(self.lost)}"
+
+
+# --- version 1 recordings (esr 0.1), counted three buffers by name -------------------
+
+
+class LostV1(Event, tag=4):
+    command: int
+    disk: int
+    network: int
+    untracked_forks: int = 0
+
+
+class SessionEndV1(Event, tag=12):
+    reason: str
     enhanced_recording: bool
     interactive: bool
     commands: int
@@ -118,10 +357,49 @@ class SessionEnd(msgspec.Struct, tag=12, array_like=True, gc=False):
     untracked_forks: int
 
 
-Event = Union[Command, Disk, Network, Lost, SessionStart, SessionLeave, SessionEnd]
+def upgrade_v1(event: Event) -> Event:
+    """An event of a version 1 recording, as this version records it."""
+    if type(event) is LostV1:
+        return Lost(
+            event.ei, event.time, [event.command, event.disk, event.network], event.untracked_forks
+        )
+    if type(event) is SessionEndV1:
+        return SessionEnd(
+            event.ei,
+            event.time,
+            event.reason,
+            event.enhanced_recording,
+            event.interactive,
+            [event.commands, event.disks, event.networks],
+            [event.lost_command, event.lost_disk, event.lost_network],
+            event.untracked_forks,
+        )
+    return event
+
+
+Events = (
+    Command
+    | Disk
+    | Network
+    | Lost
+    | SessionStart
+    | SessionLeave
+    | SessionEnd
+    | LostV1
+    | SessionEndV1
+)
+RECORDS: tuple[type[Record], ...] = (Command, Disk, Network)
+# The buffers in index order, as bpf/esr_events.h names them (esr._fast.decode
+# refuses to load if the two disagree).
+BUFFERS: tuple[str, ...] = tuple(dict.fromkeys(r.buffer for r in RECORDS))
+
+
+def by_buffer(counts: list[int]) -> dict[str, int]:
+    return dict(zip(BUFFERS, counts))
+
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[Event])
+_decoder = msgspec.msgpack.Decoder(list[Events])
 
 
 def encode_events_into(events: list, buffer: bytearray) -> None:
@@ -134,28 +412,7 @@ def decode_events(payload: bytes) -> list:
 
 # --- JSON rendering (audit log and `esr show`) ---------------------------------
 
-_NAMES = {
-    Command: ("session.command", "T4000I"),
-    Disk: ("session.disk", "T4001I"),
-    Network: ("session.network", "T4002I"),
-    Lost: ("session.lost", "E4100W"),
-    SessionStart: ("session.start", "T2000I"),
-    SessionLeave: ("session.leave", "T2003I"),
-    SessionEnd: ("session.end", "T2004I"),
-}
-
 _UID_NAMESPACE = uuid.UUID("6f1d3a52-8e0b-4c6a-9d1e-3b7c2a5e4f10")
-
-
-def event_name(event) -> str:
-    return _NAMES[type(event)][0]
-
-
-def text(raw: bytes) -> str:
-    """Bytes as a str that round-trips: invalid UTF-8 becomes lone surrogates."""
-    return raw.decode("utf-8", "surrogateescape")
-
-
 _second = (-1, "")
 
 
@@ -165,103 +422,6 @@ def rfc3339(ns: int) -> str:
     if _second[0] != seconds:  # events come in bursts within the same second
         _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
     return f"{_second[1]}.{frac:09d}Z"
-
-
-class Identity(msgspec.Struct, frozen=True):
-    """The fields every JSON event of a session repeats."""
-
-    sid: str
-    server_id: str
-    server_hostname: str
-    login: str
-    user: str
-
-    @classmethod
-    def of(cls, start: SessionStart) -> "Identity":
-        return cls(start.sid, start.server_id, start.server_hostname, start.login, start.user)
-
-
-def _fields(event, identity: Identity) -> dict:
-    """The fields of an event besides the ones every event has."""
-    kind = type(event)
-    if kind is Command:
-        out = {
-            "pid": event.pid,
-            "ppid": event.ppid,
-            "cgroup_id": event.cgroup_id,
-            "program": text(event.program),
-            "path": text(event.path),
-            "argv": [text(a) for a in event.argv],
-            "return_code": event.return_code,
-            "unix_uid": event.unix_uid,
-            "unix_gid": event.unix_gid,
-        }
-        if event.argv_truncated:
-            out.update(
-                argv_truncated=True,
-                argv_cut_args=event.argv_cut_args,
-                argv_cut_bytes=event.argv_cut_bytes,
-            )
-        return out
-    if kind is Disk:
-        out = {
-            "pid": event.pid,
-            "cgroup_id": event.cgroup_id,
-            "program": text(event.program),
-            "path": text(event.path),
-            "flags": event.flags,
-            "return_code": event.return_code,
-        }
-        if event.path_truncated:
-            out["path_truncated"] = True
-        return out
-    if kind is Network:
-        return {
-            "pid": event.pid,
-            "cgroup_id": event.cgroup_id,
-            "program": text(event.program),
-            "src_addr": event.src_addr,
-            "src_port": event.src_port,
-            "dst_addr": event.dst_addr,
-            "dst_port": event.dst_port,
-            "version": event.version,
-            "operation": event.operation,
-            "action": event.action,
-            "return_code": event.return_code,
-        }
-    if kind is Lost:
-        out = {"lost": {"command": event.command, "disk": event.disk, "network": event.network}}
-        if event.untracked_forks:
-            out["untracked_forks"] = event.untracked_forks
-        return out
-    if kind is SessionStart:
-        out = {
-            "addr.remote": event.remote_addr,
-            "service": event.service,
-            "tty": event.tty,
-            "command": [text(a) for a in event.command],
-            "seed_pid": event.seed_pid,
-        }
-        if event.audit_sessionid is not None:
-            out["audit_sessionid"] = event.audit_sessionid
-        if event.loginuid is not None:
-            out["loginuid"] = event.loginuid
-        return out
-    if kind is SessionLeave:
-        return {"live_tasks": event.live_tasks}
-    return {
-        "enhanced_recording": event.enhanced_recording,
-        "interactive": event.interactive,
-        "participants": [identity.user],
-        "reason": event.reason,
-        "events": {"command": event.commands, "disk": event.disks, "network": event.networks},
-        "lost": {
-            "command": event.lost_command,
-            "disk": event.lost_disk,
-            "network": event.lost_network,
-        },
-        "untracked_forks": event.untracked_forks,
-    }
 
 
 def _ascii_json(value) -> bytes:
@@ -300,16 +460,15 @@ class AuditFormat:
             }
         )[1:-1]
 
-    def line(self, event) -> bytes:
-        name, code = _NAMES[type(event)]
+    def line(self, event: Event) -> bytes:
         head = (
-            f'{{"event":"{name}","code":"{code}","ei":{event.ei},'
+            f'{{"event":"{event.name}","code":"{event.code}","ei":{event.ei},'
             f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",'
         )
         return (
             head.encode()
             + self._common
             + b","
-            + _ascii_json(_fields(event, self.identity))[1:]
+            + _ascii_json(event.fields(self.identity))[1:]
             + b"\n"
         )

@@ -2,91 +2,28 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 
 from esr import recording, schema
 from esr.datadir import DataDir
+from esr.errors import RecordingError
 
-TYPES = {"command": schema.Command, "disk": schema.Disk, "network": schema.Network}
-
-
-class Broken(Exception):
-    """A recording is damaged; the message says where."""
-
-
-def _printable(raw: bytes) -> str:
-    """Bytes for a terminal: anything not printable is escaped, so recorded
-    escape sequences can't act on the auditor's terminal."""
-    out = []
-    for ch in raw.decode("utf-8", "surrogateescape"):
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        elif code < 0x100:
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(f"\\u{code:04x}")
-    text = "".join(out)
-    return shlex.quote(text)
+# `--type NAME`: the records of a buffer.
+TYPES = {
+    buffer: tuple(r for r in schema.RECORDS if r.buffer == buffer) for buffer in schema.BUFFERS
+}
 
 
-def _text_line(event) -> str:
-    kind = type(event)
-    when = schema.rfc3339(event.time)
-    if kind is schema.Command:
-        argv = " ".join(_printable(a) for a in event.argv)
-        cut = (
-            f" [argv truncated: {event.argv_cut_args} args, {event.argv_cut_bytes} bytes cut]"
-            if event.argv_truncated
-            else ""
-        )
-        detail = (
-            f"pid={event.pid} ppid={event.ppid} uid={event.unix_uid} rc={event.return_code} "
-            f"{_printable(event.path)} {argv}{cut}"
-        )
-    elif kind is schema.Disk:
-        detail = (
-            f"pid={event.pid} {_printable(event.program)} flags={event.flags:#o} "
-            f"rc={event.return_code} {_printable(event.path)}"
-        )
-    elif kind is schema.Network:
-        src = f"[{event.src_addr}]" if event.version == 6 else event.src_addr
-        dst = f"[{event.dst_addr}]" if event.version == 6 else event.dst_addr
-        detail = (
-            f"pid={event.pid} {_printable(event.program)} {src}:{event.src_port} -> "
-            f"{dst}:{event.dst_port} rc={event.return_code}"
-        )
-    elif kind is schema.Lost:
-        detail = f"LOST command={event.command} disk={event.disk} network={event.network}" + (
-            f" untracked_forks={event.untracked_forks}" if event.untracked_forks else ""
-        )
-    elif kind is schema.SessionStart:
-        detail = (
-            f"sid={event.sid} login={event.login} user={event.user} "
-            f"remote={event.remote_addr or '-'} service={event.service or '-'} "
-            f"tty={event.tty or '-'}"
-        )
-    elif kind is schema.SessionLeave:
-        detail = f"leader gone, {event.live_tasks} tasks still running"
-    else:
-        detail = (
-            f"reason={event.reason!r} commands={event.commands} disks={event.disks} "
-            f"networks={event.networks} lost={event.lost_command + event.lost_disk + event.lost_network}"
-        )
-    return f"{when} {event.ei:>6} {schema.event_name(event):<15} {detail}"
+def _text_line(event: schema.Event) -> str:
+    return f"{schema.rfc3339(event.time)} {event.ei:>6} {event.name:<15} {event.describe()}"
 
 
 def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> None:
-    """Print a session's events in order; raise Broken after printing what
+    """Print a session's events in order; raise RecordingError after printing what
     precedes the damage."""
     out = out or sys.stdout
     sid = datadir.resolve(sid)
-    wanted = TYPES.get(kind) if kind else None
+    wanted = TYPES[kind] if kind else None
     audit = None
     reader = recording.Reader(datadir.recording(sid), sid)
     try:
@@ -95,7 +32,7 @@ def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> No
             for event in frame.events():
                 if audit is None:
                     audit = schema.AuditFormat(schema.Identity.of(event))
-                if wanted is not None and type(event) is not wanted:
+                if wanted is not None and type(event) not in wanted:
                     continue
                 if fmt == "json":
                     lines.append(audit.line(event).decode("ascii"))
@@ -105,7 +42,7 @@ def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> No
                 out.write("".join(lines))
     except recording.Damage as err:
         out.flush()
-        raise Broken(f"{sid}: {err}; the events above are intact") from None
+        raise RecordingError(f"{sid}: {err}; the events above are intact") from None
 
 
 def verify(datadir: DataDir, sid: str) -> str:
@@ -119,7 +56,7 @@ def verify(datadir: DataDir, sid: str) -> str:
             if err.frame
             else "nothing before it is intact"
         )
-        raise Broken(
+        raise RecordingError(
             f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; {good}"
         ) from None
     state = "closed" if s.closed else "not closed: still recording, or the recorder stopped"
@@ -147,12 +84,8 @@ def sessions(datadir: DataDir) -> list[dict]:
             "login": "",
             "user": "",
             "command": "",
-            "events": {
-                "command": summary.commands,
-                "disk": summary.disks,
-                "network": summary.networks,
-            },
-            "lost": dict(zip(("command", "disk", "network"), summary.lost)),
+            "events": schema.by_buffer(summary.records),
+            "lost": schema.by_buffer(summary.lost),
             "state": "closed" if summary.closed else "open",
             "damaged": str(damage) if damage else None,
         }
@@ -169,7 +102,7 @@ def sessions(datadir: DataDir) -> list[dict]:
         except Exception as err:  # a damaged frame must not hide the other sessions
             row["damaged"] = row["damaged"] or f"unreadable: {err}"
         rows.append(row)
-    rows.sort(key=lambda r: r["start"] or "")
+    rows.sort(key=lambda r: str(r["start"] or ""))
     return rows
 
 
@@ -182,7 +115,7 @@ def sessions_text(rows: list[dict]) -> str:
         lost = sum(r["lost"].values())
         end = (r["end"] or r["state"])[:19]
         who = r["login"] if r["login"] == r["user"] else f"{r['login']}/{r['user']}"
-        command = _printable(r["command"].encode("utf-8", "surrogateescape"))[:60]
+        command = schema.printable(r["command"].encode("utf-8", "surrogateescape"))[:60]
         if r["damaged"]:
             command += "  [DAMAGED]"
         lines.append(

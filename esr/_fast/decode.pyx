@@ -3,30 +3,49 @@
 
 A batch is what esr._fast.probe collects from the perf buffers, or a corpus
 saved from it: entries of [u32 length][record], each padded to 8 bytes.
-Records are put in timestamp order, given their session's next event index,
-and appended to that session's SessionEvents.
+Every length is checked before anything is decoded: a damaged batch is
+refused whole, and nothing is read past its end. Records are then put in
+timestamp order, given their session's next event index, and appended to
+that session's SessionEvents.
+
+RECORD_TYPES is the one table of record types: for each type of
+bpf/esr_events.h, how many bytes a record of it claims, how to decode it,
+how to encode one (for corpora and tests), and its buffer.
 """
-from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint8_t, int32_t, uint32_t, uint64_t, int64_t
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdint cimport uint8_t, int32_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcmp, memcpy, memchr
+from libc.string cimport memcmp, memcpy, memchr, memset
 
 cdef extern from "<string.h>":
     size_t strnlen(const char *s, size_t maxlen)
 
 from esr._fast.events cimport *
 
-from esr.schema import Command, Disk, Network
+from esr import schema
+from esr.errors import BatchError
 
 cdef extern from "<arpa/inet.h>":
     const char *inet_ntop(int af, const void *src, char *dst, uint32_t size)
+    int inet_pton(int af, const char *src, void *dst)
     enum:
         AF_INET
         AF_INET6
 
-cdef object _Command = Command
-cdef object _Disk = Disk
-cdef object _Network = Network
+cdef extern from "<stddef.h>":
+    const size_t HEADER_SIZE "sizeof(struct esr_event_header)"
+    const size_t COMMAND_FIXED "offsetof(struct esr_command_event, data)"
+    const size_t DISK_FIXED "offsetof(struct esr_disk_event, path)"
+    const size_t NETWORK_SIZE "sizeof(struct esr_network_event)"
+
+BUFFERS = tuple(esr_buffer_names[i].decode() for i in range(ESR_BUF_COUNT))
+if BUFFERS != schema.BUFFERS:
+    raise ImportError(f"bpf/esr_events.h names the buffers {BUFFERS}, esr/schema.py "
+                      f"{schema.BUFFERS}: rebuild, or bring the two together")
+
+cdef object _Command = schema.Command
+cdef object _Disk = schema.Disk
+cdef object _Network = schema.Network
 
 # Consecutive records mostly share their program, pid, cgroup, flags and
 # path: reuse the objects made for the previous record instead of allocating
@@ -57,20 +76,25 @@ cdef class SessionEvents:
     cdef public list events
     cdef public list audited
     cdef public uint64_t next_ei
-    cdef public uint64_t commands
-    cdef public uint64_t disks
-    cdef public uint64_t networks
-    cdef public bint audit_disks
+    cdef uint64_t counts[ESR_BUF_COUNT]
+    # Bit t set: records of type t are audited.
+    cdef public uint64_t audit_types
     # Set once a command runs with a controlling terminal; never cleared.
     cdef public bint interactive
 
-    def __init__(self, uint64_t next_ei=1, bint audit_disks=False, bint interactive=False):
+    def __init__(self, uint64_t next_ei=1, audited_records=(), bint interactive=False):
         self.events = []
         self.audited = []
         self.next_ei = next_ei
-        self.commands = self.disks = self.networks = 0
-        self.audit_disks = audit_disks
+        memset(self.counts, 0, sizeof(self.counts))
+        self.audit(audited_records)
         self.interactive = interactive
+
+    def audit(self, records):
+        """Which schema.Record types the audit log gets from now on."""
+        self.audit_types = 0
+        for record in records:
+            self.audit_types |= 1 << record.__struct_config__.tag
 
     def add(self, event):
         """An event of the recorder's own (session.lost): recorded and audited."""
@@ -79,19 +103,16 @@ cdef class SessionEvents:
         self.next_ei += 1
 
     def take(self):
-        """The pending events, those of them to audit, and their counts per
-        type; pending is emptied."""
+        """The pending events, those of them to audit, and how many records
+        of each buffer they hold; pending is emptied."""
         events, self.events = self.events, []
         audited, self.audited = self.audited, []
-        counts = (self.commands, self.disks, self.networks)
-        self.commands = self.disks = self.networks = 0
+        counts = [self.counts[i] for i in range(ESR_BUF_COUNT)]
+        memset(self.counts, 0, sizeof(self.counts))
         return events, audited, counts
 
 
-cdef struct entry:
-    uint64_t ts
-    uint64_t offset
-
+# --- the record types ----------------------------------------------------------------
 
 cdef inline object comm_obj(const char *comm):
     global _last_comm_obj
@@ -137,7 +158,24 @@ cdef object split_argv(const char *block, uint32_t n, uint32_t *strings):
     return args
 
 
-cdef object decode_command(const esr_command_event *e, int64_t time, uint64_t ei):
+cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, event):
+    hdr.ts_boot_ns = event.time
+    hdr.session = session
+    hdr.type = kind
+    comm = getattr(event, "program", b"")[:16]
+    memcpy(hdr.comm, <const char *>comm, len(comm))
+
+
+# session.command ---------------------------------------------------------------------
+
+cdef uint64_t command_size(const esr_event_header *hdr):
+    cdef const esr_command_event *e = <const esr_command_event *>hdr
+    return COMMAND_FIXED + <uint64_t>e.argv_len + e.path_len
+
+
+cdef object decode_command(SessionEvents target, const esr_event_header *hdr, int64_t time,
+                           uint64_t ei):
+    cdef const esr_command_event *e = <const esr_command_event *>hdr
     cdef uint32_t strings = 0
     cdef uint32_t argv_len = e.argv_len if e.argv_len <= ESR_ARGV_MAX else ESR_ARGV_MAX
     cdef object argv = split_argv(e.data, argv_len, &strings)
@@ -148,6 +186,8 @@ cdef object decode_command(const esr_command_event *e, int64_t time, uint64_t ei
         cut_args = 0
     if cut_bytes < 0:
         cut_bytes = 0
+    if e.flags & ESR_COMMAND_TTY:
+        target.interactive = True
     truncated = cut_args > 0 or cut_bytes > 0 or (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
     return _Command(
         ei, time, _pid.get(e.hdr.pid), e.ppid, _cgroup.get(e.hdr.cgroup_id),
@@ -157,12 +197,62 @@ cdef object decode_command(const esr_command_event *e, int64_t time, uint64_t ei
         truncated, cut_args, cut_bytes)
 
 
-cdef object decode_disk(const esr_disk_event *e, int64_t time, uint64_t ei):
+cdef bytes encode_command(event, uint64_t session):
+    argv = b"\0".join([event.program, *event.argv]) + b"\0"
+    path = event.path + b"\0"
+    cdef bytes raw = bytes(COMMAND_FIXED + len(argv) + len(path))
+    cdef esr_command_event *e = <esr_command_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_COMMAND, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.ppid = event.ppid
+    e.uid = event.unix_uid
+    e.gid = event.unix_gid
+    e.return_code = event.return_code
+    e.argc = 1 + len(event.argv)
+    e.argv_size = e.argv_len = len(argv)
+    e.path_len = len(path)
+    e.flags = ESR_COMMAND_TTY if event.has_tty else 0
+    memcpy(e.data, <const char *>argv, len(argv))
+    memcpy(e.data + len(argv), <const char *>path, len(path))
+    return raw
+
+
+# session.disk -------------------------------------------------------------------------
+
+cdef uint64_t disk_size(const esr_event_header *hdr):
+    return DISK_FIXED + (<const esr_disk_event *>hdr).path_len
+
+
+cdef object decode_disk(SessionEvents target, const esr_event_header *hdr, int64_t time,
+                        uint64_t ei):
+    cdef const esr_disk_event *e = <const esr_disk_event *>hdr
     return _Disk(
         ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         path_obj(e.path, cstr_len(e.path, e.path_len)),
         _flags.get(e.flags), e.return_code, e.path_truncated != 0)
+
+
+cdef bytes encode_disk(event, uint64_t session):
+    path = event.path + b"\0"
+    cdef bytes raw = bytes(DISK_FIXED + len(path))
+    cdef esr_disk_event *e = <esr_disk_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_DISK, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.flags = event.flags
+    e.return_code = event.return_code
+    e.path_len = len(path)
+    e.path_truncated = event.path_truncated
+    memcpy(e.path, <const char *>path, len(path))
+    return raw
+
+
+# session.network -----------------------------------------------------------------------
+
+cdef uint64_t network_size(const esr_event_header *hdr):
+    return NETWORK_SIZE
 
 
 cdef object address(int family, const uint8_t *raw):
@@ -172,7 +262,9 @@ cdef object address(int family, const uint8_t *raw):
     return text.decode("ascii")
 
 
-cdef object decode_network(const esr_network_event *e, int64_t time, uint64_t ei):
+cdef object decode_network(SessionEvents target, const esr_event_header *hdr, int64_t time,
+                           uint64_t ei):
+    cdef const esr_network_event *e = <const esr_network_event *>hdr
     cdef int family = AF_INET if e.family == AF_INET else AF_INET6
     return _Network(
         ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id),
@@ -181,6 +273,77 @@ cdef object decode_network(const esr_network_event *e, int64_t time, uint64_t ei
         address(family, e.src_addr), e.src_port,
         address(family, e.dst_addr), e.dst_port,
         e.return_code)
+
+
+cdef bytes encode_network(event, uint64_t session):
+    cdef bytes raw = bytes(NETWORK_SIZE)
+    cdef esr_network_event *e = <esr_network_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_NETWORK, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.return_code = event.return_code
+    e.family = AF_INET if event.version == 4 else AF_INET6
+    e.src_port = event.src_port
+    e.dst_port = event.dst_port
+    inet_pton(e.family, event.src_addr.encode(), e.src_addr)
+    inet_pton(e.family, event.dst_addr.encode(), e.dst_addr)
+    return raw
+
+
+# The table ------------------------------------------------------------------------------
+
+ctypedef uint64_t (*size_fn)(const esr_event_header *hdr)
+ctypedef object (*decode_fn)(SessionEvents target, const esr_event_header *hdr, int64_t time,
+                             uint64_t ei)
+ctypedef bytes (*encode_fn)(event, uint64_t session)
+
+cdef struct record_type:
+    uint64_t fixed_size  # bytes before any variable-length part
+    size_fn size  # bytes a record claims, variable parts included
+    decode_fn decode
+    encode_fn encode
+    int buffer
+
+cdef record_type RECORD_TYPES[ESR_EVENT_TYPE_END]
+memset(RECORD_TYPES, 0, sizeof(RECORD_TYPES))
+RECORD_TYPES[ESR_EVENT_COMMAND] = record_type(COMMAND_FIXED, command_size, decode_command,
+                                              encode_command, ESR_BUF_COMMAND)
+RECORD_TYPES[ESR_EVENT_DISK] = record_type(DISK_FIXED, disk_size, decode_disk, encode_disk,
+                                           ESR_BUF_DISK)
+RECORD_TYPES[ESR_EVENT_NETWORK] = record_type(NETWORK_SIZE, network_size, decode_network,
+                                              encode_network, ESR_BUF_NETWORK)
+
+
+cdef inline const record_type *known(uint16_t kind):
+    if kind >= ESR_EVENT_TYPE_END or RECORD_TYPES[kind].decode == NULL:
+        return NULL
+    return &RECORD_TYPES[kind]
+
+
+def encode_record(event, uint64_t session):
+    """The raw record the BPF programs would have sent for a schema.Record,
+    padded into a batch entry: for corpora and tests."""
+    cdef uint16_t kind = event.__struct_config__.tag
+    cdef const record_type *t = known(kind)
+    if t == NULL:
+        raise ValueError(f"{type(event).__name__} is not made by the BPF programs")
+    record = t.encode(event, session)
+    padded = (4 + len(record) + 7) & ~7
+    return len(record).to_bytes(4, "little") + record + bytes(padded - 4 - len(record))
+
+
+for _record in schema.RECORDS:
+    if known(_record.__struct_config__.tag) == NULL or \
+            BUFFERS[known(_record.__struct_config__.tag).buffer] != _record.buffer:
+        raise ImportError(f"schema.{_record.__name__} and the decoder's table disagree on its "
+                          "type or buffer")
+
+
+# --- batches -------------------------------------------------------------------------------
+
+cdef struct entry:
+    uint64_t ts
+    uint64_t offset
 
 
 cdef void merge_runs(entry *items, entry *tmp, Py_ssize_t n):
@@ -222,30 +385,52 @@ cdef void merge_runs(entry *items, entry *tmp, Py_ssize_t n):
             start = stop
 
 
+cdef Py_ssize_t count_entries(const uint8_t *base, Py_ssize_t size) except -1:
+    """How many entries the batch holds, every length checked."""
+    cdef Py_ssize_t pos = 0, n = 0
+    cdef uint32_t length
+    cdef const esr_event_header *hdr
+    cdef const record_type *t
+    while pos < size:
+        if size - pos < 4:
+            raise BatchError(f"damaged batch: {size - pos} stray bytes at its end")
+        length = (<const uint32_t *>(base + pos))[0]
+        if length > size - pos - 4:
+            raise BatchError(f"damaged batch: record {n} claims {length} bytes, "
+                             f"{size - pos - 4} are left")
+        if length < HEADER_SIZE:
+            raise BatchError(f"damaged batch: record {n} is {length} bytes, shorter than a header")
+        hdr = <const esr_event_header *>(base + pos + 4)
+        t = known(hdr.type)
+        if t != NULL and (length < t.fixed_size or t.size(hdr) > length):
+            raise BatchError(f"damaged batch: record {n} (type {hdr.type}) of {length} bytes "
+                             f"claims more")
+        pos += (4 + <Py_ssize_t>length + 7) & ~7
+        n += 1
+    return n
+
+
 def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int64_t time_offset_ns):
     """Decode every record of a batch into its session's SessionEvents.
 
     sessions maps a session cookie to its SessionEvents; time_offset_ns turns
     the kernel's boot-time clock into nanoseconds since the epoch. Returns the
-    number of records that belong to no known session.
+    number of records that belong to no known session. Raises BatchError,
+    having decoded nothing, if any length in the batch is wrong.
     """
     cdef Py_ssize_t size = batch.shape[0]
     cdef const uint8_t *base = &batch[0] if size else NULL
-    cdef Py_ssize_t pos = 0, n = 0, i
+    cdef Py_ssize_t pos = 0, n, i
     cdef uint32_t length
     cdef const esr_event_header *hdr
+    cdef const record_type *t
     cdef entry *items
     cdef entry *tmp
     cdef uint64_t orphans = 0, cookie, last_cookie = 0
     cdef SessionEvents target = None
-    cdef int64_t time
     cdef object event
-    cdef bint audit
 
-    while pos + 4 <= size:
-        length = (<const uint32_t *>(base + pos))[0]
-        pos += (4 + length + 7) & ~7
-        n += 1
+    n = count_entries(base, size)
     if n == 0:
         return 0
     items = <entry *>malloc(2 * n * sizeof(entry))
@@ -253,7 +438,6 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
         raise MemoryError()
     tmp = items + n
     try:
-        pos = 0
         for i in range(n):
             length = (<const uint32_t *>(base + pos))[0]
             items[i].offset = pos + 4
@@ -267,30 +451,16 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
             if target is None or cookie != last_cookie:
                 target = sessions.get(cookie)
                 last_cookie = cookie
-                if target is None:
-                    orphans += 1
-                    continue
-            time = <int64_t>hdr.ts_boot_ns + time_offset_ns
-            if hdr.type == ESR_EVENT_DISK:
-                event = decode_disk(<const esr_disk_event *>hdr, time, target.next_ei)
-                target.disks += 1
-                audit = target.audit_disks
-            elif hdr.type == ESR_EVENT_COMMAND:
-                event = decode_command(<const esr_command_event *>hdr, time, target.next_ei)
-                target.commands += 1
-                if (<const esr_command_event *>hdr).flags & ESR_COMMAND_TTY:
-                    target.interactive = True
-                audit = True
-            elif hdr.type == ESR_EVENT_NETWORK:
-                event = decode_network(<const esr_network_event *>hdr, time, target.next_ei)
-                target.networks += 1
-                audit = True
-            else:
+            t = known(hdr.type)
+            if target is None or t == NULL:
                 orphans += 1
                 continue
+            event = t.decode(target, hdr, <int64_t>hdr.ts_boot_ns + time_offset_ns,
+                             target.next_ei)
             target.next_ei += 1
+            target.counts[t.buffer] += 1
             target.events.append(event)
-            if audit:
+            if target.audit_types & (1 << hdr.type):
                 target.audited.append(event)
     finally:
         free(items)

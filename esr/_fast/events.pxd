@@ -6,7 +6,12 @@ cdef extern from "<linux/types.h>":
 
 cdef extern from "esr_events.h":
     enum:
+        ESR_BUF_COMMAND
+        ESR_BUF_DISK
+        ESR_BUF_NETWORK
+        ESR_BUF_COUNT
         ESR_ARGV_MAX
+        ESR_EVENT_TYPE_END
         ESR_EVENT_COMMAND
         ESR_EVENT_DISK
         ESR_EVENT_NETWORK
@@ -56,14 +61,12 @@ cdef extern from "esr_events.h":
     struct esr_session_state:
         uint64_t session
         int64_t live_tasks
-        uint64_t lost[3]
+        uint64_t lost[ESR_BUF_COUNT]
         uint64_t untracked_forks
-
-    struct esr_exe:
-        uint64_t dev
-        uint64_t ino
 
     struct esr_task:
         uint64_t session
         uint32_t flags
         uint32_t reserved
+
+    const char *esr_buffer_names[]
