@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from esr import __version__
+from esr import __version__, bench
+from esr.errors import EsrError, UsageError
 
 
 def _version() -> str:
@@ -131,16 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the user-space hot path on a synthetic corpus (no root needed)",
     )
     p.add_argument("--seconds", type=float, default=3.0, help="length of each run (default 3)")
-    p.add_argument("--workloads", type=_list(str), default="open,exec,connect,mixed")
+    p.add_argument("--workloads", type=_list(str), default=list(bench.WORKLOADS))
     p.add_argument(
         "--rates",
         type=_list(int),
-        default="10000,50000,100000,200000,0",
-        help="events/s, 0 for flat out (default 10000,50000,100000,200000,0)",
+        default=list(bench.RATES),
+        help=f"events/s, 0 for flat out (default {','.join(map(str, bench.RATES))})",
     )
-    p.add_argument(
-        "--modes", type=_list(str), default="none,outside,esr,floor,esr-pydecode,bcc,bcc-wk64"
-    )
+    p.add_argument("--modes", type=_list(str), default=list(bench.MODES))
     return parser
 
 
@@ -221,12 +220,13 @@ def _cmd_daemon(args) -> int:
 
 def _cmd_status(args) -> int:
     from esr import control
+    from esr.errors import ControlError
 
     config = _config(args)
     reply = control.request(config.control_socket, control.Status(), timeout=5)
     if not reply.ok:
-        raise control.ControlError(reply.error)
-    status = reply.status
+        raise ControlError(reply.error)
+    status = reply.status or {}
     if args.format == "json":
         print(json.dumps(status, indent=2))
         return 0
@@ -254,11 +254,9 @@ def _cmd_pam(args) -> int:
 
     config_path = getattr(args, "config", None)
     if args.action is None:
-        from esr import config
-
         try:
             socket_path = _config(args).control_socket
-        except config.ConfigError as err:
+        except EsrError as err:
             # Still let the login through (or not, if fail-closed); pam_exec
             # drops stderr, so syslog gets it too.
             pam.report(str(err))
@@ -273,7 +271,7 @@ def _cmd_pam(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from esr.bench import run
+    from esr.bench import harness
 
     config = _config(args)
     if args.offline:
@@ -282,8 +280,8 @@ def _cmd_bench(args) -> int:
         print(json.dumps(measure(level=config.compression_level), indent=1))
         return 0
     for name, chosen, known in (
-        ("workload", args.workloads, run.WORKLOADS),
-        ("mode", args.modes, run.MODES),
+        ("workload", args.workloads, bench.WORKLOADS),
+        ("mode", args.modes, bench.MODES),
     ):
         unknown = set(chosen) - set(known)
         if unknown:
@@ -292,8 +290,10 @@ def _cmd_bench(args) -> int:
                 f"(choose from {', '.join(known)})"
             )
     if args.smoke:
-        return run.main(run.WORKLOADS, [5000, 0], run.MODES, 0.3, args.json, True, config)
-    return run.main(args.workloads, args.rates, args.modes, args.seconds, args.json, False, config)
+        return harness.main(bench.WORKLOADS, [5000, 0], bench.MODES, 0.3, args.json, True, config)
+    return harness.main(
+        args.workloads, args.rates, args.modes, args.seconds, args.json, False, config
+    )
 
 
 COMMANDS = {
@@ -307,37 +307,6 @@ COMMANDS = {
     "verify": _cmd_verify,
     "check": _cmd_check,
 }
-
-
-class UsageError(Exception):
-    pass
-
-
-def _expected_errors() -> tuple:
-    from esr.config import ConfigError
-    from esr.control import ControlError
-    from esr.daemon import DaemonError
-    from esr.datadir import DataDirError
-    from esr.loader import LoadError
-    from esr.pam import PamSetupError
-    from esr.recorder import SessionError
-    from esr.sessions import RegistryFull
-    from esr.show import Broken
-    from esr.bench.run import BenchError
-
-    return (
-        BenchError,
-        ConfigError,
-        ControlError,
-        DaemonError,
-        DataDirError,
-        LoadError,
-        PamSetupError,
-        SessionError,
-        RegistryFull,
-        Broken,
-        UsageError,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"esr: {where}{err.strerror or err}", file=sys.stderr)
         return 1
-    except _expected_errors() as err:
+    except EsrError as err:
         print(f"esr: {err}", file=sys.stderr)
         return 1
 

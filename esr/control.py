@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
+
+from esr.errors import ControlError, DaemonUnavailable
 
 MAX_MESSAGE = 64 * 1024
 
@@ -45,7 +47,7 @@ class Status(msgspec.Struct, tag="status", tag_field="op", forbid_unknown_fields
     pass
 
 
-Request = Union[Open, Close, Status]
+Request = Open | Close | Status
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -59,14 +61,6 @@ class Reply(msgspec.Struct, omit_defaults=True):
 
 _request_decoder = msgspec.json.Decoder(Request)
 _reply_decoder = msgspec.json.Decoder(Reply)
-
-
-class ControlError(Exception):
-    pass
-
-
-class DaemonUnavailable(ControlError):
-    """No daemon answers on the socket."""
 
 
 def decode_request(line: bytes) -> Request:
@@ -107,7 +101,7 @@ def request(path: str, message, timeout: float) -> Reply:
                 if not chunk:
                     break
                 reply += chunk
-        except socket.timeout:
+        except TimeoutError:
             raise ControlError(
                 f"the esr daemon on {path} did not answer within {timeout:g} s"
             ) from None

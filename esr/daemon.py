@@ -1,52 +1,39 @@
-"""`esr daemon`: load the programs once, record every session that PAM or
-`esr run` asks for, and serve the control socket.
+"""`esr daemon`: load the programs once and record every session that PAM or
+`esr run` asks for over the control socket, until SIGTERM.
 
-One loop in the main thread: the probe (readable when a batch is worth
-writing), the control socket and signals are all selected on, and batches
-are written at least every flush_interval_ms, however many requests arrive.
-The probe's drain thread keeps the kernel buffers empty meanwhile.
+The recorder, its loop and the control socket are their own modules; this
+one holds what ties them together: the data dir's lock, recovering what a
+previous daemon left open, the requests' meaning, the anchors' lifetimes,
+and signals (SIGTERM ends every session cleanly, SIGHUP reopens the audit
+log and applies what can change live).
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import resource
-import selectors
 import signal
-import socket
-import struct
 import sys
-import time
+
+import msgspec
 
 from esr import config as config_mod
-from esr import control, loader
+from esr import control, loader, schema
 from esr.config import Config
 from esr.datadir import SID_PATTERN, DataDir
-from esr.log import log
-from esr.recorder import Recorder, SessionError, recover
-from esr.sessions import RegistryFull
-
-# A client has this long to send its whole request.
-REQUEST_TIMEOUT = 2.0
-MAX_CLIENTS = 64
-# Connections accepted per loop turn: a flood waits in the listen backlog
-# while batches keep being written.
-ACCEPTS_PER_TURN = 16
+from esr.errors import DaemonError, EsrError
+from esr.log import counts, log
+from esr.loop import RecordingLoop
+from esr.recorder import Recorder, recover
+from esr.server import ControlServer, Peer, listening_socket
 
 NICE = -10
 
 # Config keys a SIGHUP can apply; the others size or shape the BPF maps and
 # need a restart.
 RELOADABLE = ("compression_level", "flush_interval_ms", "audit_disk_events")
-
-
-class DaemonError(Exception):
-    pass
-
-
-def _kernel_dev(st_dev: int) -> int:
-    return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
 def _lock(datadir: DataDir) -> int:
@@ -66,15 +53,17 @@ def _lock(datadir: DataDir) -> int:
     return fd
 
 
-class _Client:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buffer = b""
-        self.deadline = time.monotonic() + REQUEST_TIMEOUT
-        pid, uid, _gid = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        )
-        self.pid, self.uid = pid, uid
+def _prioritize() -> None:
+    # A pidfd per anchored session, and a socket per client.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # The buffers only hold milliseconds of a busy session: on a loaded
+    # host the recorder must get the CPU first (the unit sets Nice= too).
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > NICE:
+            os.setpriority(os.PRIO_PROCESS, 0, NICE)
+    except OSError:
+        pass
 
 
 class Daemon:
@@ -83,144 +72,78 @@ class Daemon:
         self.config_path = config_path
         self.data_dir_override = data_dir  # --data-dir or $ESR_DATA_DIR, which beat the file
         self.datadir = DataDir(config.data_dir)
-        self.selector = selectors.DefaultSelector()
-        self.clients: dict[int, _Client] = {}
         self.anchors: dict[str, int] = {}  # sid -> pidfd of its anchor
-        self.stopping = False
+        self.stopped = asyncio.Event()
 
-    # --- start and stop ----------------------------------------------------------
-
-    def start(self) -> None:
-        # A pidfd per anchored session, and a socket per client.
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        # The buffers only hold milliseconds of a busy session: on a loaded
-        # host the recorder must get the CPU first (the unit sets Nice= too).
-        try:
-            if os.getpriority(os.PRIO_PROCESS, 0) > NICE:
-                os.setpriority(os.PRIO_PROCESS, 0, NICE)
-        except OSError:
-            pass
+    def run(self) -> None:
+        _prioritize()
         self.datadir.ensure()
-        self.lock_fd = _lock(self.datadir)
-        for sid in recover(self.datadir, self.config.compression_level, log):
-            log("session.ended_by_restart", sid=sid)
+        lock = _lock(self.datadir)
         try:
-            probe = loader.load(self.config)
-        except loader.LoadError as err:
-            raise DaemonError(str(err)) from None
-        if probe is not None:
-            exe = os.stat(os.path.realpath(sys.executable))
-            probe.set_recorder_exe(_kernel_dev(exe.st_dev), exe.st_ino)
-        self.recorder = Recorder(self.config, probe, self.datadir, log)
-        self.listener = self._listen(self.config.control_socket)
-        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(sig_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda *_: None)
+            for sid in recover(self.datadir, self.config.compression_level, log):
+                log("session.ended_by_restart", sid=sid)
+            probe = loader.load(self.config, recorder_exe=os.path.realpath(sys.executable))
+            self.recorder = Recorder(self.config, probe, self.datadir, log)
+            self.loop = RecordingLoop(self.recorder)
+            try:
+                self.loop.run(self._serve())
+            finally:
+                for sid in list(self.anchors):
+                    self._forget_anchor(sid)
+                self.recorder.close("recorder stopped")
+                self.loop.close()
+        finally:
+            os.close(lock)
+        log(
+            "daemon.stop",
+            records=counts(schema.by_buffer(self.recorder.records)),
+            lost_in_user_space=self.recorder.lost_in_user_space,
+        )
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.selector.register(self.sig_r, selectors.EVENT_READ, self._signals)
-        if probe is not None:
-            self.selector.register(
-                probe.fileno(), selectors.EVENT_READ, lambda _fd: self.recorder.flush()
-            )
-        r = self.config.enhanced_recording
+        server = ControlServer(listening_socket(self.config.control_socket), self._handle, log)
+        await server.start()
+        probe = self.recorder.probe
         log(
             "daemon.start",
             pid=os.getpid(),
             data_dir=self.datadir.path,
             socket=self.config.control_socket,
             enhanced_recording=probe is not None,
-            buffers=f"{r.command_buffer_size}/{r.disk_buffer_size}/{r.network_buffer_size}",
-            programs=len(probe.programs) if probe is not None else 0,
+            buffers="/".join(map(str, self.config.buffer_pages())),
+            programs=probe.programs if probe is not None else 0,
         )
-
-    def _listen(self, path: str) -> socket.socket:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
-            os.unlink(path)  # ours: only the lock holder gets here
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        except OSError as err:
-            raise DaemonError(f"cannot listen on {path}: {err.strerror}") from None
+            await self.stopped.wait()
         finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
+            await server.close()
+            try:
+                os.unlink(self.config.control_socket)
+            except OSError:
+                pass
 
-    def stop(self) -> None:
-        for client in list(self.clients.values()):
-            self._drop(client)
-        for sid in list(self.anchors):
-            self._forget_anchor(sid)
-        self.recorder.close("recorder stopped")
-        self.selector.close()
-        self.listener.close()
-        try:
-            os.unlink(self.config.control_socket)
-        except OSError:
-            pass
-        os.close(self.lock_fd)
-        log(
-            "daemon.stop",
-            events=self.recorder.events,
-            lost_in_user_space=self.recorder.lost_in_user_space,
-        )
-
-    # --- the loop -----------------------------------------------------------------
-
-    def run(self) -> None:
-        interval = self.config.flush_interval_ms / 1000
-        next_flush = time.monotonic() + interval
-        while not self.stopping:
-            now = time.monotonic()
-            deadlines = [next_flush] + [c.deadline for c in self.clients.values()]
-            for key, _ in self.selector.select(max(0.0, min(deadlines) - now)):
-                # A callback earlier in this turn may have dropped this one's
-                # client (to make room) or anchor.
-                if self.selector.get_map().get(key.fd) is key:
-                    key.data(key.fileobj)
-            now = time.monotonic()
-            for client in [c for c in self.clients.values() if c.deadline <= now]:
-                self._reply(client, control.Reply(ok=False, error="incomplete request: timed out"))
-            if now >= next_flush:
-                self.recorder.flush()
-                interval = self.config.flush_interval_ms / 1000
-                next_flush = time.monotonic() + interval
-
-    def _signals(self, _fd) -> None:
-        try:
-            received = os.read(self.sig_r, 64)
-        except BlockingIOError:
-            return
-        for sig in received:
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                log("daemon.signal", signal=signal.Signals(sig).name)
-                self.stopping = True
-            elif sig == signal.SIGHUP:
-                self._reload()
+    def _stop(self, sig: int) -> None:
+        log("daemon.signal", signal=signal.Signals(sig).name)
+        self.stopped.set()
 
     def _reload(self) -> None:
         self.recorder.audit.reopen()
         try:
             new = config_mod.load(self.config_path, self.data_dir_override)
-        except config_mod.ConfigError as err:
+        except EsrError as err:
             log("daemon.reload_failed", level="error", error=str(err))
             return
-        applied, ignored = [], []
+        applied: list[str] = []
+        ignored: list[str] = []
         for key in Config.__struct_fields__:
             if getattr(new, key) != getattr(self.config, key):
                 (applied if key in RELOADABLE else ignored).append(key)
         if applied:
-            import msgspec
-
             self.config = msgspec.structs.replace(
                 self.config, **{k: getattr(new, k) for k in applied}
             )
@@ -232,99 +155,20 @@ class Daemon:
             needs_restart=",".join(ignored),
         )
 
-    # --- control socket ---------------------------------------------------------
+    # --- requests ---------------------------------------------------------------------
 
-    def _accept(self, listener) -> None:
-        for _ in range(ACCEPTS_PER_TURN):
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                log("control.accept_failed", level="error", error=err.strerror)
-                return
-            sock.setblocking(False)
-            if len(self.clients) >= MAX_CLIENTS:
-                # Make room by dropping the slowest sender, so that idle
-                # connections can't lock the PAM hook out.
-                oldest = min(self.clients.values(), key=lambda c: c.deadline)
-                self._reply(
-                    oldest,
-                    control.Reply(
-                        ok=False, error="incomplete request: dropped for a newer connection"
-                    ),
-                )
-            client = _Client(sock)
-            self.clients[sock.fileno()] = client
-            self.selector.register(sock, selectors.EVENT_READ, self._read)
-
-    def _read(self, sock) -> None:
-        client = self.clients[sock.fileno()]
-        try:
-            chunk = sock.recv(control.MAX_MESSAGE + 1)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        client.buffer += chunk
-        if len(client.buffer) > control.MAX_MESSAGE:
-            self._reply(
-                client,
-                control.Reply(
-                    ok=False, error=f"request too large: more than {control.MAX_MESSAGE} bytes"
-                ),
-            )
-        elif b"\n" in client.buffer:
-            line, _, rest = client.buffer.partition(b"\n")
-            if rest.strip():
-                self._reply(client, control.Reply(ok=False, error="one request per connection"))
-            else:
-                self._reply(client, self._handle(client, line))
-        elif not chunk:
-            self._reply(
-                client,
-                control.Reply(
-                    ok=False, error="incomplete request: connection closed before a newline"
-                ),
-            )
-
-    def _reply(self, client: _Client, reply: control.Reply) -> None:
-        try:
-            client.sock.send(control.encode(reply))
-        except OSError:
-            pass
-        if not reply.ok:
-            log(
-                "control.refused",
-                level="warning",
-                peer_pid=client.pid,
-                peer_uid=client.uid,
-                error=reply.error,
-            )
-        self._drop(client)
-
-    def _drop(self, client: _Client) -> None:
-        self.selector.unregister(client.sock)
-        del self.clients[client.sock.fileno()]
-        client.sock.close()
-
-    def _handle(self, client: _Client, line: bytes) -> control.Reply:
-        try:
-            request = control.decode_request(line)
-        except ValueError as err:
-            return control.Reply(ok=False, error=str(err))
+    def _handle(self, request: control.Request, peer: Peer) -> control.Reply:
         if isinstance(request, control.Status):
             return control.Reply(ok=True, status=self.recorder.status())
-        if client.uid != 0:
+        if peer.uid != 0:
             return control.Reply(
-                ok=False,
-                error=f"permission denied: uid {client.uid} may not open or close sessions",
+                ok=False, error=f"permission denied: uid {peer.uid} may not open or close sessions"
             )
         try:
             if isinstance(request, control.Open):
                 return self._open(request)
             return self._close(request)
-        except (SessionError, RegistryFull) as err:
+        except EsrError as err:
             return control.Reply(ok=False, error=str(err))
         except Exception as err:  # a request must never take the recorder down
             log("control.failed", level="error", error=repr(err))
@@ -368,15 +212,13 @@ class Daemon:
             # sshd killed before PAM could close the session: the anchor's
             # exit is the logout.
             self.anchors[session.sid] = anchor
-            self.selector.register(
-                anchor, selectors.EVENT_READ, lambda _fd, sid=session.sid: self._anchor_gone(sid)
-            )
+            self.loop.loop.add_reader(anchor, self._anchor_gone, session.sid)
         return control.Reply(ok=True, sid=session.sid)
 
     def _forget_anchor(self, sid: str) -> None:
         fd = self.anchors.pop(sid, -1)
         if fd >= 0:
-            self.selector.unregister(fd)
+            self.loop.loop.remove_reader(fd)
             os.close(fd)
 
     def _anchor_gone(self, sid: str) -> None:
@@ -404,13 +246,8 @@ class Daemon:
 
 def main(config_path: str | None, data_dir: str | None) -> int:
     config = config_mod.load(config_path, data_dir)
-    daemon = Daemon(config, config_path, data_dir)
     try:
-        daemon.start()
+        Daemon(config, config_path, data_dir).run()
     except OSError as err:
         raise DaemonError(f"{err.filename + ': ' if err.filename else ''}{err.strerror}") from None
-    try:
-        daemon.run()
-    finally:
-        daemon.stop()
     return 0

@@ -13,11 +13,9 @@ import os
 import re
 import uuid
 
+from esr.errors import DataDirError
+
 SID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-
-
-class DataDirError(Exception):
-    pass
 
 
 def check_sid(sid: str) -> str:

@@ -25,15 +25,12 @@ import sys
 import syslog
 
 from esr import control
+from esr.errors import ControlError, PamSetupError
 
 PROFILE = "/usr/share/pam-configs/esr"
 COMMON_SESSION = "/etc/pam.d/common-session"
 SSHD = "/etc/pam.d/sshd"
 MARK = "# esr: record this session"
-
-
-class PamSetupError(Exception):
-    pass
 
 
 def _proc_id(name: str) -> int | None:
@@ -59,6 +56,7 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
     user = env.get("PAM_USER", "")
     anchor = os.getppid()
     audit_sessionid = _proc_id("sessionid")
+    message: control.Open | control.Close
     if kind == "open_session":
         message = control.Open(
             login=user,
@@ -77,7 +75,7 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
     what = f"{kind} for {user or '?'} ({env.get('PAM_SERVICE', '?')})"
     try:
         reply = control.request(socket_path, message, timeout)
-    except control.ControlError as err:
+    except ControlError as err:
         report(f"{what} not recorded: {err}")
         return 1 if fail_closed else 0
     if not reply.ok:
@@ -121,13 +119,14 @@ def _backup(path: str) -> None:
         shutil.copy2(path, backup)
 
 
+def _is_hook(line: str) -> bool:
+    return "pam_exec.so" in line and " pam" in line and "esr" in line
+
+
 def _hooked(path: str) -> bool:
     try:
         with open(path) as f:
-            return any(
-                "pam_exec.so" in l and " pam" in l and "esr" in l and not l.lstrip().startswith("#")
-                for l in f
-            )
+            return any(_is_hook(line) and not line.lstrip().startswith("#") for line in f)
     except FileNotFoundError:
         return False
 
@@ -142,7 +141,9 @@ def _write(path: str, text: str) -> None:
 
 
 def _pam_auth_update(*args: str) -> None:
-    r = subprocess.run(["pam-auth-update", "--package", *args], capture_output=True, text=True)
+    r = subprocess.run(
+        ["pam-auth-update", "--package", *args], capture_output=True, text=True, check=False
+    )
     if r.returncode != 0:
         detail = (r.stderr or r.stdout).strip().splitlines()
         raise PamSetupError(
@@ -191,11 +192,7 @@ def disable() -> str:
         _backup(SSHD)
         with open(SSHD) as f:
             lines = f.read().splitlines()
-        kept = [
-            l
-            for l in lines
-            if l != MARK and not ("pam_exec.so" in l and "esr" in l and " pam" in l)
-        ]
+        kept = [line for line in lines if line != MARK and not _is_hook(line)]
         _write(SSHD, "\n".join(kept) + "\n")
         done.append(SSHD)
     if _hooked(COMMON_SESSION):

@@ -7,17 +7,24 @@ running daemon records the session; without one, this process does.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import selectors
 import signal
 import sys
-import time
 
 from esr import control, loader
 from esr.config import Config
 from esr.datadir import DataDir
-from esr.recorder import Recorder, SessionError
+from esr.errors import DaemonUnavailable, SessionError
+from esr.loop import RecordingLoop
+from esr.recorder import Recorder
+
+# Signals passed on to the command while it runs. A terminal's SIGINT and
+# SIGQUIT reach the command through its process group; esr run waits on.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+IGNORED = (signal.SIGINT, signal.SIGQUIT)
 
 
 def _user_name(uid: int) -> str:
@@ -59,28 +66,19 @@ def _kill(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
+def _release(release: int) -> None:
+    os.write(release, b"x")
+    os.close(release)
+
+
 def _exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
 
 
-class _Signals:
-    """Signals delivered as readable bytes, so the loop can select on them."""
-
-    CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
-    def __init__(self):
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self.w)
-        for sig in self.CAUGHT:
-            signal.signal(sig, lambda *_: None)
-
-    def read(self) -> list[int]:
-        try:
-            return list(os.read(self.r, 64))
-        except BlockingIOError:
-            return []
+def _say(message: str) -> None:
+    print(f"esr: {message}", file=sys.stderr, flush=True)
 
 
 def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> int:
@@ -101,7 +99,7 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
         )
         try:
             reply = control.request(config.control_socket, request, timeout=10)
-        except control.DaemonUnavailable:
+        except DaemonUnavailable:
             reply = None
         if reply is not None and not reply.ok:
             raise SessionError(reply.error)
@@ -110,56 +108,50 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
         raise
     if reply is None:
         return _record(config, pid, release, request)
-    signals = _Signals()  # before the sid is printed: whoever reads it may signal us
+    # Before the sid is printed: whoever reads it may signal us.
+    for sig in FORWARDED:
+        signal.signal(sig, lambda sig, _frame: os.kill(pid, sig))
+    for sig in IGNORED:
+        signal.signal(sig, lambda *_: None)
     note = " (inside an already recorded session)" if reply.nested else " by the esr daemon"
-    print(f"esr: recording session {reply.sid}{note}", file=sys.stderr, flush=True)
-    os.write(release, b"x")
-    os.close(release)
-    status = _wait_forwarding(pid, signals)
+    _say(f"recording session {reply.sid}{note}")
+    _release(release)
+    status = _wait(pid)
     if not reply.nested:
         try:
             closed = control.request(
                 config.control_socket, control.Close(sid=reply.sid), timeout=10
             )
             if not closed.ok:
-                print(f"esr: warning: {closed.error}", file=sys.stderr, flush=True)
+                _say(f"warning: {closed.error}")
             elif closed.remaining:
-                print(
-                    f"esr: {argv[0]} exited; the daemon keeps recording the {closed.remaining} "
-                    "tasks it left running",
-                    file=sys.stderr,
-                    flush=True,
+                _say(
+                    f"{argv[0]} exited; the daemon keeps recording the {closed.remaining} "
+                    "tasks it left running"
                 )
         except control.ControlError as err:
-            print(f"esr: warning: {err}", file=sys.stderr, flush=True)
+            _say(f"warning: {err}")
     return status
 
 
-def _wait_forwarding(pid: int, signals: _Signals) -> int:
-    """Wait for pid, passing SIGTERM and SIGHUP on to it; its exit status."""
+def _wait(pid: int) -> int:
+    """pid's exit status, however many signals arrive meanwhile."""
     pidfd = os.pidfd_open(pid)
-    selector = selectors.DefaultSelector()
-    selector.register(pidfd, selectors.EVENT_READ, "child")
-    selector.register(signals.r, selectors.EVENT_READ, "signal")
     try:
-        while True:
-            for key, _ in selector.select():
-                if key.data == "child":
-                    return _exit_code(os.waitpid(pid, 0)[1])
-                for sig in signals.read():
-                    if sig in (signal.SIGTERM, signal.SIGHUP):
-                        os.kill(pid, sig)  # not reaped yet: still our child
+        with selectors.DefaultSelector() as selector:
+            selector.register(pidfd, selectors.EVENT_READ)
+            while not selector.select():
+                pass
     finally:
-        selector.close()
         os.close(pidfd)
+    return _exit_code(os.waitpid(pid, 0)[1])
 
 
 def _record(config: Config, pid: int, release: int, request: control.Open) -> int:
     """No daemon: load the programs here, and record until the command and
     every task it left running have exited (or an interrupt after it exited)."""
     try:
-        probe = loader.load(config)
-        recorder = Recorder(config, probe, DataDir(config.data_dir))
+        recorder = Recorder(config, loader.load(config), DataDir(config.data_dir))
     except BaseException:
         _kill(pid)
         raise
@@ -177,52 +169,46 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
         _kill(pid)
         recorder.close()
         raise
-    signals = _Signals()
-    print(f"esr: recording session {session.sid}", file=sys.stderr, flush=True)
-    os.write(release, b"x")
-    os.close(release)
+    loop = RecordingLoop(recorder)
+    over = asyncio.Event()
+    status: list[int] = []
 
-    argv0 = os.fsdecode(request.command[0])
-    status = None
+    def command_exited() -> None:
+        loop.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        status.append(_exit_code(os.waitpid(pid, 0)[1]))
+        # The session can end (its last task exited) before the pidfd says so.
+        if session.sid in recorder.registry.by_sid:
+            remaining = recorder.leave(session)
+            if remaining:
+                _say(
+                    f"{os.fsdecode(request.command[0])} exited; recording {remaining} tasks "
+                    "it left running (interrupt to stop)"
+                )
+        session_over()
+
+    def session_over() -> None:
+        if status and session.sid not in recorder.registry.by_sid:
+            over.set()
+
+    def interrupted(sig: int) -> None:
+        if not status:
+            if sig in FORWARDED:
+                os.kill(pid, sig)
+        elif session.sid in recorder.registry.by_sid:
+            recorder.end(session, "recorder stopped")
+            over.set()
+
+    for sig in FORWARDED + IGNORED:
+        loop.loop.add_signal_handler(sig, interrupted, sig)
+    loop.after_flush(session_over)
+    _say(f"recording session {session.sid}")
+    _release(release)
     pidfd = os.pidfd_open(pid)
-    selector = selectors.DefaultSelector()
-    selector.register(pidfd, selectors.EVENT_READ, "child")
-    selector.register(signals.r, selectors.EVENT_READ, "signal")
-    if probe is not None:
-        selector.register(probe.fileno(), selectors.EVENT_READ, "probe")
-    interval = config.flush_interval_ms / 1000
-    next_flush = time.monotonic() + interval
+    loop.loop.add_reader(pidfd, command_exited)
     try:
-        # The session can end (its last task exited) just before the pidfd
-        # says so: the command is still reaped, for its status.
-        while status is None or session.sid in recorder.registry.by_sid:
-            for key, _ in selector.select(max(0.0, next_flush - time.monotonic())):
-                if key.data == "child":
-                    _, wait_status = os.waitpid(pid, 0)
-                    status = _exit_code(wait_status)
-                    selector.unregister(pidfd)
-                    os.close(pidfd)
-                    ended = session.sid not in recorder.registry.by_sid
-                    remaining = 0 if ended else recorder.leave(session)
-                    if remaining:
-                        print(
-                            f"esr: {argv0} exited; recording {remaining} tasks it left "
-                            f"running (interrupt to stop)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                elif key.data == "signal":
-                    for sig in signals.read():
-                        if status is None and sig in (signal.SIGTERM, signal.SIGHUP):
-                            os.kill(pid, sig)
-                        elif status is not None:
-                            recorder.end(session, "recorder stopped")
-                            break
-                else:
-                    recorder.flush()
-            if time.monotonic() >= next_flush:
-                recorder.flush()
-                next_flush = time.monotonic() + interval
+        loop.run(over.wait())
     finally:
         recorder.close()
-    return status if status is not None else 1
+        loop.close()
+    return status[0] if status else 1

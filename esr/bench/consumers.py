@@ -8,22 +8,20 @@ Recorder class as `esr daemon`; the C floor and the bcc peer are programs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
 import selectors
 import subprocess
 import tempfile
-import time
 
-from esr import loader
+from esr import loader, schema
 from esr.config import Config, EnhancedRecording
 from esr.datadir import DataDir
+from esr.errors import BenchError
+from esr.loop import RecordingLoop
 from esr.recorder import Recorder
-
-
-class ConsumerError(Exception):
-    pass
 
 
 class Consumer:
@@ -42,7 +40,7 @@ class Consumer:
         sel.register(self.output, selectors.EVENT_READ)
         if not sel.select(timeout):
             self.kill()
-            raise ConsumerError(f"{self.name}: no '{prefix}' within {timeout:g} s")
+            raise BenchError(f"{self.name}: no '{prefix}' within {timeout:g} s")
         line = self.output.readline().strip()
         if not line.startswith(prefix):
             self.kill()
@@ -55,7 +53,7 @@ class Consumer:
                 self.stderr.seek(0)
                 said = self.stderr.read().decode(errors="replace").strip().splitlines()
                 detail = said[-1] if said else ""
-            raise ConsumerError(f"{self.name}: {detail or 'exited'}")
+            raise BenchError(f"{self.name}: {detail or 'exited'}")
         return line
 
     def track(self, pid: int) -> None:
@@ -67,7 +65,7 @@ class Consumer:
         result = json.loads(self._expect("{", timeout=120))
         self.wait()
         if "error" in result:
-            raise ConsumerError(f"{self.name}: {result['error']}")
+            raise BenchError(f"{self.name}: {result['error']}")
         return result
 
     def wait(self) -> None:
@@ -86,16 +84,15 @@ class Consumer:
 
 
 def start_program(name: str, argv: list[str]) -> Consumer:
-    stderr = tempfile.TemporaryFile()
+    # Kept open until the consumer is done with: its last words are the reason it failed.
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
     )
     return Consumer(name, proc.pid, proc.stdin, proc.stdout, stderr)
 
 
-def start_esr(
-    pages: tuple[int, int, int], data_dir: str, python_decoder: bool = False, cpu: int = 0
-) -> Consumer:
+def start_esr(pages: tuple[int, ...], data_dir: str, cpu: int = 0) -> Consumer:
     """esr's recorder in a forked child (works the same from a venv and from
     the single binary, which can't run `python -m`)."""
     down_r, down_w = os.pipe()
@@ -107,12 +104,7 @@ def start_esr(
             os.close(down_w)
             os.close(up_r)
             status = _serve(
-                os.fdopen(down_r, "r"),
-                os.fdopen(up_w, "w", buffering=1),
-                pages,
-                data_dir,
-                python_decoder,
-                cpu,
+                os.fdopen(down_r, "rb"), os.fdopen(up_w, "w", buffering=1), pages, data_dir, cpu
             )
         except BaseException as err:  # the parent reads the reason as the reply
             try:
@@ -125,8 +117,7 @@ def start_esr(
             os._exit(status)
     os.close(down_r)
     os.close(up_w)
-    name = "esr (pure-Python decoder)" if python_decoder else "esr"
-    return Consumer(name, pid, os.fdopen(down_w, "w", buffering=1), os.fdopen(up_r, "r"))
+    return Consumer("esr", pid, os.fdopen(down_w, "w", buffering=1), os.fdopen(up_r, "r"))
 
 
 def _cpu() -> tuple[float, float]:
@@ -152,63 +143,53 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _serve(commands, replies, pages, data_dir, python_decoder, cpu) -> int:
+def _serve(commands, replies, pages, data_dir, cpu) -> int:
     os.sched_setaffinity(0, {cpu})
-    r = EnhancedRecording(
-        command_buffer_size=pages[0], disk_buffer_size=pages[1], network_buffer_size=pages[2]
-    )
+    r = EnhancedRecording(**{f"{name}_buffer_size": n for name, n in zip(schema.BUFFERS, pages)})
     config = Config(enhanced_recording=r, data_dir=data_dir, max_sessions=64)
-    decode = {}
-    if python_decoder:
-        from esr.bench.pydecode import decode_batch
-
-        decode["decode"] = decode_batch
-    recorder = Recorder(config, loader.load(config), DataDir(data_dir), **decode)
-    probe = recorder.probe
+    recorder = Recorder(config, loader.load(config), DataDir(data_dir))
+    loop = RecordingLoop(recorder)
     replies.write("ready\n")
-    selector = selectors.DefaultSelector()
-    selector.register(commands, selectors.EVENT_READ, "command")
-    selector.register(probe.fileno(), selectors.EVENT_READ, "probe")
-    interval = config.flush_interval_ms / 1000
+    try:
+        result = loop.run(_consume(recorder, loop, commands, replies))
+    finally:
+        recorder.close()
+        loop.close()
+    replies.write(json.dumps(result) + "\n")
+    return 0
+
+
+async def _consume(recorder: Recorder, loop: RecordingLoop, commands, replies) -> dict:
+    """Follow the commands on the pipe: "track PID" opens the session the
+    figures are about, "stop" (or the pipe's end) ends it."""
+    reader = asyncio.StreamReader()
+    await loop.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), commands)
     session = None
     start_cpu = (0.0, 0.0)
-    next_flush = time.monotonic() + interval
     while True:
-        for key, _ in selector.select(max(0.0, next_flush - time.monotonic())):
-            if key.data != "command":
-                recorder.flush()
-                continue
-            words = commands.readline().split()
-            if words[:1] == ["track"]:
-                session = recorder.open_session(login="bench", user="bench", seed_pid=int(words[1]))
-                _reset_peak_rss()
-                start_cpu = _cpu()
-                replies.write("tracking\n")
-            elif words[:1] == ["stop"] or not words:
-                recorder.flush()
-                end_cpu = _cpu()
-                result = {
-                    "records": {"command": 0, "disk": 0, "network": 0},
-                    "lost": {"command": 0, "disk": 0, "network": 0},
-                    "bytes": 0,
-                    "lost_user": recorder.lost_in_user_space + recorder.orphans,
-                    "user_s": end_cpu[0] - start_cpu[0],
-                    "sys_s": end_cpu[1] - start_cpu[1],
-                    "max_rss_kb": _peak_rss_kb(),
-                }
-                if session is not None:  # none when recording what runs outside sessions
-                    result["records"] = {
-                        "command": session.commands,
-                        "disk": session.disks,
-                        "network": session.networks,
-                    }
-                    result["lost"] = dict(zip(("command", "disk", "network"), session.lost))
-                    if session.sid in recorder.registry.by_sid:
-                        recorder.end(session, "exited")
-                    result["bytes"] = os.path.getsize(session.path)
-                recorder.close()
-                replies.write(json.dumps(result) + "\n")
-                return 0
-        if time.monotonic() >= next_flush:
-            recorder.flush()
-            next_flush = time.monotonic() + interval
+        words = (await reader.readline()).decode().split()
+        if words[:1] == ["track"]:
+            session = recorder.open_session(login="bench", user="bench", seed_pid=int(words[1]))
+            _reset_peak_rss()
+            start_cpu = _cpu()
+            replies.write("tracking\n")
+        elif words[:1] == ["stop"] or not words:
+            break
+    recorder.flush()
+    end_cpu = _cpu()
+    result = {
+        "records": schema.by_buffer([0] * len(schema.BUFFERS)),
+        "lost": schema.by_buffer([0] * len(schema.BUFFERS)),
+        "bytes": 0,
+        "lost_user": recorder.lost_in_user_space + recorder.orphans,
+        "user_s": end_cpu[0] - start_cpu[0],
+        "sys_s": end_cpu[1] - start_cpu[1],
+        "max_rss_kb": _peak_rss_kb(),
+    }
+    if session is not None:  # none when recording what runs outside sessions
+        result["records"] = schema.by_buffer(session.records)
+        result["lost"] = schema.by_buffer(session.lost)
+        if session.sid in recorder.registry.by_sid:
+            recorder.end(session, "exited")
+        result["bytes"] = os.path.getsize(session.path)
+    return result

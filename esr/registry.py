@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 
 from esr import schema
 from esr._fast.decode import SessionEvents
+from esr.errors import RegistryFull
 from esr.recording import Writer
-
-
-class RegistryFull(Exception):
-    pass
 
 
 @dataclass
@@ -30,11 +27,9 @@ class Session:
     path: str
     pending: SessionEvents = field(default_factory=SessionEvents)
     anchor_pid: int = 0  # 0 for a seeded session
-    commands: int = 0
-    disks: int = 0
-    networks: int = 0
+    records: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     # Kernel counters already written into the recording as Lost records.
-    lost: list[int] = field(default_factory=lambda: [0, 0, 0])
+    lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     untracked_forks: int = 0
     leader_gone: bool = False
 

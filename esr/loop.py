@@ -1,0 +1,59 @@
+"""The one loop every recorder runs in: `esr daemon`, `esr run` without a
+daemon, and the benchmark's esr consumer.
+
+It keeps the recorder writing: a batch is taken when the drain holds enough
+records to be worth it, and at least every flush_interval_ms, whatever else
+the loop serves at the same time (the daemon's control socket, esr run's
+command, the benchmark's pipe). It is an asyncio loop, so what each caller
+adds is a coroutine, readers and signal handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from esr.recorder import Recorder
+
+
+class RecordingLoop:
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+        self.loop = asyncio.new_event_loop()
+        self._after_flush: list[Callable[[], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def after_flush(self, callback: Callable[[], None]) -> None:
+        """Call back after every flush: sessions may have ended in it."""
+        self._after_flush.append(callback)
+
+    def flush(self) -> None:
+        self.recorder.flush()
+        for callback in self._after_flush:
+            callback()
+
+    def _tick(self) -> None:
+        self.flush()
+        self._timer = self.loop.call_later(
+            self.recorder.config.flush_interval_ms / 1000, self._tick
+        )
+
+    def run(self, main: Coroutine[Any, Any, Any]) -> Any:
+        """Record while main runs; its result."""
+        probe = self.recorder.probe
+        if probe is not None:
+            self.loop.add_reader(probe.fileno(), self.flush)
+        self._timer = self.loop.call_later(
+            self.recorder.config.flush_interval_ms / 1000, self._tick
+        )
+        try:
+            return self.loop.run_until_complete(main)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if probe is not None:
+                self.loop.remove_reader(probe.fileno())
+
+    def close(self) -> None:
+        self.loop.close()
