@@ -98,7 +98,7 @@ def test_bit_flipped_recording(esr, recorded):
 
 
 def test_renamed_recording_is_detected(esr, recorded):
-    sid, path = recorded
+    _sid, path = recorded
     other = "11111111-2222-3333-4444-555555555555"
     path.rename(path.with_name(f"{other}.esr"))
     line = one_line_error(esr("verify", other, check=False))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ESR, Esr, commands, executed, free_port, listener, require_bpf, sid_from_stderr
+from helpers import ESR, Esr, commands, executed, free_port, listener, require_bpf, sid_from_stderr
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -245,7 +245,7 @@ def test_ssh_command_session_is_recorded(daemon, sshd):
 
     # The audit log has the same session.
     log = daemon.data_dir / "log" / "events.log"
-    logged = [json.loads(l) for l in log.read_text().splitlines()]
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
     mine = [e for e in logged if e["sid"] == row["sid"]]
     assert {"session.start", "session.command", "session.network", "session.end"} <= {
         e["event"] for e in mine
@@ -271,7 +271,8 @@ def test_two_concurrent_ssh_sessions_keep_their_events_apart(daemon, sshd):
     procs = [
         subprocess.Popen(
             sshd.argv(
-                f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; sleep 0.02; done; true"
+                f"for i in $(seq 1 15); do cat /nonexistent/ssh-{k}-$i 2>/dev/null; "
+                "sleep 0.02; done; true"
             )
         )
         for k in range(2)
@@ -437,7 +438,8 @@ def test_second_daemon_on_the_same_data_dir_fails(daemon):
         (b'{"op": "open", "login": "x", "seed_pid": 1, "anchor_pid": 1}\n', "exactly one"),
         (b'{"op": "open", "login": "x", "seed_pid": 999999999}\n', "no process"),
         (
-            b'{"op": "open", "login": "x", "seed_pid": 1, "audit_sessionid": 18446744073709551616}\n',
+            b'{"op": "open", "login": "x", "seed_pid": 1, '
+            b'"audit_sessionid": 18446744073709551616}\n',
             "audit_sessionid",
         ),
         (b'{"op": "status"', "incomplete request"),
@@ -449,7 +451,8 @@ def test_bad_requests_get_an_error_and_the_daemon_keeps_recording(daemon, raw, e
     reply = daemon.request(raw)
     assert reply["ok"] is False and error in reply["error"]
     sid = sid_from_stderr(daemon.esr("run", "--config", str(daemon.config), "--", "true").stderr)
-    assert sid
+    daemon.wait_sids_closed(sid)
+    assert ["/usr/bin/true"] in executed(daemon.esr.events(sid))
 
 
 def test_half_sent_request_times_out(daemon):
@@ -549,54 +552,6 @@ def test_a_flood_of_requests_does_not_starve_recording(daemon):
     assert took < 30
 
 
-def test_pam_enable_disable_status_on_this_host():
-    if os.geteuid() != 0 or not shutil.which("pam-auth-update"):
-        pytest.skip("needs root and pam-auth-update")
-    watched = [
-        "/etc/pam.d/common-session",
-        "/etc/pam.d/common-session-noninteractive",
-        "/etc/pam.d/sshd",
-    ] + [str(p) for p in Path("/var/lib/pam").glob("*")]
-    saved = {p: Path(p).read_bytes() for p in watched if Path(p).exists()}
-    profile = Path("/usr/share/pam-configs/esr")
-    had_profile = profile.exists()
-    backups = [Path(p + ".esr-backup") for p in watched]
-    had_backup = {b: b.exists() for b in backups}
-    try:
-        status = subprocess.run([ESR, "pam", "status"], capture_output=True, text=True)
-        assert status.returncode == 3 and status.stdout.strip() == "disabled"
-        r = subprocess.run([ESR, "pam", "enable"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        common = Path("/etc/pam.d/common-session").read_text()
-        assert f"pam_exec.so quiet {ESR} pam" in common
-        assert "esr" not in Path("/etc/pam.d/common-session-noninteractive").read_text()
-        assert (
-            Path("/etc/pam.d/common-session.esr-backup").read_bytes()
-            == saved["/etc/pam.d/common-session"]
-        )
-        again = subprocess.run([ESR, "pam", "enable"], capture_output=True, text=True)
-        assert again.returncode == 0 and "already enabled" in again.stdout
-        assert Path("/etc/pam.d/common-session").read_text() == common
-        assert subprocess.run([ESR, "pam", "status"], capture_output=True).returncode == 0
-        r = subprocess.run([ESR, "pam", "disable"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        assert Path("/etc/pam.d/common-session").read_bytes() == saved["/etc/pam.d/common-session"]
-        again = subprocess.run([ESR, "pam", "disable"], capture_output=True, text=True)
-        assert again.returncode == 0
-        assert subprocess.run([ESR, "pam", "status"], capture_output=True).returncode == 3
-    finally:
-        for path, data in saved.items():
-            Path(path).write_bytes(data)
-        if not had_profile:
-            profile.unlink(missing_ok=True)
-        for b in backups:
-            if not had_backup[b]:
-                b.unlink(missing_ok=True)
-        subprocess.run(["pam-auth-update", "--package", "--remove", "esr"], capture_output=True)
-        for path, data in saved.items():
-            Path(path).write_bytes(data)
-
-
 def test_session_ends_when_sshd_dies_without_closing_it(daemon, sshd):
     before = daemon.sessions(sshd.user)
     ssh = subprocess.Popen(sshd.argv("sleep 60"))
@@ -683,7 +638,7 @@ def test_more_than_a_thousand_concurrent_sessions(daemon):
         time.sleep(1)
     # Ending a thousand sessions (an fsync each) keeps the daemon's main
     # thread busy; the drain thread empties the buffers meanwhile.
-    for sid, pid in sids.items():
+    for sid in sids:
         row = rows[sid]
         assert row["state"] == "closed"
         assert row["events"]["command"] == 1 and row["lost"]["command"] == 0, row
@@ -707,13 +662,13 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
         while "event=daemon.reload" not in daemon.log.read_text():
             assert time.time() < deadline
             time.sleep(0.05)
-        line = [l for l in daemon.log.read_text().splitlines() if "event=daemon.reload" in l][-1]
+        line = [x for x in daemon.log.read_text().splitlines() if "event=daemon.reload" in x][-1]
         assert "applied=audit_disk_events" in line and "needs_restart=max_sessions" in line
         sid = sid_from_stderr(
             daemon.esr("run", "--config", str(daemon.config), "--", "cat", "/etc/hostname").stderr
         )
         daemon.wait_sids_closed(sid, timeout=10)
-        logged = [json.loads(l) for l in current.read_text().splitlines()]
+        logged = [json.loads(line) for line in current.read_text().splitlines()]
         assert any(e["event"] == "session.disk" and e["sid"] == sid for e in logged)
         assert not any(e["sid"] == sid for e in map(json.loads, rotated.read_text().splitlines()))
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import deb_file, require_bpf, sid_from_stderr
+from helpers import deb_file, require_bpf, sid_from_stderr
 
 UNIT = "/lib/systemd/system/esr.service"
 

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest  # noqa: E402
-from conftest import REQUIRE_BPF, deb_file  # tests/conftest.py: pytest puts tests/ on sys.path
+from helpers import REQUIRE_BPF, deb_file
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,88 @@
+"""Audit log lines: the reference's names and codes, one JSON object per
+line, every byte that could act on a terminal escaped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from esr import schema
+
+START = schema.SessionStart(
+    0,
+    1_700_000_000_123_456_789,
+    "sid-1",
+    "srv",
+    "host",
+    "alice",
+    "alice",
+    remote_addr="10.0.0.1",
+    service="sshd",
+    tty="ssh",
+)
+EVENTS = [
+    START,
+    schema.Command(
+        1, 1_700_000_001_000_000_000, 42, 1, 7, b"ls", b"/usr/bin/ls", [b"-l"], 0, 1000, 1000
+    ),
+    schema.Disk(2, 1_700_000_002_000_000_000, 42, 7, b"ls", b"/etc/passwd", 0, 3),
+    schema.Network(
+        3, 1_700_000_003_000_000_000, 42, 7, b"curl", 4, "10.0.0.1", 4000, "10.0.0.2", 443, -111
+    ),
+    schema.Lost(4, 1_700_000_004_000_000_000, [0, 5, 0], 2),
+    schema.SessionLeave(5, 1_700_000_005_000_000_000, 3),
+    schema.SessionEnd(6, 1_700_000_006_000_000_000, "exited", True, True, [1, 1, 1], [0, 5, 0], 2),
+]
+CODES = {
+    "session.start": "T2000I",
+    "session.command": "T4000I",
+    "session.disk": "T4001I",
+    "session.network": "T4002I",
+    "session.lost": "E4100W",
+    "session.leave": "T2003I",
+    "session.end": "T2004I",
+}
+
+
+@pytest.fixture
+def lines() -> list[dict]:
+    audit = schema.AuditFormat(schema.Identity.of(START))
+    out = []
+    for event in EVENTS:
+        raw = audit.line(event)
+        assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+        out.append(json.loads(raw))
+    return out
+
+
+def test_every_event_has_its_name_code_and_the_common_fields(lines):
+    for line, event in zip(lines, EVENTS):
+        assert CODES[line["event"]] == line["code"]
+        assert line["ei"] == event.ei and line["sid"] == "sid-1"
+        assert (line["login"], line["user"], line["namespace"]) == ("alice", "alice", "default")
+        assert line["uid"].endswith(f"{event.ei:012x}")
+    assert lines[0]["time"] == "2023-11-14T22:13:20.123456789Z"
+    assert len({line["uid"] for line in lines}) == len(lines)
+
+
+def test_counts_are_named_by_buffer(lines):
+    assert lines[4]["lost"] == {"command": 0, "disk": 5, "network": 0}
+    assert lines[4]["untracked_forks"] == 2
+    assert lines[6]["events"] == {"command": 1, "disk": 1, "network": 1}
+    assert lines[6]["participants"] == ["alice"] and lines[6]["enhanced_recording"] is True
+
+
+def test_bytes_that_are_not_text_round_trip_and_never_reach_a_terminal():
+    argv = [b"\xff\xfe", b"\x1b]0;pwn\x07", "caf\u00e9".encode()]
+    command = schema.Command(1, 0, 1, 1, 1, b"x", b"/x", argv, 0, 0, 0)
+    raw = schema.AuditFormat(schema.Identity.of(START)).line(command)
+    assert raw.isascii() and b"\x1b" not in raw and b"\x07" not in raw
+    decoded = json.loads(raw)["argv"]
+    assert [a.encode("utf-8", "surrogateescape") for a in decoded] == argv
+
+
+def test_the_text_view_escapes_too():
+    command = schema.Command(1, 0, 1, 1, 1, b"x", b"/x", [b"\x1b[31mred", b"\xff"], 0, 0, 0)
+    text = command.describe()
+    assert "\x1b" not in text and "\\x1b[31mred" in text and "\\xff" in text

@@ -1,0 +1,68 @@
+"""The config file: every key optional, every mistake one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from esr import config
+from esr.errors import ConfigError
+
+
+def test_an_empty_file_is_every_default():
+    c = config.parse(b"", "esr.yaml")
+    assert c == config.Config()
+    assert c.buffer_pages() == (32, 128, 32)
+
+
+def test_buffer_sizes_are_applied_as_given():
+    c = config.parse(
+        b"enhanced_recording:\n  command_buffer_size: 64\n  disk_buffer_size: 2\n", "esr.yaml"
+    )
+    assert c.buffer_pages() == (64, 2, 32)
+
+
+def test_the_reference_block_pastes_as_is():
+    text = (
+        b"enhanced_recording:\n  enabled: true\n  command_buffer_size: 8\n"
+        b"  disk_buffer_size: 128\n  network_buffer_size: 8\n  cgroup_path: /cgroup2\n"
+        b"  root_path: /teleport\n"
+    )
+    assert config.parse(text, "esr.yaml").enhanced_recording.cgroup_path == "/cgroup2"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"enhanced_recording: [unclosed\n", "esr.yaml: malformed YAML"),
+        (
+            b"enhanced_recording:\n  disk_bufer_size: 64\n",
+            "esr.yaml: enhanced_recording.disk_bufer_size: unknown key",
+        ),
+        (b"enhanced_recording:\n  disk_buffer_size: -8\n", "enhanced_recording.disk_buffer_size"),
+        (b"enhanced_recording:\n  command_buffer_size: 12\n", "12 is not a power of two"),
+        (b"enhanced_recording:\n  command_buffer_size: 4\n", "the largest record needs 8"),
+        (b"enhanced_recording:\n  enabled: sometimes\n", "enhanced_recording.enabled"),
+        (b"data_dir: relative/dir\n", "data_dir: must be an absolute path"),
+        (b"control_socket: run/esr.sock\n", "control_socket: must be an absolute path"),
+        (b"- a list\n", "expected a mapping"),
+        (b"max_sessions: 0\n", "max_sessions"),
+        (b"compression_level: 30\n", "compression_level"),
+        (b"flush_interval_ms: fast\n", "flush_interval_ms"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(text, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse(text, "esr.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_file_given_by_name_is_an_error_the_default_one_is_not(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(str(tmp_path / "absent.yaml"))
+    assert config.load(None).data_dir  # /etc/esr/esr.yaml may be absent
+
+
+def test_data_dir_given_on_the_command_line_wins(tmp_path):
+    path = tmp_path / "esr.yaml"
+    path.write_text("data_dir: /var/lib/elsewhere\n")
+    assert config.load(str(path), "relative").data_dir.endswith("/relative")
