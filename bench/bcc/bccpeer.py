@@ -56,8 +56,8 @@ import threading
 # /usr/lib/esr/bench/bcc that dpkg does not own and would not remove.
 sys.dont_write_bytecode = True
 
-import btf_offsets
-from kernel_headers import NoKernelHeaders, find_headers
+import btf_offsets  # noqa: E402
+from kernel_headers import NoKernelHeaders, find_headers  # noqa: E402
 
 EXIT_NO_BUILD = 3
 POLL_MS = 50
@@ -152,15 +152,15 @@ def _summary(log: str) -> str:
     log = re.sub(
         r"(static_assert failed) due to requirement '.*' (\".*\")$", r"\1: \2", log, flags=re.M
     )
-    lines = [l.strip() for l in log.splitlines() if l.strip()]
-    keep = [l for l in lines if re.search(r"error|unable|cannot|not found|invalid", l, re.I)]
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    keep = [x for x in lines if re.search(r"error|unable|cannot|not found|invalid", x, re.I)]
     return " | ".join((keep or lines)[:4])[:800]
 
 
 def build(env: dict, cflags: list):
     """The BPF object compiled, loaded and attached, and where the struct
     offsets came from."""
-    cflags = list(cflags) + [f"-I{SHARED_INCLUDE}"]
+    cflags = [*cflags, f"-I{SHARED_INCLUDE}"]
     try:
         offsets = btf_offsets.field_offsets(KERNEL_FIELDS)
         cflags += [f"-D{k}={v}" for k, v in offsets.items()]
@@ -170,11 +170,15 @@ def build(env: dict, cflags: list):
         offsets_from = f"headers (no usable BTF: {err})"
     os.environ.update(env)
     _mount_tracefs()
+    # Imported here, so that its absence is reported like any other reason
+    # bcc cannot build.
     try:
-        from bcc import BPF
-        from bcc.utils import get_possible_cpus
+        from bcc import BPF  # noqa: PLC0415
+        from bcc.utils import get_possible_cpus  # noqa: PLC0415
     except ImportError as err:
-        raise Unbuildable(f"bcc's Python module is missing ({err}): apt-get install python3-bpfcc")
+        raise Unbuildable(
+            f"bcc's Python module is missing ({err}): apt-get install python3-bpfcc"
+        ) from None
     # bpf_get_smp_processor_id() may be any possible CPU, not only an online one.
     cflags.append(f"-DNCPUS={max(get_possible_cpus()) + 1}")
     with _Captured() as out:

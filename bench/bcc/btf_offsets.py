@@ -71,7 +71,7 @@ def field_offsets(fields: dict, path: str = BTF_PATH) -> dict:
 
     def find(tid, member):
         """(bit offset, size) of member in struct/union tid, or None."""
-        kind, _, _, kflag, mpos, vlen = types[tid]
+        _kind, _, _, kflag, mpos, vlen = types[tid]
         for i in range(vlen):
             m_name, m_type, m_off = struct.unpack_from("<III", data, mpos + 12 * i)
             bits = m_off & 0xFFFFFF if kflag else m_off

@@ -44,6 +44,7 @@ def _deb_version(release: str) -> str:
             ["dpkg-query", "-W", "-f=${Version}", "linux-headers-" + release],
             capture_output=True,
             text=True,
+            check=False,
             timeout=10,
         )
         return out.stdout.strip() if out.returncode == 0 else ""
