@@ -4,12 +4,20 @@ small network fixtures. Fixtures themselves are in conftest.py."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
+import pty
+import select
+import shutil
+import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ESR = os.environ.get("ESR_BIN", str(ROOT / ".venv" / "bin" / "esr"))
 REQUIRE_BPF = os.environ.get("ESR_REQUIRE_BPF") == "1"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
 @functools.cache
@@ -124,3 +133,182 @@ def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, root: Path, socket_path: Path | None = None):
+        self.root = root
+        self.config = root / "esr.yaml"
+        self.socket = socket_path or root / "esr.sock"
+        self.log = root / "daemon.log"
+        self.data_dir = root / "data"
+        self.config.write_text(f"data_dir: {self.data_dir}\ncontrol_socket: {self.socket}\n")
+        self.esr = Esr(self.data_dir)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [ESR, "daemon", "--config", str(self.config)], stderr=open(self.log, "ab")
+        )
+        deadline = time.time() + 20
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.time() < deadline, "daemon did not answer on its socket"
+            try:
+                if self.request(b'{"op": "status"}\n', timeout=1)["ok"]:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def request(self, raw: bytes, timeout=5) -> dict:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.socket))
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            return json.loads(s.recv(65536))
+
+    def sessions(self, login=None) -> list[dict]:
+        rows = self.esr.sessions()
+        return [r for r in rows if login is None or r["login"] == login]
+
+    def wait_closed(self, login: str, count: int, timeout=15) -> list[dict]:
+        deadline = time.time() + timeout
+        while True:
+            rows = [r for r in self.sessions(login) if r["state"] == "closed"]
+            if len(rows) >= count or time.time() > deadline:
+                return rows
+            time.sleep(0.1)
+
+    def wait_sids_closed(self, *sids: str, timeout=15, msg="the session was never closed"):
+        """Until every one of sids is listed and closed; fails after timeout."""
+        deadline = time.time() + timeout
+        while True:
+            rows = {r["sid"]: r for r in self.sessions()}
+            if all(rows.get(sid, {}).get("state") == "closed" for sid in sids):
+                return
+            assert time.time() < deadline, msg
+            time.sleep(0.1)
+
+    def wait_new(self, login: str, before: list[dict], timeout=15) -> list[dict]:
+        """Until login has sessions not in before (open or not); returns them."""
+        deadline = time.time() + timeout
+        while not (new := only_new(before, self.sessions(login))):
+            assert time.time() < deadline, f"no new session for {login}"
+            time.sleep(0.1)
+        return new
+
+
+def only_new(rows_before, rows_after):
+    old = {r["sid"] for r in rows_before}
+    return [r for r in rows_after if r["sid"] not in old]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+class SshServer:
+    def __init__(self, port, user, key, service):
+        self.port, self.user, self.key, self.service = port, user, key, service
+
+    def options(self, port_flag="-p") -> list[str]:
+        """The one spelling of the client options (scp takes the port as -P)."""
+        return [
+            "-i",
+            str(self.key),
+            port_flag,
+            str(self.port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+
+    def argv(self, *cmd, tty=False) -> list[str]:
+        return ["ssh", *self.options(), *(["-tt"] if tty else []), f"{self.user}@127.0.0.1", *cmd]
+
+    def scp_argv(self, local, remote) -> list[str]:
+        return ["scp", *self.options("-P"), str(local), f"{self.user}@127.0.0.1:{remote}"]
+
+    def ssh(self, *cmd, tty=False, input=None, timeout=60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.argv(*cmd, tty=tty), input=input, capture_output=True, timeout=timeout
+        )
+
+
+class Terminal:
+    """A program run on a pseudo-terminal of a given size, typed at as a
+    user would."""
+
+    def __init__(self, argv: list[str], env: dict | None = None, rows: int = 24, cols: int = 80):
+
+        self.output = b""
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execvpe(argv[0], argv, env or dict(os.environ))
+        self.resize(rows, cols)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """As a terminal window does: the kernel sends the program SIGWINCH."""
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def type(self, text: str | bytes) -> None:
+        os.write(self.fd, text.encode() if isinstance(text, str) else text)
+
+    def expect(self, wanted: bytes, timeout: float = 20) -> None:
+        """Read until wanted has been printed since the last expect()."""
+
+        start = len(self.output)
+        deadline = time.monotonic() + timeout
+        while wanted not in self.output[start:]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{wanted!r} never came; the terminal shows:\n{self.output[-2000:]!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"the program ended before {wanted!r}:\n{self.output[-2000:]!r}"
+                self.output += chunk
+
+    def wait(self, timeout: float = 30) -> int:
+        """Read what is left, and the program's exit status."""
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([self.fd], [], [], 0.2)[0]:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    os.close(self.fd)
+                    return os.waitstatus_to_exitcode(status)
+                continue
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                _, status = os.waitpid(self.pid, 0)
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            self.output += chunk
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"the program did not end:\n{self.output[-2000:]!r}")

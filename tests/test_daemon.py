@@ -17,197 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ESR, Esr, commands, executed, free_port, listener, require_bpf, sid_from_stderr
-
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-class Daemon:
-    def __init__(self, root: Path, socket_path: Path | None = None):
-        self.root = root
-        self.config = root / "esr.yaml"
-        self.socket = socket_path or root / "esr.sock"
-        self.log = root / "daemon.log"
-        self.data_dir = root / "data"
-        self.config.write_text(f"data_dir: {self.data_dir}\ncontrol_socket: {self.socket}\n")
-        self.esr = Esr(self.data_dir)
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [ESR, "daemon", "--config", str(self.config)], stderr=open(self.log, "ab")
-        )
-        deadline = time.time() + 20
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.time() < deadline, "daemon did not answer on its socket"
-            try:
-                if self.request(b'{"op": "status"}\n', timeout=1)["ok"]:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-        self.proc = None
-
-    def request(self, raw: bytes, timeout=5) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.socket))
-            s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)
-            return json.loads(s.recv(65536))
-
-    def sessions(self, login=None) -> list[dict]:
-        rows = self.esr.sessions()
-        return [r for r in rows if login is None or r["login"] == login]
-
-    def wait_closed(self, login: str, count: int, timeout=15) -> list[dict]:
-        deadline = time.time() + timeout
-        while True:
-            rows = [r for r in self.sessions(login) if r["state"] == "closed"]
-            if len(rows) >= count or time.time() > deadline:
-                return rows
-            time.sleep(0.1)
-
-    def wait_sids_closed(self, *sids: str, timeout=15, msg="the session was never closed"):
-        """Until every one of sids is listed and closed; fails after timeout."""
-        deadline = time.time() + timeout
-        while True:
-            rows = {r["sid"]: r for r in self.sessions()}
-            if all(rows.get(sid, {}).get("state") == "closed" for sid in sids):
-                return
-            assert time.time() < deadline, msg
-            time.sleep(0.1)
-
-    def wait_new(self, login: str, before: list[dict], timeout=15) -> list[dict]:
-        """Until login has sessions not in before (open or not); returns them."""
-        deadline = time.time() + timeout
-        while not (new := _only_new(before, self.sessions(login))):
-            assert time.time() < deadline, f"no new session for {login}"
-            time.sleep(0.1)
-        return new
-
-
-@pytest.fixture(scope="module")
-def daemon_root(tmp_path_factory):
-    require_bpf()
-    return tmp_path_factory.mktemp("daemon")
-
-
-@pytest.fixture
-def daemon(daemon_root):
-    d = Daemon(daemon_root).start()
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="module")
-def sshd(daemon_root):
-    """sshd on loopback with its own PAM service (named after its argv[0])
-    running the esr hook, and a test user with a key. All undone after."""
-    service = f"esr-test-sshd-{secrets.token_hex(3)}"
-    user = f"esrt{secrets.token_hex(3)}"
-    work = daemon_root / "sshd"
-    work.mkdir()
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "host_key"], check=True
-    )
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", work / "user_key"], check=True
-    )
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", user], check=True)
-    pam_file = Path("/etc/pam.d") / service
-    try:
-        home = Path(pwd.getpwnam(user).pw_dir)
-        (home / ".ssh").mkdir(mode=0o700)
-        shutil.copy(work / "user_key.pub", home / ".ssh" / "authorized_keys")
-        shutil.chown(home / ".ssh", user, user)
-        shutil.chown(home / ".ssh" / "authorized_keys", user, user)
-        hook = f"session optional pam_exec.so quiet {ESR} pam --config {daemon_root / 'esr.yaml'}"
-        pam_file.write_text(Path("/etc/pam.d/sshd").read_text() + hook + "\n")
-        os.symlink(SSHD, work / service)
-        os.makedirs("/run/sshd", exist_ok=True)
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                str(work / service),
-                "-D",
-                "-p",
-                str(port),
-                "-o",
-                "ListenAddress=127.0.0.1",
-                "-o",
-                f"HostKey={work / 'host_key'}",
-                "-o",
-                "UsePAM=yes",
-                "-o",
-                "PidFile=none",
-                "-E",
-                str(work / "sshd.log"),
-            ]
-        )
-        _wait_port(port)
-        yield SshServer(port, user, work / "user_key", service)
-        proc.terminate()
-        proc.wait(10)
-    finally:
-        pam_file.unlink(missing_ok=True)
-        subprocess.run(["pkill", "-KILL", "-u", user], check=False)
-        subprocess.run(["userdel", "-r", "-f", user], check=False, capture_output=True)
-
-
-def _wait_port(port, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
-
-
-class SshServer:
-    def __init__(self, port, user, key, service):
-        self.port, self.user, self.key, self.service = port, user, key, service
-
-    def options(self, port_flag="-p") -> list[str]:
-        """The one spelling of the client options (scp takes the port as -P)."""
-        return [
-            "-i",
-            str(self.key),
-            port_flag,
-            str(self.port),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ]
-
-    def argv(self, *cmd, tty=False) -> list[str]:
-        return ["ssh", *self.options(), *(["-tt"] if tty else []), f"{self.user}@127.0.0.1", *cmd]
-
-    def scp_argv(self, local, remote) -> list[str]:
-        return ["scp", *self.options("-P"), str(local), f"{self.user}@127.0.0.1:{remote}"]
-
-    def ssh(self, *cmd, tty=False, input=None, timeout=60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            self.argv(*cmd, tty=tty), input=input, capture_output=True, timeout=timeout
-        )
-
-
-def _only_new(rows_before, rows_after):
-    old = {r["sid"] for r in rows_before}
-    return [r for r in rows_after if r["sid"] not in old]
+from helpers import (
+    ESR,
+    Daemon,
+    commands,
+    executed,
+    listener,
+    only_new,
+    require_bpf,
+    sid_from_stderr,
+)
 
 
 def test_ssh_command_session_is_recorded(daemon, sshd):
@@ -218,7 +37,7 @@ def test_ssh_command_session_is_recorded(daemon, sshd):
     r = sshd.ssh(f'ls /; cat /etc/hostname; python3 -c "{connect}"')
     assert r.returncode == 0, r.stderr
     assert open("/etc/hostname").read().strip().encode() in r.stdout
-    [row] = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
+    [row] = only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
     events = daemon.esr.events(row["sid"])
 
     start = events[0]
@@ -257,7 +76,7 @@ def test_interactive_ssh_session_is_recorded(daemon, sshd):
     before = daemon.sessions(sshd.user)
     r = sshd.ssh(tty=True, input=b"stty -echo\nhead -c3 /etc/hostname\nuname -s\nexit\n")
     assert r.returncode == 0, r.stderr
-    [row] = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
+    [row] = only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
     events = daemon.esr.events(row["sid"])
     run = executed(events)
     assert ["/usr/bin/head", "-c3", "/etc/hostname"] in run
@@ -278,7 +97,7 @@ def test_two_concurrent_ssh_sessions_keep_their_events_apart(daemon, sshd):
         for k in range(2)
     ]
     assert [p.wait(60) for p in procs] == [0, 0]
-    rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 2))
+    rows = only_new(before, daemon.wait_closed(sshd.user, len(before) + 2))
     assert len(rows) == 2
     seen = set()
     for row in rows:
@@ -299,7 +118,7 @@ def test_ssh_sftp_and_scp_are_recorded(daemon, sshd, tmp_path):
     local.write_text("hello\n")
     r = subprocess.run(sshd.scp_argv(local, "copied.txt"), capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    rows = _only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
+    rows = only_new(before, daemon.wait_closed(sshd.user, len(before) + 1))
     assert rows
     disk = [e for row in rows for e in daemon.esr.events(row["sid"], "disk")]
     assert [e for e in disk if e["path"].endswith("copied.txt") and e["return_code"] >= 0]
@@ -332,12 +151,12 @@ def test_restart_between_sessions_and_sigterm_during_one(daemon_root, sshd):
     try:
         before = d.sessions(sshd.user)
         assert sshd.ssh("true").returncode == 0
-        assert len(_only_new(before, d.wait_closed(sshd.user, len(before) + 1))) == 1
+        assert len(only_new(before, d.wait_closed(sshd.user, len(before) + 1))) == 1
         d.stop()
         d.start()
         before = d.sessions(sshd.user)
         assert sshd.ssh("head -c1 /etc/hostname").returncode == 0
-        [row] = _only_new(before, d.wait_closed(sshd.user, len(before) + 1))
+        [row] = only_new(before, d.wait_closed(sshd.user, len(before) + 1))
         assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(d.esr.events(row["sid"]))
 
         # SIGTERM while a session is open: it is ended cleanly.
@@ -345,7 +164,7 @@ def test_restart_between_sessions_and_sigterm_during_one(daemon_root, sshd):
         ssh = subprocess.Popen(sshd.argv("sleep 3"))
         d.wait_new(sshd.user, before, timeout=10)
         d.stop()
-        [row] = _only_new(before, d.sessions(sshd.user))
+        [row] = only_new(before, d.sessions(sshd.user))
         assert row["state"] == "closed" and row["reason"] == "recorder stopped"
         assert b"intact" in d.esr("verify", row["sid"]).stdout
         assert ssh.wait(20) == 0
@@ -412,8 +231,8 @@ def test_status_reports_counters(daemon):
     r = daemon.esr("status", "--config", str(daemon.config), "--format", "json")
     status = json.loads(r.stdout)
     assert status["events"]["command"] >= 1 and status["events"]["disk"] >= 1
-    assert status["lost"]["buffer"] == {"command": 0, "disk": 0, "network": 0}
-    assert status["buffer_pages"] == {"command": 32, "disk": 128, "network": 32}
+    assert status["lost"]["buffer"] == {"command": 0, "disk": 0, "network": 0, "terminal": 0}
+    assert status["buffer_pages"] == {"command": 32, "disk": 128, "network": 32, "terminal": 512}
     assert status["uptime_s"] >= 0 and status["bytes_written"] > 0
     text = daemon.esr("status", "--config", str(daemon.config)).stdout.decode()
     assert "sessions open:" in text and "lost per buffer:" in text
