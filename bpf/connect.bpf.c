@@ -53,16 +53,10 @@ struct {
 
 static __always_inline struct sock *tcp_sock_of_fd(int fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *file = NULL;
+	struct file *file = file_of_fd(fd);
 	struct socket *sock;
 	struct sock *sk;
 
-	if (fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
-		return NULL;
-	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
 	if (!file || (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
 		return NULL;
 	sock = BPF_CORE_READ(file, private_data);

@@ -21,7 +21,8 @@
 #define ESR_BUFFERS(X) \
 	X(COMMAND, command) \
 	X(DISK, disk) \
-	X(NETWORK, network)
+	X(NETWORK, network) \
+	X(TERMINAL, terminal)
 
 enum esr_buffer {
 #define ESR_BUFFER_INDEX(upper, lower) ESR_BUF_##upper,
@@ -30,11 +31,16 @@ enum esr_buffer {
 	ESR_BUF_COUNT
 };
 
-/* Record types: struct esr_event_header.type. */
+/* Record types: struct esr_event_header.type, and their tag in recordings
+ * (4 is taken there by an event of the recorder's own). */
 enum esr_event_type {
 	ESR_EVENT_COMMAND = 1,
 	ESR_EVENT_DISK = 2,
 	ESR_EVENT_NETWORK = 3,
+	ESR_EVENT_TERMINAL_OUTPUT = 5,	/* struct esr_terminal_data_event */
+	ESR_EVENT_TERMINAL_INPUT = 6,	/* struct esr_terminal_data_event */
+	ESR_EVENT_TERMINAL_WRITE = 7,	/* struct esr_terminal_write_event */
+	ESR_EVENT_TERMINAL_RESIZE = 8,	/* struct esr_terminal_resize_event */
 	ESR_EVENT_TYPE_END
 };
 
@@ -90,17 +96,63 @@ struct esr_network_event {
 	__u8 dst_addr[16];
 };
 
+/* The terminal stream is read from the pty master in chunks of at most
+ * this many bytes: what one read of a master returns. */
+#define ESR_TERMINAL_CHUNK 4096
+
+/* Bytes the pty master's owner read (output: what the user saw, echo
+ * included) or wrote (input: keystrokes). */
+struct esr_terminal_data_event {
+	struct esr_event_header hdr;
+	__u64 skipped;		/* output bytes the budget left out of the session so far */
+	__u32 tty;		/* the pty's index: /dev/pts/<tty> */
+	__u32 len;		/* bytes in data[] */
+	char data[ESR_TERMINAL_CHUNK];
+};
+
+/* A session process wrote to a terminal: who printed what. */
+struct esr_terminal_write_event {
+	struct esr_event_header hdr;
+	__u32 tty;		/* the terminal's index */
+	__u32 major;		/* its driver's major: 136..143 for a pty */
+	__s64 bytes;		/* written, or -errno */
+};
+
+/* The terminal's size: when first seen, and at every change. */
+struct esr_terminal_resize_event {
+	struct esr_event_header hdr;
+	__u32 tty;
+	__u16 rows;
+	__u16 cols;
+};
+
+/* Terminal output of a session, in bytes: what its programs wrote is
+ * recorded + skipped + lost. */
+struct esr_terminal_counts {
+	__u64 recorded;		/* sent in records */
+	__u64 skipped;		/* beyond the session's budget */
+	__u64 lost;		/* the terminal buffer was full */
+	__u64 input;		/* keystrokes recorded */
+	__u64 tokens;		/* budget left */
+	__u64 refilled_ns;	/* when the budget was last refilled */
+};
+
 /* One slot per session; user space maps the array and reads it in place. */
 struct esr_session_state {
 	__u64 session;		/* cookie of the session in this slot, 0 when free */
 	__s64 live_tasks;	/* tracked threads still running (anchors excluded) */
 	__u64 lost[ESR_BUF_COUNT];	/* records this session could not emit */
 	__u64 untracked_forks;	/* children that could not be tracked: the task map was full */
+	struct esr_terminal_counts terminal;
 };
 
 /* struct esr_task.flags */
 #define ESR_TASK_ANCHOR 0x1	/* not recorded itself; what it forks joins the session */
 #define ESR_TASK_ANCHOR_CHILD 0x2	/* forked by an anchor, has not exec'd yet */
+/* Its reads and writes of pty masters are the session's terminal: sshd's
+ * session process (an anchor's child that never execs), or `esr run`
+ * relaying the command's pty. */
+#define ESR_TASK_TERMINAL 0x4
 
 /* Value of the tracked_tasks map, keyed by thread id. */
 struct esr_task {

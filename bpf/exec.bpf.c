@@ -228,7 +228,7 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 			untrack(new_tid, tracked);
 			return 0;
 		}
-		tracked->flags &= ~ESR_TASK_ANCHOR_CHILD;
+		tracked->flags &= ~(ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL);
 	}
 	if (tracked->flags & ESR_TASK_ANCHOR)
 		return 0;

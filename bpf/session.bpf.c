@@ -22,7 +22,9 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	if (!state)
 		return 0;
 	child.session = parent->session;
-	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD : 0;
+	/* An anchor's child that never execs is sshd's session process, which
+	 * relays the user's terminal. */
+	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL : 0;
 	child_tid = ctx->child_pid;
 	if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_ANY)) {
 		__sync_fetch_and_add(&state->untracked_forks, 1);

@@ -6,6 +6,7 @@
 #ifndef ESR_SESSION_BPF_H
 #define ESR_SESSION_BPF_H
 
+#include <bpf/bpf_core_read.h>
 #include "esr_events.h"
 
 /* Thread id -> session; sized by user space from the config. */
@@ -96,21 +97,37 @@ static __always_inline void fill_header(struct esr_event_header *hdr, __u64 sess
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
 }
 
-/* Send a record; a full buffer is counted against the buffer and the session. */
-static __always_inline void emit(void *ctx, void *events, __u32 buffer, __u64 session,
+/* Send a record; a full buffer is counted against the buffer and the
+ * session. Returns whether it was sent. */
+static __always_inline bool emit(void *ctx, void *events, __u32 buffer, __u64 session,
 				 void *record, __u64 size)
 {
 	struct esr_session_state *state;
 	__u64 *lost;
 
 	if (!bpf_perf_event_output(ctx, events, BPF_F_CURRENT_CPU, record, size))
-		return;
+		return true;
 	lost = bpf_map_lookup_elem(&buffer_lost, &buffer);
 	if (lost)
 		*lost += 1;
 	state = session_state(session);
 	if (state && buffer < ESR_BUF_COUNT)
 		__sync_fetch_and_add(&state->lost[buffer], 1);
+	return false;
+}
+
+/* The file open at fd in the current task, or NULL. */
+static __always_inline struct file *file_of_fd(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+
+	if (fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	return file;
 }
 
 #endif /* ESR_SESSION_BPF_H */

@@ -30,6 +30,9 @@ class EnhancedRecording(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     command_buffer_size: Pages = 32
     disk_buffer_size: Pages = 128
     network_buffer_size: Pages = 32
+    # Terminal chunks are up to 4 KiB each: 2 MiB per CPU hold the 15 ms
+    # a busy host may keep the drain waiting, at a flat-out cat's 140 MB/s.
+    terminal_buffer_size: Pages = 512
     # Where cgroup v2 is mounted; found in /proc/self/mounts when empty.
     cgroup_path: str = ""
     # esr follows sessions by process tree, not by cgroup, and creates no
@@ -37,8 +40,26 @@ class EnhancedRecording(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     root_path: str = "/teleport"
 
 
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=1 << 32)]
+
+
+class Terminal(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The terminal stream of sessions that have one."""
+
+    # Keystrokes, as the reference: off, so that what is typed at a prompt
+    # that does not echo is never recorded. When on, still never while the
+    # terminal's ECHO is off.
+    record_input: bool = False
+    # A session's output budget: a flood (`yes`, a 10 GB cat) is recorded
+    # up to the burst, then at this rate; the rest is counted, not kept.
+    # 0 records everything.
+    max_bytes_per_second: Bytes = 1 << 20
+    burst_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 32)] = 16 << 20
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enhanced_recording: EnhancedRecording = msgspec.field(default_factory=EnhancedRecording)
+    terminal: Terminal = msgspec.field(default_factory=Terminal)
     data_dir: str = "/var/lib/esr"
     control_socket: str = "/run/esr/esr.sock"
     # Sessions recorded at once, and threads they may have alive at once.
@@ -60,7 +81,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 # The largest record of each buffer must fit in it, or it could never be sent.
-_MIN_PAGES = {"command": 8, "disk": 2, "network": 1}
+_MIN_PAGES = {"command": 8, "disk": 2, "network": 1, "terminal": 2}
 
 
 def _check(config: Config) -> None:

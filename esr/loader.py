@@ -58,9 +58,12 @@ def load(config: Config, recorder_exe: str | None = None):
             config.max_tracked_tasks,
             recorder_exe_dev=kernel_dev(exe.st_dev) if exe else 0,
             recorder_exe_ino=exe.st_ino if exe else 0,
+            record_input=config.terminal.record_input,
+            terminal_rate=config.terminal.max_bytes_per_second,
+            terminal_burst=config.terminal.burst_bytes,
         )
     except ProbeError as err:
         reason = str(err)
         if err.errno == errno.EPERM:
             reason += " (missing capabilities, or locked down?)"
-        raise LoadError(f"cannot load the BPF programs: {reason}") from None
+        raise LoadError(reason) from None

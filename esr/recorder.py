@@ -61,6 +61,7 @@ class Recorder:
         user: str,
         seed_pid: int = 0,
         anchor_pid: int = 0,
+        terminal_pid: int = 0,
         sid: str | None = None,
         remote_addr: str = "",
         service: str = "",
@@ -72,7 +73,9 @@ class Recorder:
     ) -> Session:
         """Start recording a session seeded with seed_pid (recorded itself,
         with everything it forks) or anchor_pid (only what it forks from now
-        on is recorded)."""
+        on is recorded). terminal_pid relays the session's pty (`esr run` on
+        a terminal): what it reads from the master is the session's terminal
+        output, and nothing else of it is recorded."""
         sid = check_sid(sid) if sid else str(uuid.uuid4())
         if sid in self.registry.by_sid:
             raise SessionError(f"session {sid} is already being recorded")
@@ -109,6 +112,7 @@ class Recorder:
                 path=path,
                 pending=SessionEvents(audited_records=self._audited(), interactive=interactive),
                 anchor_pid=anchor_pid,
+                terminal_pid=terminal_pid,
             )
             writer.append(KIND_START, [start])
             self.audit.write(session.audit.line(start))
@@ -118,6 +122,8 @@ class Recorder:
                     self.probe.track(seed_pid, cookie)
                 if anchor_pid:
                     self.probe.track(anchor_pid, cookie, anchor=True)
+                if terminal_pid:
+                    self.probe.track(terminal_pid, cookie, anchor=True, terminal=True)
         except BaseException as err:
             # Nothing of a refused session stays behind: not its slot, not
             # its tasks, not a recording without an end.
@@ -195,8 +201,10 @@ class Recorder:
         if session.leader_gone:
             return self.live_tasks(session)
         session.leader_gone = True
-        if session.anchor_pid and self.probe is not None:
-            self.probe.untrack(session.anchor_pid)
+        if self.probe is not None:
+            for pid in (session.anchor_pid, session.terminal_pid):
+                if pid:
+                    self.probe.untrack(pid)
         # Counted before decoding, as in flush(). Only this session's records
         # are written now: with a thousand logouts at once, the others wait
         # for the next flush.
@@ -223,6 +231,7 @@ class Recorder:
             records=session.records,
             lost=session.lost,
             untracked_forks=session.untracked_forks,
+            terminal=schema.TerminalBytes(*session.terminal),
         )
         session.pending.next_ei += 1
         if self.probe is not None:
@@ -272,13 +281,14 @@ class Recorder:
             return  # no records; sessions end when their leader leaves
         # Nothing can join a seeded session once its last task is gone, even
         # if whoever started it never says so; an anchored one waits for its
-        # anchor, which may not have forked anything yet. Read before
+        # anchor, which may not have forked anything yet, and one with a pty
+        # relay for the relay, which still reads the last of its output. Read before
         # taking the batch: a task's records are all in the buffers before it
         # exits, and taking it drains the buffers once more.
         over = [
             s
             for s in self.registry
-            if (s.leader_gone or not s.anchor_pid) and self.live_tasks(s) == 0
+            if (s.leader_gone or not (s.anchor_pid or s.terminal_pid)) and self.live_tasks(s) == 0
         ]
         self._decode()
         for session in self.registry:
@@ -305,7 +315,7 @@ class Recorder:
         pending = session.pending
         newly_lost: list[int] = []
         if self.probe is not None:
-            _live, lost, untracked = self.probe.session_counters(session.slot)
+            _live, lost, untracked, session.terminal = self.probe.session_counters(session.slot)
             lost = list(lost)
             if lost != session.lost or untracked != session.untracked_forks:
                 newly_lost = [now - before for now, before in zip(lost, session.lost)]

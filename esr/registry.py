@@ -27,10 +27,13 @@ class Session:
     path: str
     pending: SessionEvents = field(default_factory=SessionEvents)
     anchor_pid: int = 0  # 0 for a seeded session
+    terminal_pid: int = 0  # the process relaying its pty; the session waits for it
     records: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     # Kernel counters already written into the recording as Lost records.
     lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     untracked_forks: int = 0
+    # Terminal bytes recorded, skipped, lost, and keystrokes, as the kernel counts them.
+    terminal: tuple[int, int, int, int] = (0, 0, 0, 0)
     leader_gone: bool = False
 
 

@@ -225,10 +225,100 @@ class Network(Record, tag=3):
         )
 
 
+class TerminalOutput(Record, tag=5):
+    """What the terminal showed: bytes the pty master's owner read from it,
+    echo included."""
+
+    pid: int
+    tty: int  # /dev/pts/<tty>
+    data: bytes
+    skipped: int  # output bytes the budget left out of the session so far
+
+    name = "terminal.output"
+    code = "E4200I"
+    buffer = "terminal"
+    audited = False  # the audit log only counts terminal bytes, in session.end
+
+    def fields(self, identity: Identity) -> dict:
+        return {"pid": self.pid, "tty": self.tty, "data": text(self.data), "skipped": self.skipped}
+
+    def describe(self) -> str:
+        return f"pid={self.pid} pts/{self.tty} {printable(self.data)}"
+
+
+class TerminalInput(Record, tag=6):
+    """Keystrokes: bytes the pty master's owner wrote to it, recorded only
+    with terminal.record_input and while the terminal echoes them."""
+
+    pid: int
+    tty: int
+    data: bytes
+
+    name = "terminal.input"
+    code = "E4201I"
+    buffer = "terminal"
+    audited = False
+
+    def fields(self, identity: Identity) -> dict:
+        return {"pid": self.pid, "tty": self.tty, "data": text(self.data)}
+
+    def describe(self) -> str:
+        return f"pid={self.pid} pts/{self.tty} {printable(self.data)}"
+
+
+class TerminalWrite(Record, tag=7):
+    """A session process wrote to a terminal: who printed what (the bytes
+    themselves are in the output stream)."""
+
+    pid: int
+    program: bytes
+    tty: int
+    major: int  # the terminal driver's: 136..143 for a pty
+    written: int  # bytes
+
+    name = "terminal.write"
+    code = "E4202I"
+    buffer = "terminal"
+    audited = False
+
+    def fields(self, identity: Identity) -> dict:
+        return {
+            "pid": self.pid,
+            "program": text(self.program),
+            "tty": self.tty,
+            "major": self.major,
+            "bytes": self.written,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"pid={self.pid} {printable(self.program)} wrote {self.written} bytes to tty {self.tty}"
+        )
+
+
+class TerminalResize(Record, tag=8):
+    """The terminal's size, when first seen and at every change."""
+
+    tty: int
+    rows: int
+    cols: int
+
+    name = "terminal.resize"
+    code = "E4203I"
+    buffer = "terminal"
+    audited = False
+
+    def fields(self, identity: Identity) -> dict:
+        return {"tty": self.tty, "rows": self.rows, "cols": self.cols}
+
+    def describe(self) -> str:
+        return f"pts/{self.tty} {self.cols}x{self.rows}"
+
+
 # --- events of the recorder's own ----------------------------------------------------
 
 
-class Lost(Event, tag=5):
+class Lost(Event, tag=14):
     """Records the kernel could not deliver since the previous report, per
     buffer (esr._fast.decode.BUFFERS order)."""
 
@@ -307,6 +397,16 @@ class SessionLeave(Event, tag=11):
         return f"leader gone, {self.live_tasks} tasks still running"
 
 
+class TerminalBytes(msgspec.Struct, array_like=True, gc=False):
+    """A session's terminal, in bytes: its programs' output is recorded +
+    skipped (beyond the budget) + lost (the buffer was full)."""
+
+    recorded: int = 0
+    skipped: int = 0
+    lost: int = 0
+    input: int = 0  # keystrokes recorded
+
+
 class SessionEnd(Event, tag=13):
     reason: str  # "exited" or "recorder stopped"
     enhanced_recording: bool
@@ -314,6 +414,7 @@ class SessionEnd(Event, tag=13):
     records: list[int]  # per buffer
     lost: list[int]  # per buffer
     untracked_forks: int
+    terminal: TerminalBytes = msgspec.field(default_factory=TerminalBytes)
 
     name = "session.end"
     code = "T2004I"
@@ -327,6 +428,7 @@ class SessionEnd(Event, tag=13):
             "events": by_buffer(self.records),
             "lost": by_buffer(self.lost),
             "untracked_forks": self.untracked_forks,
+            "terminal": {f"{k}_bytes": v for k, v in msgspec.structs.asdict(self.terminal).items()},
         }
 
     def describe(self) -> str:
@@ -381,6 +483,10 @@ Events = (
     Command
     | Disk
     | Network
+    | TerminalOutput
+    | TerminalInput
+    | TerminalWrite
+    | TerminalResize
     | Lost
     | SessionStart
     | SessionLeave
@@ -388,7 +494,15 @@ Events = (
     | LostV1
     | SessionEndV1
 )
-RECORDS: tuple[type[Record], ...] = (Command, Disk, Network)
+RECORDS: tuple[type[Record], ...] = (
+    Command,
+    Disk,
+    Network,
+    TerminalOutput,
+    TerminalInput,
+    TerminalWrite,
+    TerminalResize,
+)
 # The buffers in index order, as bpf/esr_events.h names them (esr._fast.decode
 # refuses to load if the two disagree).
 BUFFERS: tuple[str, ...] = tuple(dict.fromkeys(r.buffer for r in RECORDS))

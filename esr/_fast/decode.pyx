@@ -37,6 +37,9 @@ cdef extern from "<stddef.h>":
     const size_t COMMAND_FIXED "offsetof(struct esr_command_event, data)"
     const size_t DISK_FIXED "offsetof(struct esr_disk_event, path)"
     const size_t NETWORK_SIZE "sizeof(struct esr_network_event)"
+    const size_t TERMINAL_DATA_FIXED "offsetof(struct esr_terminal_data_event, data)"
+    const size_t TERMINAL_WRITE_SIZE "sizeof(struct esr_terminal_write_event)"
+    const size_t TERMINAL_RESIZE_SIZE "sizeof(struct esr_terminal_resize_event)"
 
 BUFFERS = tuple(esr_buffer_names[i].decode() for i in range(ESR_BUF_COUNT))
 if BUFFERS != schema.BUFFERS:
@@ -46,6 +49,10 @@ if BUFFERS != schema.BUFFERS:
 cdef object _Command = schema.Command
 cdef object _Disk = schema.Disk
 cdef object _Network = schema.Network
+cdef object _TerminalOutput = schema.TerminalOutput
+cdef object _TerminalInput = schema.TerminalInput
+cdef object _TerminalWrite = schema.TerminalWrite
+cdef object _TerminalResize = schema.TerminalResize
 
 # Consecutive records mostly share their program, pid, cgroup, flags and
 # path: reuse the objects made for the previous record instead of allocating
@@ -290,6 +297,89 @@ cdef bytes encode_network(event, uint64_t session):
     return raw
 
 
+# terminal.output and terminal.input --------------------------------------------------------
+
+
+cdef uint64_t terminal_data_size(const esr_event_header *hdr):
+    return TERMINAL_DATA_FIXED + (<const esr_terminal_data_event *>hdr).len
+
+
+cdef object decode_terminal_data(
+    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
+):
+    cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
+    data = PyBytes_FromStringAndSize(e.data, e.len)
+    if hdr.type == ESR_EVENT_TERMINAL_INPUT:
+        return _TerminalInput(ei, time, _pid.get(e.hdr.pid), e.tty, data)
+    return _TerminalOutput(ei, time, _pid.get(e.hdr.pid), e.tty, data, e.skipped)
+
+
+cdef bytes encode_terminal_data(event, uint64_t session):
+    cdef bytes raw = bytes(TERMINAL_DATA_FIXED + len(event.data))
+    cdef esr_terminal_data_event *e = <esr_terminal_data_event *>PyBytes_AS_STRING(raw)
+    output = type(event) is _TerminalOutput
+    fill_header(
+        &e.hdr, ESR_EVENT_TERMINAL_OUTPUT if output else ESR_EVENT_TERMINAL_INPUT, session, event
+    )
+    e.hdr.pid = event.pid
+    e.tty = event.tty
+    e.len = len(event.data)
+    e.skipped = event.skipped if output else 0
+    memcpy(e.data, <const char *>event.data, len(event.data))
+    return raw
+
+
+# terminal.write -----------------------------------------------------------------------------
+
+
+cdef uint64_t terminal_write_size(const esr_event_header *hdr):
+    return TERMINAL_WRITE_SIZE
+
+
+cdef object decode_terminal_write(
+    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
+):
+    cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
+    return _TerminalWrite(
+        ei, time, _pid.get(e.hdr.pid), comm_obj(e.hdr.comm), e.tty, e.major, e.bytes
+    )
+
+
+cdef bytes encode_terminal_write(event, uint64_t session):
+    cdef bytes raw = bytes(TERMINAL_WRITE_SIZE)
+    cdef esr_terminal_write_event *e = <esr_terminal_write_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_TERMINAL_WRITE, session, event)
+    e.hdr.pid = event.pid
+    e.tty = event.tty
+    e.major = event.major
+    e.bytes = event.written
+    return raw
+
+
+# terminal.resize ----------------------------------------------------------------------------
+
+
+cdef uint64_t terminal_resize_size(const esr_event_header *hdr):
+    return TERMINAL_RESIZE_SIZE
+
+
+cdef object decode_terminal_resize(
+    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
+):
+    cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
+    return _TerminalResize(ei, time, e.tty, e.rows, e.cols)
+
+
+cdef bytes encode_terminal_resize(event, uint64_t session):
+    cdef bytes raw = bytes(TERMINAL_RESIZE_SIZE)
+    cdef esr_terminal_resize_event *e = <esr_terminal_resize_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_TERMINAL_RESIZE, session, event)
+    e.tty = event.tty
+    e.rows = event.rows
+    e.cols = event.cols
+    return raw
+
+
 # The table ------------------------------------------------------------------------------
 
 ctypedef uint64_t (*size_fn)(const esr_event_header *hdr)
@@ -312,6 +402,22 @@ RECORD_TYPES[ESR_EVENT_DISK] = record_type(DISK_FIXED, disk_size, decode_disk, e
                                            ESR_BUF_DISK)
 RECORD_TYPES[ESR_EVENT_NETWORK] = record_type(NETWORK_SIZE, network_size, decode_network,
                                               encode_network, ESR_BUF_NETWORK)
+RECORD_TYPES[ESR_EVENT_TERMINAL_OUTPUT] = record_type(
+    TERMINAL_DATA_FIXED, terminal_data_size, decode_terminal_data, encode_terminal_data,
+    ESR_BUF_TERMINAL
+)
+RECORD_TYPES[ESR_EVENT_TERMINAL_INPUT] = record_type(
+    TERMINAL_DATA_FIXED, terminal_data_size, decode_terminal_data, encode_terminal_data,
+    ESR_BUF_TERMINAL
+)
+RECORD_TYPES[ESR_EVENT_TERMINAL_WRITE] = record_type(
+    TERMINAL_WRITE_SIZE, terminal_write_size, decode_terminal_write, encode_terminal_write,
+    ESR_BUF_TERMINAL
+)
+RECORD_TYPES[ESR_EVENT_TERMINAL_RESIZE] = record_type(
+    TERMINAL_RESIZE_SIZE, terminal_resize_size, decode_terminal_resize, encode_terminal_resize,
+    ESR_BUF_TERMINAL
+)
 
 
 cdef inline const record_type *known(uint16_t kind):

@@ -9,16 +9,23 @@ cdef extern from "esr_events.h":
         ESR_BUF_COMMAND
         ESR_BUF_DISK
         ESR_BUF_NETWORK
+        ESR_BUF_TERMINAL
         ESR_BUF_COUNT
         ESR_ARGV_MAX
         ESR_EVENT_TYPE_END
         ESR_EVENT_COMMAND
         ESR_EVENT_DISK
         ESR_EVENT_NETWORK
+        ESR_EVENT_TERMINAL_OUTPUT
+        ESR_EVENT_TERMINAL_INPUT
+        ESR_EVENT_TERMINAL_WRITE
+        ESR_EVENT_TERMINAL_RESIZE
+        ESR_TERMINAL_CHUNK
         ESR_ARGV_INCOMPLETE
         ESR_ARGV_UNREADABLE
         ESR_COMMAND_TTY
         ESR_TASK_ANCHOR
+        ESR_TASK_TERMINAL
 
     struct esr_event_header:
         uint64_t ts_boot_ns
@@ -58,11 +65,37 @@ cdef extern from "esr_events.h":
         uint8_t src_addr[16]
         uint8_t dst_addr[16]
 
+    struct esr_terminal_data_event:
+        esr_event_header hdr
+        uint64_t skipped
+        uint32_t tty
+        uint32_t len
+        char data[1]
+
+    struct esr_terminal_write_event:
+        esr_event_header hdr
+        uint32_t tty
+        uint32_t major
+        int64_t bytes
+
+    struct esr_terminal_resize_event:
+        esr_event_header hdr
+        uint32_t tty
+        uint16_t rows
+        uint16_t cols
+
+    struct esr_terminal_counts:
+        uint64_t recorded
+        uint64_t skipped
+        uint64_t lost
+        uint64_t input
+
     struct esr_session_state:
         uint64_t session
         int64_t live_tasks
         uint64_t lost[ESR_BUF_COUNT]
         uint64_t untracked_forks
+        esr_terminal_counts terminal
 
     struct esr_task:
         uint64_t session

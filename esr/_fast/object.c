@@ -15,16 +15,23 @@ static char reason[1024];
  * last line is the kernel's own objection. */
 static int have_reason, reason_is_verifiers;
 
-/* The last non-empty line of text[0..len). */
+/* The last line of text[0..len) that says something: not empty, and not
+ * the verifier's statistics. */
 static void last_line(const char *text, size_t len, char *out, size_t size)
 {
 	const char *start;
 
-	while (len && (text[len - 1] == '\n' || text[len - 1] == ' '))
-		len--;
-	start = text + len;
-	while (start > text && start[-1] != '\n')
-		start--;
+	for (;;) {
+		while (len && (text[len - 1] == '\n' || text[len - 1] == ' '))
+			len--;
+		start = text + len;
+		while (start > text && start[-1] != '\n')
+			start--;
+		if (start == text || (strncmp(start, "processed ", 10) &&
+				      strncmp(start, "verification time", 17)))
+			break;
+		len = start - text;
+	}
 	if (!strncmp(start, "libbpf: ", 8))
 		start += 8;
 	snprintf(out, size, "%.*s", (int)(text + len - start), start);
@@ -92,7 +99,8 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 		     const char **step)
 {
 	struct bpf_map *per_thread[] = { skel->maps.tracked_tasks, skel->maps.open_in_flight,
-					 skel->maps.connect_attempts, skel->maps.connect_in_flight };
+					 skel->maps.connect_attempts, skel->maps.connect_in_flight,
+					 skel->maps.terminal_in_flight };
 	int cpus = libbpf_num_possible_cpus();
 	size_t i;
 	int err;
@@ -140,6 +148,12 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	}
 	*skel->rodata.recorder_exe_dev = settings->recorder_exe_dev;
 	*skel->rodata.recorder_exe_ino = settings->recorder_exe_ino;
+	*skel->rodata.record_input = settings->record_input;
+	*skel->rodata.budget_rate = settings->terminal_rate;
+	*skel->rodata.budget_burst = settings->terminal_burst;
+	if (settings->terminal_rate)
+		*skel->rodata.budget_fill_ns = settings->terminal_burst * 1000000000ULL /
+					       settings->terminal_rate;
 
 	if ((err = bpf_object__load(o->obj)))
 		return fail(o, step, "cannot load the BPF programs", err);

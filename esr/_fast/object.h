@@ -24,6 +24,10 @@ struct esr_object_settings {
 	__u32 max_tasks;	/* entries of every map with one entry per thread */
 	__u64 recorder_exe_dev;	/* the esr executable, or 0: see exec.bpf.c */
 	__u64 recorder_exe_ino;
+	/* The terminal stream: see terminal.bpf.c. */
+	__u8 record_input;
+	__u64 terminal_rate;	/* output bytes per second a session may record; 0: all */
+	__u64 terminal_burst;
 };
 
 struct esr_object {

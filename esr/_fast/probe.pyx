@@ -51,6 +51,9 @@ cdef extern from "object.h":
         uint32_t max_tasks
         uint64_t recorder_exe_dev
         uint64_t recorder_exe_ino
+        uint8_t record_input
+        uint64_t terminal_rate
+        uint64_t terminal_burst
     struct esr_object:
         int nlinks
         int tracked_tasks_fd
@@ -133,16 +136,18 @@ cdef class Probe:
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
                  uint32_t max_sessions, uint32_t max_tasks, uint64_t recorder_exe_dev=0,
-                 uint64_t recorder_exe_ino=0, size_t batch_limit=64 << 20,
-                 unsigned long long ready_at=4096):
+                 uint64_t recorder_exe_ino=0, bint record_input=False,
+                 uint64_t terminal_rate=0, uint64_t terminal_burst=0,
+                 size_t batch_limit=64 << 20, unsigned long long ready_at=4096):
         """Load and attach the programs of an esr.bpf.o image.
 
         buffer_pages: per-CPU pages of each buffer (BUFFERS order), powers of
         two, applied as given. recorder_exe_*: the esr executable (kernel dev
         encoding, inode), whose run by a session's anchor is the PAM hook,
-        not the user. batch_limit: bytes the drain may hold before records
-        wait in the kernel. ready_at: records waiting that make fileno()
-        readable.
+        not the user. record_input, terminal_rate, terminal_burst: the
+        terminal stream's keystrokes and budget (terminal.bpf.c).
+        batch_limit: bytes the drain may hold before records wait in the
+        kernel. ready_at: records waiting that make fileno() readable.
         """
         cdef esr_object_settings settings
         cdef size_t pages[ESR_BUF_COUNT]
@@ -159,6 +164,9 @@ cdef class Probe:
         settings.max_tasks = max_tasks
         settings.recorder_exe_dev = recorder_exe_dev
         settings.recorder_exe_ino = recorder_exe_ino
+        settings.record_input = record_input
+        settings.terminal_rate = terminal_rate
+        settings.terminal_burst = terminal_burst
         err = esr_object_open(&self.obj, <const char *>image, len(image), &settings, &step)
         if err:
             raise ProbeError(-err, why(err, step))
@@ -260,18 +268,21 @@ cdef class Probe:
             bpf_map_delete_elem(fd, &key)
 
     def session_counters(self, uint32_t slot):
-        """(live tasks, lost per buffer (a tuple), untracked forks)."""
+        """(live tasks, lost per buffer (a tuple), untracked forks, terminal
+        bytes (recorded, skipped, lost, input))."""
         cdef esr_session_state *state = self._state(slot)
+        cdef esr_terminal_counts *t = &state.terminal
         return (state.live_tasks, tuple(state.lost[i] for i in range(ESR_BUF_COUNT)),
-                state.untracked_forks)
+                state.untracked_forks, (t.recorded, t.skipped, t.lost, t.input))
 
-    def track(self, uint32_t tid, uint64_t cookie, bint anchor=False):
+    def track(self, uint32_t tid, uint64_t cookie, bint anchor=False, bint terminal=False):
         """Record thread tid in a session; an anchor is not recorded itself,
-        but what it forks from now on is."""
+        but what it forks from now on is. With terminal, its reads and
+        writes of pty masters are the session's terminal stream."""
         cdef esr_task task
         cdef esr_session_state *state = self._state(<uint32_t>cookie)
         task.session = cookie
-        task.flags = ESR_TASK_ANCHOR if anchor else 0
+        task.flags = (ESR_TASK_ANCHOR if anchor else 0) | (ESR_TASK_TERMINAL if terminal else 0)
         task.reserved = 0
         if bpf_map_update_elem(self.obj.tracked_tasks_fd, &tid, &task, BPF_ANY) != 0:
             raise OSError(errno, f"cannot track pid {tid}: {strerror(errno).decode()}")

@@ -25,6 +25,10 @@ EVERY_TYPE = [
     schema.Disk(0, 30, 42, 7, b"cat", b"/etc/hostname", 0o2000000, 3),
     schema.Network(0, 40, 42, 7, b"curl", 4, "10.0.0.5", 40000, "10.0.0.9", 443, 0),
     schema.Network(0, 50, 42, 7, b"curl", 6, "::1", 40001, "::1", 80, -111),
+    schema.TerminalOutput(0, 60, 41, 3, b"\x1b[31mred\x1b[0m \xe2\x82", 5000),
+    schema.TerminalInput(0, 70, 41, 3, b"ls\r"),
+    schema.TerminalWrite(0, 80, 42, b"bash", 3, 136, 12),
+    schema.TerminalResize(0, 90, 3, 40, 120),
 ]
 
 
@@ -43,7 +47,7 @@ def test_every_record_type_round_trips():
     for i, event in enumerate(expect):
         event.ei = i + 1
     assert events == expect and audited == expect
-    assert records == [2, 1, 2]
+    assert records == [2, 1, 2, 4]
     assert sink.interactive  # a command ran with a terminal
 
 
@@ -54,7 +58,7 @@ def test_records_are_merged_in_time_and_numbered():
     times = [e.time for e in sink.events]
     assert times == sorted(times)  # the interleaved CPU runs were merged
     assert [e.ei for e in sink.events] == list(range(1, 5001))
-    assert sink.take()[2] == [50, 4900, 50]
+    assert sink.take()[2] == [50, 4900, 50, 0]
 
 
 def test_only_the_types_asked_for_are_audited():

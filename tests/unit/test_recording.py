@@ -27,7 +27,9 @@ def path(tmp_path) -> Path:
     w.append(KIND_START, [schema.SessionStart(0, 1, SID, "srv", "host", "alice", "alice")])
     for frame in range(3):
         w.append(KIND_EVENTS, [_disk(1 + 5 * frame + i) for i in range(5)], records=[0, 5, 0])
-    w.append(KIND_END, [schema.SessionEnd(16, 99, "exited", True, False, [0, 15, 0], [0, 0, 0], 0)])
+    w.append(
+        KIND_END, [schema.SessionEnd(16, 99, "exited", True, False, [0, 15, 0, 0], [0, 0, 0], 0)]
+    )
     w.close()
     return path
 
@@ -39,7 +41,7 @@ def frames(path: Path, sid: str = SID) -> list[recording.Frame]:
 def test_an_intact_recording_verifies_with_its_counts(path):
     summary = recording.verify(str(path), SID)
     assert (summary.frames, summary.last_ei, summary.closed) == (5, 16, True)
-    assert summary.records == [0, 15, 0]
+    assert summary.records == [0, 15, 0, 0]
     events = [e for f in frames(path) for e in f.events()]
     assert [e.ei for e in events] == list(range(17))
 
@@ -113,15 +115,15 @@ def test_a_recording_renamed_to_another_session_fails(path):
 
 def test_headers_only_scan_counts_without_reading_payloads(path):
     summary, damage = recording.scan(str(path), SID)
-    assert damage is None and summary.records == [0, 15, 0] and summary.closed
+    assert damage is None and summary.records == [0, 15, 0, 0] and summary.closed
 
 
 def test_a_version_1_recording_still_reads(tmp_path):
     path = tmp_path / "v1-session.esr"
     shutil.copy(DATA / "v1.esr", path)
     summary = recording.verify(str(path), "v1-session")
-    assert (summary.frames, summary.closed, summary.records) == (3, True, [1, 1, 0])
-    assert summary.lost == [0, 5, 0]
+    assert (summary.frames, summary.closed, summary.records) == (3, True, [1, 1, 0, 0])
+    assert summary.lost == [0, 5, 0, 0]
     events = [e for f in frames(path, "v1-session") for e in f.events()]
     assert [type(e) for e in events] == [
         schema.SessionStart,
