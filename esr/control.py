@@ -33,6 +33,9 @@ class Open(msgspec.Struct, tag="open", tag_field="op", forbid_unknown_fields=Tru
     audit_sessionid: AuditId | None = None
     loginuid: AuditId | None = None
     interactive: bool = False
+    # The process relaying the session's pty (`esr run` on a terminal): its
+    # reads of the master are the terminal stream, and its exit the logout.
+    terminal_pid: int = 0
 
 
 class Close(msgspec.Struct, tag="close", tag_field="op", forbid_unknown_fields=True, kw_only=True):

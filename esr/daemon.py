@@ -166,7 +166,7 @@ class Daemon:
             )
         try:
             if isinstance(request, control.Open):
-                return self._open(request)
+                return self._open(request, peer)
             return self._close(request)
         except EsrError as err:
             return control.Reply(ok=False, error=str(err))
@@ -174,10 +174,13 @@ class Daemon:
             log("control.failed", level="error", error=repr(err))
             return control.Reply(ok=False, error=f"internal error: {err}")
 
-    def _open(self, req: control.Open) -> control.Reply:
+    def _open(self, req: control.Open, peer: Peer) -> control.Reply:
         pid = req.seed_pid or req.anchor_pid
         if bool(req.seed_pid) == bool(req.anchor_pid) or pid < 1:
             return control.Reply(ok=False, error="open needs exactly one of seed_pid, anchor_pid")
+        if req.terminal_pid not in (0, peer.pid):
+            # Only the asker's own reads of a pty master can be its session's terminal.
+            return control.Reply(ok=False, error="terminal_pid must be the requesting process")
         if not os.path.exists(f"/proc/{pid}"):
             return control.Reply(ok=False, error=f"no process {pid}")
         outer = self.recorder.session_of_task(pid)
@@ -185,16 +188,21 @@ class Daemon:
             # su or sudo -i inside a recorded session: it stays recorded there.
             log("session.nested", sid=outer.sid, pid=pid, login=req.login, service=req.service)
             return control.Reply(ok=True, sid=outer.sid, nested=True)
+        # The process whose exit is the logout, if the session has one: the
+        # anchor (sshd killed before PAM could close the session), or the
+        # pty relay (esr run killed before it could close it).
+        holder = req.anchor_pid or req.terminal_pid
         try:
-            anchor = os.pidfd_open(req.anchor_pid) if req.anchor_pid else -1
+            anchor = os.pidfd_open(holder) if holder else -1
         except ProcessLookupError:
-            return control.Reply(ok=False, error=f"no process {pid}")
+            return control.Reply(ok=False, error=f"no process {holder}")
         try:
             session = self.recorder.open_session(
                 login=req.login,
                 user=req.user or req.login,
                 seed_pid=req.seed_pid,
                 anchor_pid=req.anchor_pid,
+                terminal_pid=req.terminal_pid,
                 sid=req.sid,
                 remote_addr=req.remote_addr,
                 service=req.service,
@@ -209,8 +217,6 @@ class Daemon:
                 os.close(anchor)
             raise
         if anchor >= 0:
-            # sshd killed before PAM could close the session: the anchor's
-            # exit is the logout.
             self.anchors[session.sid] = anchor
             self.loop.loop.add_reader(anchor, self._anchor_gone, session.sid)
         return control.Reply(ok=True, sid=session.sid)
@@ -225,7 +231,12 @@ class Daemon:
         self._forget_anchor(sid)
         session = self.recorder.registry.by_sid.get(sid)
         if session is not None:
-            log("session.anchor_exited", sid=sid, anchor_pid=session.anchor_pid)
+            log(
+                "session.anchor_exited",
+                sid=sid,
+                anchor_pid=session.anchor_pid or None,
+                terminal_pid=session.terminal_pid or None,
+            )
             self.recorder.leave(session)
 
     def _close(self, req: control.Close) -> control.Reply:

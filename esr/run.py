@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import selectors
 import signal
 import sys
 
@@ -20,6 +19,7 @@ from esr.datadir import DataDir
 from esr.errors import DaemonUnavailable, SessionError
 from esr.loop import RecordingLoop
 from esr.recorder import Recorder
+from esr.relay import Pty, Relay
 
 # Signals passed on to the command while it runs. A terminal's SIGINT and
 # SIGQUIT reach the command through its process group; esr run waits on.
@@ -40,24 +40,41 @@ def identity(login: str | None) -> tuple[str, str]:
     return login or _user_name(os.getuid()), user
 
 
-def _spawn_held(argv: list[str]) -> tuple[int, int]:
-    """Fork argv, held before exec until a byte arrives on the returned fd."""
+def _spawn_held(argv: list[str], pty: Pty | None) -> tuple[int, int]:
+    """Fork argv (on the pty, if any), held before exec until a byte arrives
+    on the returned fd."""
     release_r, release_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(release_w)
+            if pty is not None:
+                pty.child()
             if os.read(release_r, 1) != b"x":
                 os._exit(1)
             os.close(release_r)
-            os.execvp(argv[0], argv)
+            os.execvpe(argv[0], argv, _users_environment())
         except OSError as err:
             os.write(2, f"esr: cannot run {argv[0]}: {err.strerror}\n".encode())
             os._exit(127 if isinstance(err, FileNotFoundError) else 126)
         finally:
             os._exit(127)
     os.close(release_r)
+    if pty is not None:
+        pty.parent()
     return pid, release_w
+
+
+def _users_environment() -> dict[str, str]:
+    """The environment esr was started with. The single binary's loader
+    points LD_LIBRARY_PATH at esr's own libraries, which are not the
+    command's to use, and keeps the user's own in LD_LIBRARY_PATH_ORIG."""
+    env = dict(os.environ)
+    if getattr(sys, "frozen", False):
+        env.pop("LD_LIBRARY_PATH", None)
+        if "LD_LIBRARY_PATH_ORIG" in env:
+            env["LD_LIBRARY_PATH"] = env.pop("LD_LIBRARY_PATH_ORIG")
+    return env
 
 
 def _kill(pid: int) -> None:
@@ -85,17 +102,18 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
     """Record argv as a session; returns its exit status. A running daemon
     records it; otherwise this process loads the programs and records."""
     login, user = identity(login)
-    pid, release = _spawn_held(argv)
+    pty = Pty() if os.isatty(0) else None
+    pid, release = _spawn_held(argv, pty)
     try:
-        tty = os.ttyname(0) if os.isatty(0) else ""
         request = control.Open(
             login=login,
             user=user,
             seed_pid=pid,
             sid=sid,
             command=[os.fsencode(a) for a in argv],
-            tty=tty,
-            interactive=bool(tty),
+            tty=os.ttyname(0) if pty is not None else "",
+            interactive=pty is not None,
+            terminal_pid=os.getpid() if pty is not None else 0,
         )
         try:
             reply = control.request(config.control_socket, request, timeout=10)
@@ -105,18 +123,22 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
             raise SessionError(reply.error)
     except BaseException:
         _kill(pid)
+        if pty is not None:
+            pty.close()
         raise
     if reply is None:
-        return _record(config, pid, release, request)
+        return _record(config, pid, release, request, pty)
+    loop = asyncio.new_event_loop()
     # Before the sid is printed: whoever reads it may signal us.
-    for sig in FORWARDED:
-        signal.signal(sig, lambda sig, _frame: os.kill(pid, sig))
-    for sig in IGNORED:
-        signal.signal(sig, lambda *_: None)
+    command = Command(loop, pid, pty)
     note = " (inside an already recorded session)" if reply.nested else " by the esr daemon"
     _say(f"recording session {reply.sid}{note}")
     _release(release)
-    status = _wait(pid)
+    try:
+        status = loop.run_until_complete(command.finished())
+    finally:
+        command.close()
+        loop.close()
     if not reply.nested:
         try:
             closed = control.request(
@@ -134,20 +156,59 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
     return status
 
 
-def _wait(pid: int) -> int:
-    """pid's exit status, however many signals arrive meanwhile."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(pidfd, selectors.EVENT_READ)
-            while not selector.select():
-                pass
-    finally:
-        os.close(pidfd)
-    return _exit_code(os.waitpid(pid, 0)[1])
+class Command:
+    """The command esr run runs, followed on an asyncio loop: its exit
+    status, the signals passed on to it, and its pty relayed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int, pty: Pty | None):
+        self.loop = loop
+        self.pid = pid
+        self.pty = pty
+        self.status: int | None = None
+        self.exited = loop.create_future()
+        # A signal once the command has exited: stop waiting for what it left.
+        self.interrupted = loop.create_future()
+        self.relay = Relay(loop, pty) if pty is not None else None
+        for sig in FORWARDED + IGNORED:
+            loop.add_signal_handler(sig, self._signal, sig)
+        self.pidfd = os.pidfd_open(pid)
+        loop.add_reader(self.pidfd, self._exited)
+        if self.relay is not None:
+            self.relay.start()
+
+    def _signal(self, sig: int) -> None:
+        if self.status is None:
+            if sig in FORWARDED:
+                os.kill(self.pid, sig)
+        elif not self.interrupted.done():
+            self.interrupted.set_result(sig)
+
+    def _exited(self) -> None:
+        self.loop.remove_reader(self.pidfd)
+        self.status = _exit_code(os.waitpid(self.pid, 0)[1])
+        if self.relay is not None:
+            self.relay.command_exited()
+        self.exited.set_result(self.status)
+
+    async def finished(self) -> int:
+        """The exit status, once the command has exited and its terminal
+        output has been relayed."""
+        status = await self.exited
+        if self.relay is not None:
+            await self.relay.done
+        return status
+
+    def close(self) -> None:
+        for sig in FORWARDED + IGNORED:
+            self.loop.remove_signal_handler(sig)
+        if self.status is None:
+            self.loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        if self.pty is not None:
+            self.pty.close()
 
 
-def _record(config: Config, pid: int, release: int, request: control.Open) -> int:
+def _record(config: Config, pid: int, release: int, request: control.Open, pty: Pty | None) -> int:
     """No daemon: load the programs here, and record until the command and
     every task it left running have exited (or an interrupt after it exited)."""
     try:
@@ -160,6 +221,7 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
             login=request.login,
             user=request.user,
             seed_pid=pid,
+            terminal_pid=request.terminal_pid,
             sid=request.sid,
             command=request.command,
             tty=request.tty,
@@ -170,45 +232,34 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
         recorder.close()
         raise
     loop = RecordingLoop(recorder)
-    over = asyncio.Event()
-    status: list[int] = []
+    command = Command(loop.loop, pid, pty)
 
-    def command_exited() -> None:
-        loop.loop.remove_reader(pidfd)
-        os.close(pidfd)
-        status.append(_exit_code(os.waitpid(pid, 0)[1]))
-        # The session can end (its last task exited) before the pidfd says so.
-        if session.sid in recorder.registry.by_sid:
-            remaining = recorder.leave(session)
-            if remaining:
-                _say(
-                    f"{os.fsdecode(request.command[0])} exited; recording {remaining} tasks "
-                    "it left running (interrupt to stop)"
-                )
-        session_over()
+    over = loop.loop.create_future()
 
-    def session_over() -> None:
-        if status and session.sid not in recorder.registry.by_sid:
-            over.set()
+    def check_over() -> None:
+        if session.sid not in recorder.registry.by_sid and not over.done():
+            over.set_result(None)
 
-    def interrupted(sig: int) -> None:
-        if not status:
-            if sig in FORWARDED:
-                os.kill(pid, sig)
-        elif session.sid in recorder.registry.by_sid:
-            recorder.end(session, "recorder stopped")
-            over.set()
+    async def record() -> int:
+        status = await command.finished()
+        # The session can end (its last task exited) before the command is reaped.
+        remaining = recorder.leave(session) if session.sid in recorder.registry.by_sid else 0
+        if remaining:
+            _say(
+                f"{os.fsdecode(request.command[0])} exited; recording {remaining} tasks "
+                "it left running (interrupt to stop)"
+            )
+            loop.after_flush(check_over)
+            await asyncio.wait([over, command.interrupted], return_when=asyncio.FIRST_COMPLETED)
+            if session.sid in recorder.registry.by_sid:
+                recorder.end(session, "recorder stopped")
+        return status
 
-    for sig in FORWARDED + IGNORED:
-        loop.loop.add_signal_handler(sig, interrupted, sig)
-    loop.after_flush(session_over)
     _say(f"recording session {session.sid}")
     _release(release)
-    pidfd = os.pidfd_open(pid)
-    loop.loop.add_reader(pidfd, command_exited)
     try:
-        loop.run(over.wait())
+        return loop.run(record())
     finally:
+        command.close()
         recorder.close()
         loop.close()
-    return status[0] if status else 1
