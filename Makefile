@@ -7,12 +7,13 @@ LIBBPF := $(BUILD)/libbpf/usr
 
 # What building, running and testing esr need from Debian: the toolchain,
 # sshd for the login tests, lintian and systemd-analyze for the package, qemu
-# and debootstrap for the systemd guest, and bcc with the nearest kernel
-# headers for the benchmark's bcc peer.
+# and debootstrap for the systemd guest, bcc with the nearest kernel
+# headers for the benchmark's bcc peer, and asciinema, the reference player
+# the terminal tests check exports with.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
 	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
-	python3-bpfcc linux-headers-amd64
+	python3-bpfcc linux-headers-amd64 asciinema
 
 # pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
 # the version): read them from there.

@@ -28,8 +28,11 @@ install -m 0644 "$here/../bpf/esr_events.h" "$pkg/usr/lib/esr/bpf/"
 install -m 0644 "$here/esr.service" "$pkg/lib/systemd/system/esr.service"
 install -m 0644 "$here/esr.yaml" "$pkg/etc/esr/esr.yaml"
 install -m 0644 "$profile" "$pkg/usr/share/pam-configs/esr"
-gzip -9n < "$here/esr.1" > "$pkg/usr/share/man/man1/esr.1.gz"
+sed "s/@VERSION@/$version/" "$here/esr.1" | gzip -9n > "$pkg/usr/share/man/man1/esr.1.gz"
 install -m 0644 "$here/copyright" "$pkg/usr/share/doc/esr/copyright"
+# The version is esr/__init__.py's; the changelog's newest entry must say so.
+head -1 "$here/changelog" | grep -q "^esr ($version) " ||
+	{ echo "deb/changelog: the newest entry is not esr ($version)" >&2; exit 1; }
 gzip -9n < "$here/changelog" > "$pkg/usr/share/doc/esr/changelog.gz"
 install -d "$pkg/usr/share/lintian/overrides"
 install -m 0644 "$here/lintian-overrides" "$pkg/usr/share/lintian/overrides/esr"

@@ -36,6 +36,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -77,7 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("sid", metavar="SID", help="session id, or a unique prefix of one")
     p.add_argument("--format", choices=("json", "text"), default="json")
-    p.add_argument("--type", choices=("command", "disk", "network"))
+    p.add_argument("--type", metavar="TYPE", help="command, disk, network or terminal")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="let recorded terminal bytes through to this terminal as they were",
+    )
+
+    p = sub.add_parser("play", help="replay a session's terminal with its timing")
+    _common(p)
+    p.add_argument("sid", metavar="SID")
+    p.add_argument(
+        "--speed", type=_positive, default=1.0, metavar="X", help="play X times as fast (default 1)"
+    )
+    p.add_argument(
+        "--idle-limit", type=_positive, metavar="S", help="wait at most S seconds between outputs"
+    )
+
+    p = sub.add_parser("export", help="write a session's terminal in another format")
+    _common(p)
+    p.add_argument("sid", metavar="SID")
+    p.add_argument("--format", choices=("asciicast",), required=True)
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
 
     p = sub.add_parser("verify", help="check a recording's frames and hash chain")
     _common(p)
@@ -190,7 +221,35 @@ def _cmd_show(args) -> int:
     from esr.datadir import DataDir
     from esr.show import show
 
-    show(DataDir(_config(args).data_dir), args.sid, args.format, args.type)
+    show(DataDir(_config(args).data_dir), args.sid, args.format, args.type, args.raw)
+    return 0
+
+
+def _cmd_play(args) -> int:
+    from esr.datadir import DataDir
+    from esr.terminal import play
+
+    play(DataDir(_config(args).data_dir), args.sid, args.speed, args.idle_limit)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from esr.datadir import DataDir
+    from esr.terminal import asciicast
+
+    lines = asciicast(DataDir(_config(args).data_dir), args.sid)
+    if args.output is None:
+        sys.stdout.writelines(lines)
+        return 0
+    # Written whole, then renamed: a damaged recording leaves no half file.
+    tmp = f"{args.output}.esr-tmp"
+    with open(tmp, "w") as f:
+        try:
+            f.writelines(lines)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    os.replace(tmp, args.output)
     return 0
 
 
@@ -304,6 +363,8 @@ COMMANDS = {
     "run": _cmd_run,
     "sessions": _cmd_sessions,
     "show": _cmd_show,
+    "play": _cmd_play,
+    "export": _cmd_export,
     "verify": _cmd_verify,
     "check": _cmd_check,
 }

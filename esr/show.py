@@ -6,7 +6,7 @@ import sys
 
 from esr import recording, schema
 from esr.datadir import DataDir
-from esr.errors import RecordingError
+from esr.errors import RecordingError, UsageError
 
 # `--type NAME`: the records of a buffer.
 TYPES = {
@@ -14,14 +14,26 @@ TYPES = {
 }
 
 
-def _text_line(event: schema.Event) -> str:
-    return f"{schema.rfc3339(event.time)} {event.ei:>6} {event.name:<15} {event.describe()}"
+# Events whose bytes `--raw` lets through to the terminal as they were.
+_TERMINAL_BYTES = (schema.TerminalOutput, schema.TerminalInput)
 
 
-def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> None:
-    """Print a session's events in order; raise RecordingError after printing what
-    precedes the damage."""
-    out = out or sys.stdout
+def _text_line(event: schema.Event, raw: bool) -> bytes:
+    head = f"{schema.rfc3339(event.time)} {event.ei:>6} {event.name:<15} "
+    if raw and isinstance(event, _TERMINAL_BYTES):
+        return head.encode() + event.data + b"\n"
+    return (head + event.describe() + "\n").encode("utf-8", "surrogateescape")
+
+
+def show(
+    datadir: DataDir, sid: str, fmt: str, kind: str | None, raw: bool = False, out=None
+) -> None:
+    """Print a session's events in order; raise RecordingError after printing
+    what precedes the damage. Recorded terminal bytes are escaped, unless
+    raw."""
+    out = out or sys.stdout.buffer
+    if kind is not None and kind not in TYPES:
+        raise UsageError(f"show: no type {kind!r} (choose from {', '.join(TYPES)})")
     sid = datadir.resolve(sid)
     wanted = TYPES[kind] if kind else None
     audit = None
@@ -35,11 +47,11 @@ def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> No
                 if wanted is not None and type(event) not in wanted:
                     continue
                 if fmt == "json":
-                    lines.append(audit.line(event).decode("ascii"))
+                    lines.append(audit.line(event))
                 else:
-                    lines.append(_text_line(event) + "\n")
+                    lines.append(_text_line(event, raw))
             if lines:
-                out.write("".join(lines))
+                out.write(b"".join(lines))
     except recording.Damage as err:
         out.flush()
         raise RecordingError(f"{sid}: {err}; the events above are intact") from None

@@ -59,7 +59,7 @@ def test_missing_config_file(esr, tmp_path):
         (["frobnicate"], "invalid choice"),
         (["run"], "no command given"),
         (["run", "--sid", "../../etc/passwd", "--", "true"], "invalid session id"),
-        (["show", "x", "--type", "everything"], "invalid choice"),
+        (["show", "x", "--type", "everything"], "no type 'everything'"),
     ],
 )
 def test_bad_arguments(esr, args, mentions):
