@@ -11,10 +11,11 @@
  *
  * Protocol, one line each way:
  *   floor prints "ready" once everything is attached;
- *   "track PID"  records PID as a plain member of session slot 0 (cookie
- *                1 << 32 | 0); the first one opens the slot and starts the
- *                counts, the CPU and the peak RSS accounting; floor answers
- *                "tracking";
+ *   "track PID [TERMINAL_PID]"  records PID as a plain member of session
+ *                slot 0 (cookie 1 << 32 | 0), and TERMINAL_PID as the one
+ *                reading its pty's master; the first one opens the slot and
+ *                starts the counts, the CPU and the peak RSS accounting;
+ *                floor answers "tracking";
  *   "stop" (or end of input)  drains every buffer and prints one JSON line:
  *                {"records": {...}, "lost": {...}, "lost_notified": N,
  *                 "user_s": .., "sys_s": .., "max_rss_kb": ..}
@@ -137,28 +138,38 @@ static unsigned long long records_total(void)
 	return total;
 }
 
-/* "track PID": as probe.pyx's open_session(0, COOKIE), the first time, and
- * track(PID, COOKIE), a plain member. */
+static __u32 pid_of(const char *arg, char **rest)
+{
+	unsigned long pid = strtoul(arg, rest, 10);
+
+	if (!pid || pid > 0xffffffffUL || (**rest && **rest != ' '))
+		die(NULL, "track: bad pid %s", arg);
+	return pid;
+}
+
+/* "track PID [TERMINAL_PID]": as probe.pyx's open_session(0, COOKIE), the
+ * first time, and track(PID, COOKIE), a plain member; TERMINAL_PID reads the
+ * session's pty master, as Recorder.open_session's terminal_pid. */
 static void track(const char *arg)
 {
 	struct esr_task task = { .session = COOKIE };
-	unsigned long pid;
+	struct esr_task terminal = { .session = COOKIE,
+				     .flags = ESR_TASK_ANCHOR | ESR_TASK_TERMINAL };
 	char *rest;
-	__u32 tid;
+	__u32 tid = pid_of(arg, &rest), terminal_tid;
 
-	pid = strtoul(arg, &rest, 10);
-	if (*rest || !pid || pid > 0xffffffffUL)
-		die(NULL, "track: bad pid %s", arg);
-	tid = pid;
 	if (!tracking) {
-		states[0].live_tasks = 0;
-		memset(states[0].lost, 0, sizeof(states[0].lost));
-		states[0].untracked_forks = 0;
+		memset(&states[0], 0, sizeof(states[0]));
 		__atomic_store_n(&states[0].session, COOKIE, __ATOMIC_RELEASE);
 	}
 	if (bpf_map_update_elem(tracked_fd, &tid, &task, BPF_ANY))
-		die(strerror(errno), "cannot track pid %lu", pid);
+		die(strerror(errno), "cannot track pid %u", tid);
 	__sync_fetch_and_add(&states[0].live_tasks, 1);
+	if (*rest) {
+		terminal_tid = pid_of(rest + 1, &rest);
+		if (*rest || bpf_map_update_elem(tracked_fd, &terminal_tid, &terminal, BPF_ANY))
+			die(strerror(errno), "cannot track the terminal's pid %u", terminal_tid);
+	}
 	if (!tracking) {
 		memset(records, 0, sizeof(records));
 		lost_notified = 0;
@@ -221,14 +232,16 @@ static void parse_pages(const char *arg, size_t pages[ESR_BUF_COUNT])
 	}
 }
 
-static void print_counts(const char *name, const unsigned long long counts[ESR_BUF_COUNT])
+/* Records per buffer, and the terminal's bytes: as esr's consumer reports them. */
+static void print_counts(const char *name, const unsigned long long counts[ESR_BUF_COUNT],
+			 unsigned long long terminal_bytes)
 {
 	int i;
 
 	printf("\"%s\": {", name);
 	for (i = 0; i < ESR_BUF_COUNT; i++)
-		printf("%s\"%s\": %llu", i ? ", " : "", esr_buffer_names[i], counts[i]);
-	printf("}, ");
+		printf("\"%s\": %llu, ", esr_buffer_names[i], counts[i]);
+	printf("\"terminal_bytes\": %llu}, ", terminal_bytes);
 }
 
 #define USAGE "usage: floor OBJECT --pages C,D,N... [--cpu N]"
@@ -319,8 +332,8 @@ int main(int argc, char **argv)
 	for (i = 0; i < ESR_BUF_COUNT; i++)
 		lost[i] = states[0].lost[i];
 	printf("{");
-	print_counts("records", records);
-	print_counts("lost", lost);
+	print_counts("records", records, states[0].terminal.recorded);
+	print_counts("lost", lost, states[0].terminal.skipped + states[0].terminal.lost);
 	printf("\"lost_notified\": %llu, \"user_s\": %.6f, \"sys_s\": %.6f, \"max_rss_kb\": %ld}\n",
 	       lost_notified, cpu_seconds(end.ru_utime) - cpu_seconds(start.ru_utime),
 	       cpu_seconds(end.ru_stime) - cpu_seconds(start.ru_stime), peak_rss_kb());

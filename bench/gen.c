@@ -9,11 +9,18 @@
  *            SO_LINGER {1, 0}, a reset, so no TIME_WAIT piles up)
  *   exec     vfork + execve(nop) + waitpid                  one command record
  *   mixed    a fixed cycle of 50 opens, 5 connects, 1 exec
+ *   tty      write 4 KiB to a pty whose master a child of gen reads, as sshd
+ *            or esr run would: counted in bytes ("terminal_bytes"), each
+ *            recorded, skipped by the budget or lost
+ *   write    write 1 byte to /dev/null: no record; what the terminal hooks
+ *            cost a program that writes
  * RATE is ops (= events) per second, paced by busy-waiting on
  * CLOCK_MONOTONIC; 0 runs flat out. --cpu pins gen, its thread and its
  * children (default 1, -1: no pinning). --nop defaults to `nop` next to gen.
  *
- * Protocol: after setup gen prints "ready", waits for the line "go" on
+ * Protocol: after setup gen prints "ready" (for tty: "ready terminal=PID",
+ * the pid reading the master, which the consumer records as the session's
+ * terminal), waits for the line "go" on
  * stdin, runs for SECONDS and prints one JSON line. Its "events" are exactly
  * the records esr's BPF programs make for gen and its children meanwhile: a
  * disk record per open() call, a command record per execve() reached, a
@@ -36,14 +43,19 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <poll.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
-enum op { OP_OPEN, OP_CONNECT, OP_EXEC };
-enum workload { W_OPEN, W_CONNECT, W_EXEC, W_MIXED };
+enum op { OP_OPEN, OP_CONNECT, OP_EXEC, OP_TTY, OP_WRITE, OP_COUNT };
+enum workload { W_OPEN, W_CONNECT, W_EXEC, W_MIXED, W_TTY, W_WRITE };
 static const char *const workload_names[] = {
 	[W_OPEN] = "open", [W_CONNECT] = "connect", [W_EXEC] = "exec", [W_MIXED] = "mixed",
+	[W_TTY] = "tty", [W_WRITE] = "write",
 };
+
+#define TTY_CHUNK 4096
 
 /* The mixed cycle: ops 0..49 open, 50..54 connect, 55 exec. */
 #define MIXED_OPENS 50
@@ -54,8 +66,11 @@ static enum workload workload;
 static char nop_path[4096];
 static struct sockaddr_in listener;
 
-/* What the run did: records expected per type, and failed ops. */
-static unsigned long long commands, disks, networks, failures;
+/* What the run did: records expected per type, terminal bytes, failed ops. */
+static unsigned long long commands, disks, networks, terminal_bytes, failures;
+
+static int tty_slave = -1, devnull = -1;
+static pid_t tty_reader;
 
 __attribute__((noreturn, format(printf, 1, 2)))
 static void die(const char *fmt, ...)
@@ -130,14 +145,33 @@ static void do_exec(void)
 		failures++;
 }
 
+static void do_tty(void)
+{
+	static const char chunk[TTY_CHUNK] = { [0 ... TTY_CHUNK - 1] = 'x' };
+	ssize_t n = write(tty_slave, chunk, sizeof(chunk));
+
+	if (n < 0)
+		failures++;
+	else
+		terminal_bytes += n;
+}
+
+static void do_write(void)
+{
+	if (write(devnull, "x", 1) != 1)
+		failures++;
+}
+
 static void run_op(enum op op)
 {
-	if (op == OP_OPEN)
-		do_open();
-	else if (op == OP_CONNECT)
-		do_connect();
-	else
-		do_exec();
+	switch (op) {
+	case OP_OPEN: do_open(); break;
+	case OP_CONNECT: do_connect(); break;
+	case OP_EXEC: do_exec(); break;
+	case OP_TTY: do_tty(); break;
+	case OP_WRITE: do_write(); break;
+	case OP_COUNT: break;
+	}
 }
 
 /* The op number n of the workload. */
@@ -150,6 +184,10 @@ static enum op op_of(unsigned long long n)
 		return OP_CONNECT;
 	case W_EXEC:
 		return OP_EXEC;
+	case W_TTY:
+		return OP_TTY;
+	case W_WRITE:
+		return OP_WRITE;
 	case W_MIXED:
 		break;
 	}
@@ -190,6 +228,38 @@ static void start_listener(void)
 		die("pthread_create: %s", strerror(errno));
 }
 
+/* A pty in raw mode, so that the bytes written are the bytes read, and a
+ * child that reads its master until every writer is gone. */
+static void start_tty(void)
+{
+	static char buf[65536];
+	struct termios raw;
+	int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+
+	if (master < 0 || grantpt(master) || unlockpt(master))
+		die("pty: %s", strerror(errno));
+	tty_slave = open(ptsname(master), O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (tty_slave < 0 || tcgetattr(tty_slave, &raw))
+		die("pty slave: %s", strerror(errno));
+	cfmakeraw(&raw);
+	if (tcsetattr(tty_slave, TCSANOW, &raw))
+		die("pty slave: %s", strerror(errno));
+	tty_reader = fork();
+	if (tty_reader < 0)
+		die("fork: %s", strerror(errno));
+	if (tty_reader == 0) {
+		struct pollfd readable = { .fd = master, .events = POLLIN };
+
+		/* Wait in poll(), as sshd and esr run do, not in read(): a read
+		 * entered before the consumer tracks this process is not seen. */
+		close(tty_slave);
+		while (poll(&readable, 1, -1) >= 0 && read(master, buf, sizeof(buf)) > 0)
+			;
+		_exit(0);	/* EIO: the writer closed its end */
+	}
+	close(master);
+}
+
 /* The default nop: next to gen itself. */
 static void default_nop(void)
 {
@@ -228,7 +298,7 @@ static void wait_for_go(void)
 __attribute__((noreturn))
 static void usage(void)
 {
-	die("usage: gen open|exec|connect|mixed SECONDS RATE [--cpu N] [--nop PATH]");
+	die("usage: gen open|exec|connect|mixed|tty|write SECONDS RATE [--cpu N] [--nop PATH]");
 }
 
 int main(int argc, char **argv)
@@ -240,7 +310,7 @@ int main(int argc, char **argv)
 	int cpu = 1, i;
 	char *rest;
 	size_t w;
-	bool uses[3] = { false, false, false };
+	bool uses[OP_COUNT] = { false };
 
 	if (argc < 4)
 		usage();
@@ -286,16 +356,23 @@ int main(int argc, char **argv)
 		start_listener();
 	if (uses[OP_EXEC] && access(nop_path, X_OK))
 		die("%s: %s", nop_path, strerror(errno));
+	if (uses[OP_TTY])
+		start_tty();
+	if (uses[OP_WRITE] && (devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
+		die("/dev/null: %s", strerror(errno));
 	/* One warm-up op of each kind, untracked yet: it faults in the code
 	 * paths and proves the setup works before "ready". */
-	for (i = 0; i < 3; i++)
+	for (i = 0; i < OP_COUNT; i++)
 		if (uses[i])
 			run_op(i);
 	if (failures)
 		die("the warm-up %s failed", workload_names[workload]);
-	commands = disks = networks = 0;
+	commands = disks = networks = terminal_bytes = 0;
 
-	printf("ready\n");
+	if (uses[OP_TTY])
+		printf("ready terminal=%d\n", (int)tty_reader);
+	else
+		printf("ready\n");
 	fflush(stdout);
 	wait_for_go();
 
@@ -317,13 +394,20 @@ int main(int argc, char **argv)
 		}
 	}
 	getrusage(RUSAGE_SELF, &self1);
-	getrusage(RUSAGE_CHILDREN, &child1);
+	getrusage(RUSAGE_CHILDREN, &child1);	/* the pty's reader is not the writer */
+	if (uses[OP_TTY]) {
+		/* Every byte read (and recorded) before the figures are reported. */
+		close(tty_slave);
+		waitpid(tty_reader, NULL, 0);
+	}
 
 	printf("{\"workload\": \"%s\", \"rate\": %lu, \"seconds\": %.6f, \"ops\": %llu, "
-	       "\"events\": {\"command\": %llu, \"disk\": %llu, \"network\": %llu}, "
+	       "\"events\": {\"command\": %llu, \"disk\": %llu, \"network\": %llu, "
+	       "\"terminal_bytes\": %llu}, "
 	       "\"failures\": %llu, \"user_s\": %.6f, \"sys_s\": %.6f, "
 	       "\"children_user_s\": %.6f, \"children_sys_s\": %.6f}\n",
-	       workload_names[workload], rate, (t - t0) / 1e9, ops, commands, disks, networks, failures,
+	       workload_names[workload], rate, (t - t0) / 1e9, ops, commands, disks, networks,
+	       terminal_bytes, failures,
 	       seconds_of(self1.ru_utime) - seconds_of(self0.ru_utime),
 	       seconds_of(self1.ru_stime) - seconds_of(self0.ru_stime),
 	       seconds_of(child1.ru_utime) - seconds_of(child0.ru_utime),

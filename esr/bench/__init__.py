@@ -1,7 +1,7 @@
 """`esr bench`: event throughput and overhead, side by side with a C floor
 and a bcc peer. What a run covers is named here, for the command line."""
 
-WORKLOADS = ("open", "exec", "connect", "mixed")
+WORKLOADS = ("open", "exec", "connect", "mixed", "tty", "write")
 RATES = (10_000, 50_000, 100_000, 200_000, 0)  # events/s; 0 is flat out
 # none: no BPF at all. outside: esr records, but not the generator.
 MODES = ("none", "outside", "esr", "floor", "bcc", "bcc-wk64")

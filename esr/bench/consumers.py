@@ -1,5 +1,6 @@
 """The consumers the benchmark compares, all driven the same way over a pipe:
-they print `ready`, take `track PID` (answer `tracking`) and `stop` (answer
+they print `ready`, take `track PID [TERMINAL_PID]` (answer `tracking`;
+TERMINAL_PID reads the session's pty master) and `stop` (answer
 one JSON line of counts, losses and their own CPU since `track`).
 
 esr's own recorder runs in a forked child of `esr bench`, through the same
@@ -17,7 +18,7 @@ import subprocess
 import tempfile
 
 from esr import loader, schema
-from esr.config import Config, EnhancedRecording
+from esr.config import Config, EnhancedRecording, Terminal
 from esr.datadir import DataDir
 from esr.errors import BenchError
 from esr.loop import RecordingLoop
@@ -56,8 +57,8 @@ class Consumer:
             raise BenchError(f"{self.name}: {detail or 'exited'}")
         return line
 
-    def track(self, pid: int) -> None:
-        self.input.write(f"track {pid}\n")
+    def track(self, pid: int, terminal_pid: int = 0) -> None:
+        self.input.write(f"track {pid} {terminal_pid}\n" if terminal_pid else f"track {pid}\n")
         self._expect("tracking", timeout=30)
 
     def stop(self) -> dict:
@@ -146,7 +147,9 @@ def _reset_peak_rss() -> None:
 def _serve(commands, replies, pages, data_dir, cpu) -> int:
     os.sched_setaffinity(0, {cpu})
     r = EnhancedRecording(**{f"{name}_buffer_size": n for name, n in zip(schema.BUFFERS, pages)})
-    config = Config(enhanced_recording=r, data_dir=data_dir, max_sessions=64)
+    # Every terminal byte recorded: the benchmark measures what that costs.
+    terminal = Terminal(max_bytes_per_second=0)
+    config = Config(enhanced_recording=r, terminal=terminal, data_dir=data_dir, max_sessions=64)
     recorder = Recorder(config, loader.load(config), DataDir(data_dir))
     loop = RecordingLoop(recorder)
     replies.write("ready\n")
@@ -160,8 +163,8 @@ def _serve(commands, replies, pages, data_dir, cpu) -> int:
 
 
 async def _consume(recorder: Recorder, loop: RecordingLoop, commands, replies) -> dict:
-    """Follow the commands on the pipe: "track PID" opens the session the
-    figures are about, "stop" (or the pipe's end) ends it."""
+    """Follow the commands on the pipe: "track PID [TERMINAL_PID]" opens the
+    session the figures are about, "stop" (or the pipe's end) ends it."""
     reader = asyncio.StreamReader()
     await loop.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), commands)
     session = None
@@ -169,7 +172,12 @@ async def _consume(recorder: Recorder, loop: RecordingLoop, commands, replies) -
     while True:
         words = (await reader.readline()).decode().split()
         if words[:1] == ["track"]:
-            session = recorder.open_session(login="bench", user="bench", seed_pid=int(words[1]))
+            session = recorder.open_session(
+                login="bench",
+                user="bench",
+                seed_pid=int(words[1]),
+                terminal_pid=int(words[2]) if len(words) > 2 else 0,
+            )
             _reset_peak_rss()
             start_cpu = _cpu()
             replies.write("tracking\n")
@@ -187,9 +195,10 @@ async def _consume(recorder: Recorder, loop: RecordingLoop, commands, replies) -
         "max_rss_kb": _peak_rss_kb(),
     }
     if session is not None:  # none when recording what runs outside sessions
-        result["records"] = schema.by_buffer(session.records)
-        result["lost"] = schema.by_buffer(session.lost)
         if session.sid in recorder.registry.by_sid:
             recorder.end(session, "exited")
+        recorded, skipped, lost, _input = session.terminal
+        result["records"] = {**schema.by_buffer(session.records), "terminal_bytes": recorded}
+        result["lost"] = {**schema.by_buffer(session.lost), "terminal_bytes": skipped + lost}
         result["bytes"] = os.path.getsize(session.path)
     return result
