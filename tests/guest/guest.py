@@ -1,14 +1,16 @@
-"""Boot a real systemd Debian bookworm guest under qemu, for end-to-end tests.
+"""Boot a real systemd Debian guest (bullseye, bookworm or trixie) under qemu,
+for end-to-end tests.
 
     from guest import Guest, ensure_image
-    with Guest() as g:                      # builds the image on first use
+    with Guest(release="trixie") as g:      # builds the image on first use
         g.copy_to("esr.deb", "/tmp/esr.deb")
         g.ssh("apt-get install -y /tmp/esr.deb")
         g.reboot()
 
 Stdlib only. The image (rootfs made with debootstrap, turned into an ext4 raw
-disk without loop mounts) is cached outside the repo, keyed by the recipe, and
-each Guest boots a throwaway qcow2 overlay on top of it. See README.md.
+disk without loop mounts) is cached outside the repo, one per release, keyed by
+the recipe, and each Guest boots a throwaway qcow2 overlay on top of it. The
+packages come from the Debian mirror this host's apt uses. See README.md.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aptsources
+
 # Bump when the build steps change in a way the hash below can't see.
-RECIPE_VERSION = "bookworm-1"
-SUITE = "bookworm"
-MIRROR = os.environ.get("ESR_GUEST_MIRROR", "http://deb.debian.org/debian")
+RECIPE_VERSION = "2"
+# Debian 11, 12 and 13: kernels 5.10, 6.1 and 6.12, each the release's own
+# linux-image-amd64. bookworm is what the machines here run.
+RELEASES = ("bullseye", "bookworm", "trixie")
+DEFAULT_RELEASE = "bookworm"
 DEFAULT_CACHE = "/var/cache/esr-test-guest"
 DISK_SIZE = "4G"  # sparse; room for tests to install packages
 
@@ -37,9 +43,16 @@ DISK_SIZE = "4G"  # sparse; room for tests to install packages
 PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd",
     "linux-image-amd64", "initramfs-tools", "kmod", "e2fsprogs",
-    "openssh-server", "libpam-runtime", "libelf1", "zlib1g",
+    "openssh-server", "libpam-runtime", "zlib1g",
     "iproute2", "procps", "python3", "sudo",
 ]
+
+
+def packages(release: str) -> list[str]:
+    # trixie renamed libelf1 in the 64-bit time_t transition (it Provides
+    # libelf1, so esr's Depends still holds).
+    return PACKAGES + ["libelf1" if release in ("bullseye", "bookworm") else "libelf1t64"]
+
 
 # Files written into the rootfs after debootstrap (path -> content).
 FILES = {
@@ -79,10 +92,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ESR_GUEST_CACHE", DEFAULT_CACHE))
 
 
-def recipe_key() -> str:
-    h = hashlib.sha256(repr((RECIPE_VERSION, SUITE, PACKAGES, FILES, CHROOT_CMDS,
+def mirror(release: str) -> str:
+    """The Debian archive to debootstrap release from: ESR_GUEST_MIRROR_<RELEASE>
+    (e.g. an archive mirror for a release the main mirrors dropped), else
+    ESR_GUEST_MIRROR, else the archive this host's apt is configured with."""
+    return (os.environ.get(f"ESR_GUEST_MIRROR_{release.upper()}")
+            or os.environ.get("ESR_GUEST_MIRROR") or aptsources.archive_uri())
+
+
+def _check_release(release: str) -> None:
+    if release not in RELEASES:
+        raise ValueError(f"unknown release {release!r}: one of {', '.join(RELEASES)}")
+
+
+def recipe_key(release: str = DEFAULT_RELEASE) -> str:
+    _check_release(release)
+    h = hashlib.sha256(repr((RECIPE_VERSION, release, packages(release), FILES, CHROOT_CMDS,
                              DISK_SIZE)).encode()).hexdigest()
-    return f"{RECIPE_VERSION}-{h[:10]}"
+    return f"{release}-{RECIPE_VERSION}-{h[:10]}"
 
 
 @dataclass(frozen=True)
@@ -102,13 +129,17 @@ class ImagePaths:
 _PATH = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
 
 
-def unavailable(cache: Path | None = None) -> str | None:
+def unavailable(cache: Path | None = None, release: str = DEFAULT_RELEASE) -> str | None:
     """Why a guest can't run on this host (None if it can): a skip reason."""
     need = ["qemu-system-x86_64", "qemu-img", "ssh", "scp"]
-    if not ImagePaths.at(Path(cache or cache_dir()) / recipe_key()).disk.exists():
+    if not ImagePaths.at(Path(cache or cache_dir()) / recipe_key(release)).disk.exists():
         need += ["debootstrap", "mke2fs", "ssh-keygen", "chroot"]
         if os.geteuid() != 0:
             return "building the guest image needs root (debootstrap)"
+        try:
+            mirror(release)
+        except (aptsources.AptSourcesError, OSError) as err:
+            return f"no Debian mirror to build the guest from ({err}); set ESR_GUEST_MIRROR"
     missing = [t for t in need if not shutil.which(t, path=_PATH)]
     if missing:
         return ("guest tools missing: " + " ".join(missing) + " (apt-get install"
@@ -144,17 +175,17 @@ def _rmtree(path: Path) -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
 
-def ensure_image(cache: Path | str | None = None) -> ImagePaths:
-    """Return the cached guest image, building it first if needed (~2 min).
+def ensure_image(cache: Path | str | None = None, release: str = DEFAULT_RELEASE) -> ImagePaths:
+    """Return the cached image of release, building it first if needed (~2-3 min).
 
     The build happens in a temp dir inside the cache and is renamed into place
     only when complete, so an interrupted build is never used; a lock keeps
     concurrent test runs from building twice."""
     cache = Path(cache or cache_dir())
-    final = ImagePaths.at(cache / recipe_key())
+    final = ImagePaths.at(cache / recipe_key(release))
     if final.disk.exists():
         return final
-    reason = unavailable(cache)
+    reason = unavailable(cache, release)
     if reason:
         raise GuestUnavailable(reason)
     cache.mkdir(parents=True, exist_ok=True)
@@ -166,7 +197,7 @@ def ensure_image(cache: Path | str | None = None) -> ImagePaths:
             _rmtree(stale)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
         try:
-            _build(ImagePaths.at(tmp), tmp / "rootfs")
+            _build(ImagePaths.at(tmp), tmp / "rootfs", release)
             _rmtree(tmp / "rootfs")
             tmp.chmod(0o755)  # mkdtemp made it 0700
             tmp.rename(final.dir)
@@ -175,11 +206,16 @@ def ensure_image(cache: Path | str | None = None) -> ImagePaths:
     return final
 
 
-def _build(img: ImagePaths, root: Path) -> None:
+def _build(img: ImagePaths, root: Path, release: str) -> None:
     log = img.dir / "build.log"
     t0 = time.monotonic()
-    _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-          SUITE, root, MIRROR], log)
+    source = mirror(release)
+    try:
+        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages(release)),
+              release, root, source], log)
+    except GuestError as err:
+        raise GuestError(f"{err}\n(if {source} no longer carries {release}, point"
+                         f" ESR_GUEST_MIRROR_{release.upper()} at a mirror that does)") from None
     t1 = time.monotonic()
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "esr-test-guest",
           "-f", img.key], log)
@@ -221,12 +257,15 @@ class Guest:
 
     Use as a context manager; qemu is always killed on exit. Pass workdir
     (e.g. pytest's tmp_path) to keep console.log after the test; otherwise a
-    temp dir is used and removed. `console_log` is the serial console."""
+    temp dir is used and removed. `console_log` is the serial console;
+    `boot_seconds` how long the first boot took until ssh answered."""
 
-    def __init__(self, image: ImagePaths | None = None, *, workdir: Path | str | None = None,
+    def __init__(self, image: ImagePaths | None = None, *, release: str = DEFAULT_RELEASE,
+                 workdir: Path | str | None = None,
                  smp: int = 2, memory: int = 2048, boot_timeout: float = 180,
                  accel: str | None = None, cpu: str = "qemu64", qemu_args: list[str] = ()):
-        self.image = image
+        _check_release(release)
+        self.image, self.release = image, release
         # qemu64 (qemu's TCG default) measured clearly faster than -cpu max
         # under TCG, especially for the boot after a reboot (~35 s vs ~60 s).
         self.cpu = cpu
@@ -237,6 +276,7 @@ class Guest:
         self.workdir = Path(workdir) if workdir else None
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.boot_seconds = 0.0
 
     @property
     def console_log(self) -> Path:
@@ -260,7 +300,7 @@ class Guest:
         self.close()
 
     def start(self) -> None:
-        self.image = self.image or ensure_image()
+        self.image = self.image or ensure_image(release=self.release)
         if self._own_workdir:
             self.workdir = Path(tempfile.mkdtemp(prefix="esr-guest-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +308,7 @@ class Guest:
         overlay.unlink(missing_ok=True)
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
               "-b", self.image.disk.resolve(), overlay])
+        t0 = time.monotonic()
         # The free port can be taken between our probe and qemu's bind; qemu
         # then exits at once, so retry with another port.
         for _ in range(5):
@@ -280,6 +321,7 @@ class Guest:
             if "forwarding" not in self.qemu_log.read_text():
                 break
         self.wait_ssh(self.boot_timeout)
+        self.boot_seconds = time.monotonic() - t0
 
     def _launch(self, overlay: Path) -> None:
         cmd = [
