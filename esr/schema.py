@@ -417,11 +417,18 @@ _second = (-1, "")
 
 
 def rfc3339(ns: int) -> str:
+    """UTC, to the microsecond at most and without trailing zeros, as Go
+    writes Teleport's times: Python's datetime and many SIEM parsers refuse
+    more digits. Truncated, never rounded up: ei keeps the order, and the
+    recordings the nanoseconds."""
     global _second
     seconds, frac = divmod(ns, 1_000_000_000)
     if _second[0] != seconds:  # events come in bursts within the same second
         _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
-    return f"{_second[1]}.{frac:09d}Z"
+    micros = frac // 1000
+    if not micros:
+        return f"{_second[1]}Z"
+    return f"{_second[1]}.{micros:06d}".rstrip("0") + "Z"
 
 
 def _ascii_json(value) -> bytes:

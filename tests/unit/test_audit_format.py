@@ -4,6 +4,7 @@ line, every byte that could act on a terminal escaped."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -62,8 +63,23 @@ def test_every_event_has_its_name_code_and_the_common_fields(lines):
         assert line["ei"] == event.ei and line["sid"] == "sid-1"
         assert (line["login"], line["user"], line["namespace"]) == ("alice", "alice", "default")
         assert line["uid"].endswith(f"{event.ei:012x}")
-    assert lines[0]["time"] == "2023-11-14T22:13:20.123456789Z"
+    assert lines[0]["time"] == "2023-11-14T22:13:20.123456Z"
     assert len({line["uid"] for line in lines}) == len(lines)
+
+
+@pytest.mark.parametrize(
+    "ns, written",
+    [
+        (1_700_000_000_123_456_789, "2023-11-14T22:13:20.123456Z"),
+        (1_700_000_000_120_000_000, "2023-11-14T22:13:20.12Z"),
+        (1_700_000_000_000_000_999, "2023-11-14T22:13:20Z"),
+        (1_700_000_000_999_999_999, "2023-11-14T22:13:20.999999Z"),  # never the next second
+    ],
+)
+def test_times_have_microseconds_at_most_and_no_trailing_zeros(ns, written):
+    assert schema.rfc3339(ns) == written
+    parsed = datetime.fromisoformat(written)
+    assert parsed.tzinfo == UTC and parsed.timestamp() == pytest.approx(ns / 1e9, abs=1e-6)
 
 
 def test_counts_are_named_by_buffer(lines):
