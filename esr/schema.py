@@ -10,14 +10,16 @@ Recordings hold the Structs as msgpack arrays tagged with a small integer
 (compact, and fast to encode in bulk). The audit log and `esr show --format
 json` render them as Teleport-style JSON objects through `AuditFormat`.
 
-Paths, argv and program names are bytes, exactly as the kernel saw them. In
-JSON they become strings with every byte that is not valid UTF-8 escaped as a
-lone surrogate (\\udcXX), and every control character escaped, so they
-round-trip exactly and never reach a terminal raw.
+Paths, argv and program names are bytes, exactly as the kernel saw them, and
+the recordings keep them so. In JSON they become strict UTF-8 strings, every
+control character and non-ASCII character escaped so that none reaches a
+terminal raw; bytes that are not UTF-8 become U+FFFD there, and a `_base64`
+field beside holds the exact bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shlex
 import time as _time
@@ -30,6 +32,22 @@ import msgspec
 def text(raw: bytes) -> str:
     """Bytes as a str that round-trips: invalid UTF-8 becomes lone surrogates."""
     return raw.decode("utf-8", "surrogateescape")
+
+
+def put_text(out: dict, key: str, raw: bytes | list[bytes]) -> None:
+    """out[key] = raw as text (a list of texts for a list). Strict JSON
+    parsers refuse a line with invalid UTF-8 or a lone surrogate in it, so a
+    byte that is not UTF-8 becomes U+FFFD, as in Teleport's Go, and
+    out[key + "_base64"] then holds the exact bytes."""
+    try:
+        out[key] = raw.decode() if isinstance(raw, bytes) else [a.decode() for a in raw]
+    except UnicodeDecodeError:
+        if isinstance(raw, bytes):
+            out[key] = raw.decode(errors="replace")
+            out[key + "_base64"] = base64.b64encode(raw).decode()
+        else:
+            out[key] = [a.decode(errors="replace") for a in raw]
+            out[key + "_base64"] = [base64.b64encode(a).decode() for a in raw]
 
 
 def printable(raw: bytes) -> str:
@@ -115,17 +133,11 @@ class Command(Record, tag=1):
     audited = True
 
     def fields(self, identity: Identity) -> dict:
-        out = {
-            "pid": self.pid,
-            "ppid": self.ppid,
-            "cgroup_id": self.cgroup_id,
-            "program": text(self.program),
-            "path": text(self.path),
-            "argv": [text(a) for a in self.argv],
-            "return_code": self.return_code,
-            "unix_uid": self.unix_uid,
-            "unix_gid": self.unix_gid,
-        }
+        out = {"pid": self.pid, "ppid": self.ppid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        put_text(out, "path", self.path)
+        put_text(out, "argv", self.argv)
+        out.update(return_code=self.return_code, unix_uid=self.unix_uid, unix_gid=self.unix_gid)
         if self.argv_truncated:
             out.update(
                 argv_truncated=True,
@@ -164,14 +176,10 @@ class Disk(Record, tag=2):
     audited = False
 
     def fields(self, identity: Identity) -> dict:
-        out = {
-            "pid": self.pid,
-            "cgroup_id": self.cgroup_id,
-            "program": text(self.program),
-            "path": text(self.path),
-            "flags": self.flags,
-            "return_code": self.return_code,
-        }
+        out = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        put_text(out, "path", self.path)
+        out.update(flags=self.flags, return_code=self.return_code)
         if self.path_truncated:
             out["path_truncated"] = True
         return out
@@ -202,19 +210,19 @@ class Network(Record, tag=3):
     audited = True
 
     def fields(self, identity: Identity) -> dict:
-        return {
-            "pid": self.pid,
-            "cgroup_id": self.cgroup_id,
-            "program": text(self.program),
-            "src_addr": self.src_addr,
-            "src_port": self.src_port,
-            "dst_addr": self.dst_addr,
-            "dst_port": self.dst_port,
-            "version": self.version,
-            "operation": self.operation,
-            "action": self.action,
-            "return_code": self.return_code,
-        }
+        out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        out.update(
+            src_addr=self.src_addr,
+            src_port=self.src_port,
+            dst_addr=self.dst_addr,
+            dst_port=self.dst_port,
+            version=self.version,
+            operation=self.operation,
+            action=self.action,
+            return_code=self.return_code,
+        )
+        return out
 
     def describe(self) -> str:
         src = f"[{self.src_addr}]" if self.version == 6 else self.src_addr
@@ -271,13 +279,9 @@ class SessionStart(Event, tag=10):
     code = "T2000I"
 
     def fields(self, identity: Identity) -> dict:
-        out: dict = {
-            "addr.remote": self.remote_addr,
-            "service": self.service,
-            "tty": self.tty,
-            "command": [text(a) for a in self.command],
-            "seed_pid": self.seed_pid,
-        }
+        out: dict = {"addr.remote": self.remote_addr, "service": self.service, "tty": self.tty}
+        put_text(out, "command", self.command)
+        out["seed_pid"] = self.seed_pid
         if self.audit_sessionid is not None:
             out["audit_sessionid"] = self.audit_sessionid
         if self.loginuid is not None:
@@ -432,9 +436,9 @@ def rfc3339(ns: int) -> str:
 
 
 def _ascii_json(value) -> bytes:
-    """JSON with every non-ASCII character and control character escaped, and
-    invalid UTF-8 (lone surrogates) as \\udcXX: never a raw byte that could
-    act on a terminal. msgspec does the common, all-ASCII case fast."""
+    """JSON with every non-ASCII character and control character escaped:
+    never a raw byte that could act on a terminal. msgspec does the common,
+    all-ASCII case fast."""
     try:
         out = _json.encode(value)
         if out.isascii():

@@ -3,9 +3,11 @@ line, every byte that could act on a terminal escaped."""
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from esr import schema
@@ -89,13 +91,25 @@ def test_counts_are_named_by_buffer(lines):
     assert lines[6]["participants"] == ["alice"] and lines[6]["enhanced_recording"] is True
 
 
-def test_bytes_that_are_not_text_round_trip_and_never_reach_a_terminal():
-    argv = [b"\xff\xfe", b"\x1b]0;pwn\x07", "caf\u00e9".encode()]
-    command = schema.Command(1, 0, 1, 1, 1, b"x", b"/x", argv, 0, 0, 0)
+def test_bytes_that_are_not_text_are_replaced_kept_in_base64_and_never_reach_a_terminal():
+    argv = [b"\xff\xfe", b"\x1b]0;pwn\x07", "caf\u00e9".encode(), b"\xed\xa0\x80"]
+    path = b"/tmp/\xc3\x28"
+    command = schema.Command(1, 0, 1, 1, 1, b"x\x80", path, argv, 0, 0, 0)
     raw = schema.AuditFormat(schema.Identity.of(START)).line(command)
     assert raw.isascii() and b"\x1b" not in raw and b"\x07" not in raw
-    decoded = json.loads(raw)["argv"]
-    assert [a.encode("utf-8", "surrogateescape") for a in decoded] == argv
+    assert b"\\ud" not in raw  # no surrogate, lone or paired
+    line = msgspec.json.decode(raw)  # strict: refuses lone surrogates
+    assert line["argv"] == ["\ufffd\ufffd", "\x1b]0;pwn\x07", "caf\u00e9", "\ufffd" * 3]
+    assert [base64.b64decode(a) for a in line["argv_base64"]] == argv
+    assert (line["path"], base64.b64decode(line["path_base64"])) == ("/tmp/\ufffd(", path)
+    assert (line["program"], base64.b64decode(line["program_base64"])) == ("x\ufffd", b"x\x80")
+
+
+def test_text_that_is_utf8_has_no_base64_field():
+    command = schema.Command(1, 0, 1, 1, 1, b"x", "/caf\u00e9".encode(), [b"-l"], 0, 0, 0)
+    line = json.loads(schema.AuditFormat(schema.Identity.of(START)).line(command))
+    assert line["path"] == "/caf\u00e9"
+    assert not [k for k in line if k.endswith("_base64")]
 
 
 def test_the_text_view_escapes_too():
