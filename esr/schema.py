@@ -191,6 +191,9 @@ class Disk(Record, tag=2):
         )
 
 
+_V4_MAPPED = "::ffff:"  # how inet_ntop writes an IPv4-mapped IPv6 address
+
+
 class Network(Record, tag=3):
     pid: int
     cgroup_id: int
@@ -210,14 +213,20 @@ class Network(Record, tag=3):
     audited = True
 
     def fields(self, identity: Identity) -> dict:
+        src, dst, version = self.src_addr, self.dst_addr, self.version
+        if version == 6 and dst.startswith(_V4_MAPPED) and "." in dst:
+            # An AF_INET6 socket connecting to an IPv4 address: IPv4 on the
+            # wire, and in Teleport's log.
+            src = src[len(_V4_MAPPED) :] if src.startswith(_V4_MAPPED) else "0.0.0.0"
+            dst, version = dst[len(_V4_MAPPED) :], 4
         out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
         put_text(out, "program", self.program)
         out.update(
-            src_addr=self.src_addr,
+            src_addr=src,
             src_port=self.src_port,
-            dst_addr=self.dst_addr,
+            dst_addr=dst,
             dst_port=self.dst_port,
-            version=self.version,
+            version=version,
             operation=self.operation,
             action=self.action,
             return_code=self.return_code,

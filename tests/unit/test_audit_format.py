@@ -112,6 +112,21 @@ def test_text_that_is_utf8_has_no_base64_field():
     assert not [k for k in line if k.endswith("_base64")]
 
 
+@pytest.mark.parametrize(
+    "src, dst, version, written",
+    [
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", 6, ("127.0.0.1", "127.0.0.1", 4)),
+        ("::", "::ffff:10.0.0.2", 6, ("0.0.0.0", "10.0.0.2", 4)),  # failed before binding
+        ("::1", "::1", 6, ("::1", "::1", 6)),
+        ("10.0.0.1", "10.0.0.2", 4, ("10.0.0.1", "10.0.0.2", 4)),
+    ],
+)
+def test_ipv4_mapped_destinations_are_written_as_ipv4(src, dst, version, written):
+    net = schema.Network(1, 0, 42, 7, b"curl", version, src, 4000, dst, 443, 0)
+    line = json.loads(schema.AuditFormat(schema.Identity.of(START)).line(net))
+    assert (line["src_addr"], line["dst_addr"], line["version"]) == written
+
+
 def test_the_text_view_escapes_too():
     command = schema.Command(1, 0, 1, 1, 1, b"x", b"/x", [b"\x1b[31mred", b"\xff"], 0, 0, 0)
     text = command.describe()
