@@ -70,17 +70,20 @@ def printable(raw: bytes) -> str:
 
 
 class Identity(msgspec.Struct, frozen=True):
-    """The fields every JSON event of a session repeats."""
+    """What the JSON events of a session take from its start."""
 
     sid: str
     server_id: str
     server_hostname: str
     login: str
     user: str
+    started: int  # ns since the epoch
 
     @classmethod
     def of(cls, start: SessionStart) -> Identity:
-        return cls(start.sid, start.server_id, start.server_hostname, start.login, start.user)
+        return cls(
+            start.sid, start.server_id, start.server_hostname, start.login, start.user, start.time
+        )
 
 
 class Event(msgspec.Struct, array_like=True, gc=False):
@@ -289,7 +292,7 @@ class SessionStart(Event, tag=10):
 
     def fields(self, identity: Identity) -> dict:
         out: dict = {"addr.remote": self.remote_addr, "service": self.service, "tty": self.tty}
-        put_text(out, "command", self.command)
+        put_text(out, "initial_command", self.command)
         out["seed_pid"] = self.seed_pid
         if self.audit_sessionid is not None:
             out["audit_sessionid"] = self.audit_sessionid
@@ -336,6 +339,9 @@ class SessionEnd(Event, tag=13):
             "enhanced_recording": self.enhanced_recording,
             "interactive": self.interactive,
             "participants": [identity.user],
+            # Teleport's list of recordings takes a session's duration from these.
+            "session_start": rfc3339(identity.started),
+            "session_stop": rfc3339(self.time),
             "reason": self.reason,
             "events": by_buffer(self.records),
             "lost": by_buffer(self.lost),

@@ -453,7 +453,7 @@ def test_session_start_end_and_audit_log(esr):
     events = esr.events(sid)
     start, end = events[0], events[-1]
     assert start["event"] == "session.start" and start["code"] == "T2000I" and start["ei"] == 0
-    assert start["command"] == ["true"]
+    assert start["initial_command"] == ["true"]
     assert end["event"] == "session.end" and end["code"] == "T2004I"
     assert end["enhanced_recording"] is True and end["events"]["command"] >= 1
     assert [e["ei"] for e in events] == list(range(len(events)))

@@ -91,6 +91,17 @@ def test_counts_are_named_by_buffer(lines):
     assert lines[6]["participants"] == ["alice"] and lines[6]["enhanced_recording"] is True
 
 
+def test_the_end_says_when_the_session_started_and_stopped(lines):
+    assert lines[6]["session_start"] == lines[0]["time"] == "2023-11-14T22:13:20.123456Z"
+    assert lines[6]["session_stop"] == lines[6]["time"] == "2023-11-14T22:13:26Z"
+
+
+def test_the_start_names_its_command_as_teleport_does():
+    start = msgspec.structs.replace(START, command=[b"sh", b"-c", b"true"])
+    line = json.loads(schema.AuditFormat(schema.Identity.of(start)).line(start))
+    assert line["initial_command"] == ["sh", "-c", "true"] and "command" not in line
+
+
 def test_bytes_that_are_not_text_are_replaced_kept_in_base64_and_never_reach_a_terminal():
     argv = [b"\xff\xfe", b"\x1b]0;pwn\x07", "caf\u00e9".encode(), b"\xed\xa0\x80"]
     path = b"/tmp/\xc3\x28"
