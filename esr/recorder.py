@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 
-from esr import recording, schema
+from esr import __version__, recording, schema
 from esr._fast.decode import SessionEvents, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
@@ -98,6 +98,8 @@ class Recorder:
                 loginuid=loginuid,
                 enhanced_recording=self.probe is not None,
                 interactive=interactive,
+                cluster_name=self.config.cluster_name or self.hostname,
+                server_version=__version__,
             )
             session = Session(
                 sid=sid,

@@ -19,6 +19,7 @@ from esr.config import Config
 from esr.datadir import DataDir
 from esr.errors import DaemonUnavailable, SessionError
 from esr.loop import RecordingLoop
+from esr.pam import audit_id
 from esr.recorder import Recorder
 
 # Signals passed on to the command while it runs. A terminal's SIGINT and
@@ -96,6 +97,8 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
             command=[os.fsencode(a) for a in argv],
             tty=tty,
             interactive=bool(tty),
+            # The command's processes inherit this one's.
+            audit_sessionid=audit_id("sessionid"),
         )
         try:
             reply = control.request(config.control_socket, request, timeout=10)
@@ -164,6 +167,7 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
             command=request.command,
             tty=request.tty,
             interactive=request.interactive,
+            audit_sessionid=request.audit_sessionid,
         )
     except BaseException:
         _kill(pid)

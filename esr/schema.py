@@ -69,6 +69,10 @@ def printable(raw: bytes) -> str:
     return shlex.quote("".join(out))
 
 
+# The kernel's audit session id of a process no login gave one.
+AUDIT_SID_UNSET = 0xFFFFFFFF
+
+
 class Identity(msgspec.Struct, frozen=True):
     """What the JSON events of a session take from its start."""
 
@@ -78,11 +82,22 @@ class Identity(msgspec.Struct, frozen=True):
     login: str
     user: str
     started: int  # ns since the epoch
+    audit_session_id: int
+    cluster_name: str
+    server_version: str
 
     @classmethod
     def of(cls, start: SessionStart) -> Identity:
         return cls(
-            start.sid, start.server_id, start.server_hostname, start.login, start.user, start.time
+            start.sid,
+            start.server_id,
+            start.server_hostname,
+            start.login,
+            start.user,
+            start.time,
+            AUDIT_SID_UNSET if start.audit_sessionid is None else start.audit_sessionid,
+            start.cluster_name,
+            start.server_version,
         )
 
 
@@ -286,6 +301,8 @@ class SessionStart(Event, tag=10):
     # What a recorder taking the session over after a crash needs to know.
     enhanced_recording: bool = True
     interactive: bool = False  # started on a terminal
+    cluster_name: str = ""
+    server_version: str = ""  # esr's
 
     name = "session.start"
     code = "T2000I"
@@ -294,8 +311,6 @@ class SessionStart(Event, tag=10):
         out: dict = {"addr.remote": self.remote_addr, "service": self.service, "tty": self.tty}
         put_text(out, "initial_command", self.command)
         out["seed_pid"] = self.seed_pid
-        if self.audit_sessionid is not None:
-            out["audit_sessionid"] = self.audit_sessionid
         if self.loginuid is not None:
             out["loginuid"] = self.loginuid
         return out
@@ -475,16 +490,21 @@ class AuditFormat:
         # Event ids are the session's own id space: a UUID derived from the
         # sid, its last 48 bits replaced by the event index.
         self.uid_prefix = str(uuid.uuid5(_UID_NAMESPACE, identity.sid))[:24]
-        self._common = _ascii_json(
-            {
-                "sid": identity.sid,
-                "namespace": "default",
-                "server_id": identity.server_id,
-                "server_hostname": identity.server_hostname,
-                "login": identity.login,
-                "user": identity.user,
-            }
-        )[1:-1]
+        common = {
+            "sid": identity.sid,
+            "namespace": "default",
+            "server_id": identity.server_id,
+            "server_hostname": identity.server_hostname,
+            "login": identity.login,
+            "user": identity.user,
+            "audit_session_id": identity.audit_session_id,
+        }
+        # Recordings of esr 0.1 do not know them.
+        if identity.cluster_name:
+            common["cluster_name"] = identity.cluster_name
+        if identity.server_version:
+            common["server_version"] = identity.server_version
+        self._common = _ascii_json(common)[1:-1]
 
     def line(self, event: Event) -> bytes:
         head = (

@@ -225,7 +225,8 @@ def test_ssh_command_session_is_recorded(daemon, sshd):
     assert start["event"] == "session.start"
     assert (start["login"], start["user"]) == (sshd.user, sshd.user)
     assert start["addr.remote"] == "127.0.0.1" and start["service"] == sshd.service
-    assert start["audit_sessionid"] > 0 and start["loginuid"] == pwd.getpwnam(sshd.user).pw_uid
+    assert 0 < start["audit_session_id"] < 0xFFFFFFFF
+    assert start["loginuid"] == pwd.getpwnam(sshd.user).pw_uid
 
     run = executed(events)
     assert ["/usr/bin/ls", "/"] in run and ["/usr/bin/cat", "/etc/hostname"] in run

@@ -23,6 +23,9 @@ START = schema.SessionStart(
     remote_addr="10.0.0.1",
     service="sshd",
     tty="ssh",
+    audit_sessionid=7,
+    cluster_name="prod",
+    server_version="0.1.0",
 )
 EVENTS = [
     START,
@@ -82,6 +85,18 @@ def test_times_have_microseconds_at_most_and_no_trailing_zeros(ns, written):
     assert schema.rfc3339(ns) == written
     parsed = datetime.fromisoformat(written)
     assert parsed.tzinfo == UTC and parsed.timestamp() == pytest.approx(ns / 1e9, abs=1e-6)
+
+
+def test_every_event_names_the_cluster_the_version_and_the_audit_session(lines):
+    for line in lines:
+        assert (line["cluster_name"], line["server_version"]) == ("prod", "0.1.0")
+        assert line["audit_session_id"] == 7
+
+
+def test_a_session_no_login_gave_an_audit_session_has_the_kernels_unset_id():
+    start = msgspec.structs.replace(START, audit_sessionid=None)
+    line = json.loads(schema.AuditFormat(schema.Identity.of(start)).line(start))
+    assert line["audit_session_id"] == 4294967295
 
 
 def test_counts_are_named_by_buffer(lines):
