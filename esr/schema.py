@@ -109,6 +109,9 @@ class Event(msgspec.Struct, array_like=True, gc=False):
 
     name: ClassVar[str]  # the audit log's "event"
     code: ClassVar[str]  # and "code"
+    # What the audit log shortens, in this order, when the line would be
+    # longer than MAX_LINE: (attribute, JSON name) of bytes or lists of them.
+    cuttable: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def fields(self, identity: Identity) -> dict:
         """The JSON fields besides the ones every event has."""
@@ -147,6 +150,7 @@ class Command(Record, tag=1):
 
     name = "session.command"
     code = "T4000I"
+    cuttable = (("argv", "argv"), ("path", "path"))
     buffer = "command"
     audited = True
 
@@ -188,6 +192,7 @@ class Disk(Record, tag=2):
 
     name = "session.disk"
     code = "T4001I"
+    cuttable = (("path", "path"),)
     buffer = "disk"
     # They outnumber everything else by orders of magnitude: in the audit
     # log only with audit_disk_events, as Teleport's default role.
@@ -306,6 +311,7 @@ class SessionStart(Event, tag=10):
 
     name = "session.start"
     code = "T2000I"
+    cuttable = (("command", "initial_command"),)
 
     def fields(self, identity: Identity) -> dict:
         out: dict = {"addr.remote": self.remote_addr, "service": self.service, "tty": self.tty}
@@ -480,6 +486,41 @@ def _ascii_json(value) -> bytes:
 
 _json = msgspec.json.Encoder()
 
+# Teleport's file log reader stops at the first line longer than 64 KiB
+# (bufio.Scanner's limit), losing the rest of the day's file with it.
+MAX_LINE = 65535  # bytes, the newline included
+
+
+def _boundary(raw: bytes, n: int) -> int:
+    """n, or up to 3 less, so that raw[:n] does not end within a UTF-8
+    character: a cut never makes U+FFFD of valid text."""
+    for i in range(n, max(n - 4, -1), -1):
+        if i >= len(raw) or raw[i] & 0xC0 != 0x80:
+            return i
+    return n
+
+
+def _keep(value: bytes | list[bytes], n: int) -> tuple[bytes | list[bytes], int, int]:
+    """The first n bytes of value, arguments cut as the kernel cuts argv:
+    whole ones (each with its NUL), then part of one. Returns them, and the
+    arguments and bytes left out."""
+    if isinstance(value, bytes):
+        kept = value[: _boundary(value, n)]
+        return kept, 0, len(value) - len(kept)
+    args: list[bytes] = []
+    left = n
+    for arg in value:
+        if len(arg) < left:
+            args.append(arg)
+            left -= len(arg) + 1
+            continue
+        part = arg[: _boundary(arg, left)]
+        if part:
+            args.append(part)
+        left -= len(part)
+        break
+    return args, len(value) - len(args), sum(len(a) + 1 for a in value) - (n - left)
+
 
 class AuditFormat:
     """Renders the events of one session as audit log lines (the reference's
@@ -507,14 +548,50 @@ class AuditFormat:
         self._common = _ascii_json(common)[1:-1]
 
     def line(self, event: Event) -> bytes:
+        line = self._render(event, event.fields(self.identity))
+        return line if len(line) <= MAX_LINE else self._fit(event, line)
+
+    def _render(self, event: Event, fields: dict) -> bytes:
         head = (
             f'{{"event":"{event.name}","code":"{event.code}","ei":{event.ei},'
             f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",'
         )
-        return (
-            head.encode()
-            + self._common
-            + b","
-            + _ascii_json(event.fields(self.identity))[1:]
-            + b"\n"
-        )
+        return head.encode() + self._common + b"," + _ascii_json(fields)[1:] + b"\n"
+
+    def _fit(self, event: Event, line: bytes) -> bytes:
+        """The line of an event with as much of its cuttable fields, in
+        order, as fits in MAX_LINE, saying what was cut as the kernel does
+        (argv_truncated, argv_cut_args, argv_cut_bytes; path_truncated)."""
+        cuts: dict[str, tuple[int, int]] = {}  # JSON name: arguments, bytes
+
+        def cut(attr: str, key: str, whole: bytes | list[bytes], n: int):
+            kept, args, nbytes = _keep(whole, n)
+            return msgspec.structs.replace(event, **{attr: kept}), {**cuts, key: (args, nbytes)}
+
+        for attr, key in event.cuttable:
+            whole = getattr(event, attr)
+            event, cuts = cut(attr, key, whole, 0)
+            line = self._render_cut(event, cuts)
+            if len(line) > MAX_LINE:
+                continue  # all of it goes, and some of the next
+            # The most of it that fits. Longer lines are longer but for a
+            # few bytes (digits of the counts), so a bisection finds it.
+            lo, hi = 0, len(whole) if isinstance(whole, bytes) else sum(len(a) + 1 for a in whole)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                attempt = self._render_cut(*cut(attr, key, whole, mid))
+                if len(attempt) <= MAX_LINE:
+                    lo, line = mid, attempt
+                else:
+                    hi = mid - 1
+            break
+        return line
+
+    def _render_cut(self, event: Event, cuts: dict[str, tuple[int, int]]) -> bytes:
+        fields = event.fields(self.identity)
+        for key, (args, nbytes) in cuts.items():
+            fields[f"{key}_truncated"] = True
+            if isinstance(fields[key], list):
+                fields[f"{key}_cut_args"] = fields.get(f"{key}_cut_args", 0) + args
+                fields[f"{key}_cut_bytes"] = fields.get(f"{key}_cut_bytes", 0) + nbytes
+        return self._render(event, fields)

@@ -153,6 +153,74 @@ def test_ipv4_mapped_destinations_are_written_as_ipv4(src, dst, version, written
     assert (line["src_addr"], line["dst_addr"], line["version"]) == written
 
 
+def _line(event: schema.Event) -> tuple[bytes, dict]:
+    raw = schema.AuditFormat(schema.Identity.of(START)).line(event)
+    return raw, msgspec.json.decode(raw)
+
+
+def _exact(line: dict, key: str) -> list[bytes]:
+    if f"{key}_base64" in line:
+        return [base64.b64decode(a) for a in line[f"{key}_base64"]]
+    return [a.encode() for a in line[key]]
+
+
+@pytest.mark.parametrize(
+    "arg, fits",
+    [
+        pytest.param(b"\xff" * 64, False, id="not-utf8"),
+        pytest.param(b"\x1b" * 64, False, id="control"),
+        pytest.param("\u00e9".encode() * 100 + b"x", False, id="two-byte-characters"),
+        pytest.param(b"y" * 250, False, id="ascii"),
+        pytest.param(b"y" * 200, True, id="ascii-that-fits"),
+    ],
+)
+def test_a_line_longer_than_teleport_reads_keeps_as_many_arguments_as_fit(arg, fits):
+    argv = [arg] * 300
+    command = schema.Command(1, 0, 1, 1, 1, b"x", b"/bin/true", argv, 0, 0, 0)
+    raw, line = _line(command)
+    if fits:
+        assert "argv_truncated" not in line and _exact(line, "argv") == argv
+        return
+    assert len(raw) <= schema.MAX_LINE and raw.endswith(b"}\n")
+    assert len(raw) > schema.MAX_LINE - 400  # cut no more than it must
+    kept = _exact(line, "argv")
+    assert kept[:-1] == argv[: len(kept) - 1] and arg.startswith(kept[-1])
+    assert line["argv_truncated"] is True
+    assert line["argv_cut_args"] + len(kept) == 300
+    block = 300 * (len(arg) + 1)
+    assert line["argv_cut_bytes"] == block - sum(len(a) + 1 for a in kept[:-1]) - len(kept[-1])
+    if arg.decode(errors="replace") == arg.decode(errors="ignore"):  # valid UTF-8
+        assert "argv_base64" not in line  # the cut split no character
+
+
+def test_a_cut_adds_to_what_the_kernel_cut():
+    argv = [b"\xff" * 1000] * 20
+    command = schema.Command(1, 0, 1, 1, 1, b"x", b"/bin/true", argv, 0, 0, 0, False, True, 9, 9000)
+    _, line = _line(command)
+    kept = _exact(line, "argv")
+    assert line["argv_cut_args"] == 9 + 20 - len(kept)
+    assert line["argv_cut_bytes"] == 9000 + 20 * 1001 - sum(len(a) + 1 for a in kept) + 1
+
+
+def test_when_no_argument_is_left_the_path_is_cut():
+    path = b"/" + b"\xfe" * 70_000  # longer than the kernel ever sends
+    command = schema.Command(1, 0, 1, 1, 1, b"x", path, [b"-a", b"-b"], 0, 0, 0)
+    raw, line = _line(command)
+    assert len(raw) <= schema.MAX_LINE
+    assert line["argv"] == [] and line["argv_cut_args"] == 2 and line["argv_cut_bytes"] == 6
+    assert line["path_truncated"] is True
+    assert path.startswith(base64.b64decode(line["path_base64"]))
+
+
+def test_the_command_of_a_session_is_cut_too():
+    command = [b"/bin/true", *[b"\x07" * 100] * 300]
+    start = msgspec.structs.replace(START, command=command)
+    raw, line = _line(start)
+    assert len(raw) <= schema.MAX_LINE and line["initial_command_truncated"] is True
+    assert line["initial_command"][0] == "/bin/true"
+    assert len(line["initial_command"]) + line["initial_command_cut_args"] == 301
+
+
 def test_the_text_view_escapes_too():
     command = schema.Command(1, 0, 1, 1, 1, b"x", b"/x", [b"\x1b[31mred", b"\xff"], 0, 0, 0)
     text = command.describe()
