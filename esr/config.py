@@ -73,6 +73,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # session.disk events are in every recording; in the JSON audit log only
     # when asked, as they outnumber everything else by orders of magnitude.
     audit_disk_events: bool = False
+    # Failed connects (return_code < 0) in the JSON audit log too; always in
+    # the recordings.
+    audit_failed_connects: bool = True
+    # The audit log's cluster_name, as Teleport's; this host's name when empty.
+    cluster_name: str = ""
 
     def buffer_pages(self) -> tuple[int, ...]:
         """Pages per CPU of each buffer, in esr_events.h's order."""

@@ -33,7 +33,13 @@ NICE = -10
 
 # Config keys a SIGHUP can apply; the others size or shape the BPF maps and
 # need a restart.
-RELOADABLE = ("compression_level", "flush_interval_ms", "audit_disk_events")
+RELOADABLE = (
+    "compression_level",
+    "flush_interval_ms",
+    "audit_disk_events",
+    "audit_failed_connects",
+    "cluster_name",
+)
 
 
 def _lock(datadir: DataDir) -> int:

@@ -33,7 +33,7 @@ SSHD = "/etc/pam.d/sshd"
 MARK = "# esr: record this session"
 
 
-def _proc_id(name: str) -> int | None:
+def audit_id(name: str) -> int | None:
     """The audit loginuid or sessionid; None when audit never set it."""
     try:
         with open(f"/proc/self/{name}") as f:
@@ -55,7 +55,7 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
     kind = env.get("PAM_TYPE", "")
     user = env.get("PAM_USER", "")
     anchor = os.getppid()
-    audit_sessionid = _proc_id("sessionid")
+    audit_sessionid = audit_id("sessionid")
     message: control.Open | control.Close
     if kind == "open_session":
         message = control.Open(
@@ -66,7 +66,7 @@ def hook(socket_path: str, timeout: float, fail_closed: bool) -> int:
             service=env.get("PAM_SERVICE", ""),
             tty=env.get("PAM_TTY", ""),
             audit_sessionid=audit_sessionid,
-            loginuid=_proc_id("loginuid"),
+            loginuid=audit_id("loginuid"),
         )
     elif kind == "close_session":
         message = control.Close(anchor_pid=anchor, audit_sessionid=audit_sessionid)

@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 
-from esr import recording, schema
+from esr import __version__, recording, schema
 from esr._fast.decode import SessionEvents, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
@@ -101,6 +101,8 @@ class Recorder:
                 loginuid=loginuid,
                 enhanced_recording=self.probe is not None,
                 interactive=interactive,
+                cluster_name=self.config.cluster_name or self.hostname,
+                server_version=__version__,
             )
             session = Session(
                 sid=sid,
@@ -110,10 +112,11 @@ class Recorder:
                 audit=schema.AuditFormat(schema.Identity.of(start)),
                 writer=writer,
                 path=path,
-                pending=SessionEvents(audited_records=self._audited(), interactive=interactive),
+                pending=SessionEvents(interactive=interactive),
                 anchor_pid=anchor_pid,
                 terminal_pid=terminal_pid,
             )
+            self._audit(session.pending)
             writer.append(KIND_START, [start])
             self.audit.write(session.audit.line(start))
             if self.probe is not None:
@@ -175,20 +178,27 @@ class Recorder:
                 return session
         return None
 
-    def _audited(self) -> list[type[schema.Record]]:
-        """The record types the audit log gets, besides the recordings."""
-        return [
+    def _audit(self, pending: SessionEvents) -> None:
+        """Tell a session which of its records the audit log gets, besides
+        the recording."""
+        audited = [
             r
             for r in schema.RECORDS
             if r.audited or (r is schema.Disk and self.config.audit_disk_events)
         ]
+        # Teleport's UI shows every session.network as a connection made:
+        # some would rather not have the failed ones in the log.
+        failures = [
+            r for r in audited if r is not schema.Network or self.config.audit_failed_connects
+        ]
+        pending.audit(audited, failures)
 
     def reconfigure(self, config: Config) -> None:
         """Apply what can change while recording (see daemon.RELOADABLE)."""
         self.config = config
         for session in self.registry:
             session.writer.set_level(config.compression_level)
-            session.pending.audit(self._audited())
+            self._audit(session.pending)
 
     def live_tasks(self, session: Session) -> int:
         if self.probe is None:

@@ -18,6 +18,7 @@ from esr.config import Config
 from esr.datadir import DataDir
 from esr.errors import DaemonUnavailable, SessionError
 from esr.loop import RecordingLoop
+from esr.pam import audit_id
 from esr.recorder import Recorder
 from esr.relay import Pty, Relay
 
@@ -114,6 +115,8 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
             tty=os.ttyname(0) if pty is not None else "",
             interactive=pty is not None,
             terminal_pid=os.getpid() if pty is not None else 0,
+            # The command's processes inherit this one's.
+            audit_sessionid=audit_id("sessionid"),
         )
         try:
             reply = control.request(config.control_socket, request, timeout=10)
@@ -226,6 +229,7 @@ def _record(config: Config, pid: int, release: int, request: control.Open, pty: 
             command=request.command,
             tty=request.tty,
             interactive=request.interactive,
+            audit_sessionid=request.audit_sessionid,
         )
     except BaseException:
         _kill(pid)

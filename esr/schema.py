@@ -10,14 +10,16 @@ Recordings hold the Structs as msgpack arrays tagged with a small integer
 (compact, and fast to encode in bulk). The audit log and `esr show --format
 json` render them as Teleport-style JSON objects through `AuditFormat`.
 
-Paths, argv and program names are bytes, exactly as the kernel saw them. In
-JSON they become strings with every byte that is not valid UTF-8 escaped as a
-lone surrogate (\\udcXX), and every control character escaped, so they
-round-trip exactly and never reach a terminal raw.
+Paths, argv and program names are bytes, exactly as the kernel saw them, and
+the recordings keep them so. In JSON they become strict UTF-8 strings, every
+control character and non-ASCII character escaped so that none reaches a
+terminal raw; bytes that are not UTF-8 become U+FFFD there, and a `_base64`
+field beside holds the exact bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shlex
 import time as _time
@@ -30,6 +32,22 @@ import msgspec
 def text(raw: bytes) -> str:
     """Bytes as a str that round-trips: invalid UTF-8 becomes lone surrogates."""
     return raw.decode("utf-8", "surrogateescape")
+
+
+def put_text(out: dict, key: str, raw: bytes | list[bytes]) -> None:
+    """out[key] = raw as text (a list of texts for a list). Strict JSON
+    parsers refuse a line with invalid UTF-8 or a lone surrogate in it, so a
+    byte that is not UTF-8 becomes U+FFFD, as in Teleport's Go, and
+    out[key + "_base64"] then holds the exact bytes."""
+    try:
+        out[key] = raw.decode() if isinstance(raw, bytes) else [a.decode() for a in raw]
+    except UnicodeDecodeError:
+        if isinstance(raw, bytes):
+            out[key] = raw.decode(errors="replace")
+            out[key + "_base64"] = base64.b64encode(raw).decode()
+        else:
+            out[key] = [a.decode(errors="replace") for a in raw]
+            out[key + "_base64"] = [base64.b64encode(a).decode() for a in raw]
 
 
 def printable(raw: bytes) -> str:
@@ -51,18 +69,36 @@ def printable(raw: bytes) -> str:
     return shlex.quote("".join(out))
 
 
+# The kernel's audit session id of a process no login gave one.
+AUDIT_SID_UNSET = 0xFFFFFFFF
+
+
 class Identity(msgspec.Struct, frozen=True):
-    """The fields every JSON event of a session repeats."""
+    """What the JSON events of a session take from its start."""
 
     sid: str
     server_id: str
     server_hostname: str
     login: str
     user: str
+    started: int  # ns since the epoch
+    audit_session_id: int
+    cluster_name: str
+    server_version: str
 
     @classmethod
     def of(cls, start: SessionStart) -> Identity:
-        return cls(start.sid, start.server_id, start.server_hostname, start.login, start.user)
+        return cls(
+            start.sid,
+            start.server_id,
+            start.server_hostname,
+            start.login,
+            start.user,
+            start.time,
+            AUDIT_SID_UNSET if start.audit_sessionid is None else start.audit_sessionid,
+            start.cluster_name,
+            start.server_version,
+        )
 
 
 class Event(msgspec.Struct, array_like=True, gc=False):
@@ -73,6 +109,9 @@ class Event(msgspec.Struct, array_like=True, gc=False):
 
     name: ClassVar[str]  # the audit log's "event"
     code: ClassVar[str]  # and "code"
+    # What the audit log shortens, in this order, when the line would be
+    # longer than MAX_LINE: (attribute, JSON name) of bytes or lists of them.
+    cuttable: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def fields(self, identity: Identity) -> dict:
         """The JSON fields besides the ones every event has."""
@@ -111,21 +150,16 @@ class Command(Record, tag=1):
 
     name = "session.command"
     code = "T4000I"
+    cuttable = (("argv", "argv"), ("path", "path"))
     buffer = "command"
     audited = True
 
     def fields(self, identity: Identity) -> dict:
-        out = {
-            "pid": self.pid,
-            "ppid": self.ppid,
-            "cgroup_id": self.cgroup_id,
-            "program": text(self.program),
-            "path": text(self.path),
-            "argv": [text(a) for a in self.argv],
-            "return_code": self.return_code,
-            "unix_uid": self.unix_uid,
-            "unix_gid": self.unix_gid,
-        }
+        out = {"pid": self.pid, "ppid": self.ppid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        put_text(out, "path", self.path)
+        put_text(out, "argv", self.argv)
+        out.update(return_code=self.return_code, unix_uid=self.unix_uid, unix_gid=self.unix_gid)
         if self.argv_truncated:
             out.update(
                 argv_truncated=True,
@@ -158,20 +192,17 @@ class Disk(Record, tag=2):
 
     name = "session.disk"
     code = "T4001I"
+    cuttable = (("path", "path"),)
     buffer = "disk"
     # They outnumber everything else by orders of magnitude: in the audit
     # log only with audit_disk_events, as Teleport's default role.
     audited = False
 
     def fields(self, identity: Identity) -> dict:
-        out = {
-            "pid": self.pid,
-            "cgroup_id": self.cgroup_id,
-            "program": text(self.program),
-            "path": text(self.path),
-            "flags": self.flags,
-            "return_code": self.return_code,
-        }
+        out = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        put_text(out, "path", self.path)
+        out.update(flags=self.flags, return_code=self.return_code)
         if self.path_truncated:
             out["path_truncated"] = True
         return out
@@ -181,6 +212,9 @@ class Disk(Record, tag=2):
             f"pid={self.pid} {printable(self.program)} flags={self.flags:#o} "
             f"rc={self.return_code} {printable(self.path)}"
         )
+
+
+_V4_MAPPED = "::ffff:"  # how inet_ntop writes an IPv4-mapped IPv6 address
 
 
 class Network(Record, tag=3):
@@ -202,19 +236,25 @@ class Network(Record, tag=3):
     audited = True
 
     def fields(self, identity: Identity) -> dict:
-        return {
-            "pid": self.pid,
-            "cgroup_id": self.cgroup_id,
-            "program": text(self.program),
-            "src_addr": self.src_addr,
-            "src_port": self.src_port,
-            "dst_addr": self.dst_addr,
-            "dst_port": self.dst_port,
-            "version": self.version,
-            "operation": self.operation,
-            "action": self.action,
-            "return_code": self.return_code,
-        }
+        src, dst, version = self.src_addr, self.dst_addr, self.version
+        if version == 6 and dst.startswith(_V4_MAPPED) and "." in dst:
+            # An AF_INET6 socket connecting to an IPv4 address: IPv4 on the
+            # wire, and in Teleport's log.
+            src = src[len(_V4_MAPPED) :] if src.startswith(_V4_MAPPED) else "0.0.0.0"
+            dst, version = dst[len(_V4_MAPPED) :], 4
+        out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        out.update(
+            src_addr=src,
+            src_port=self.src_port,
+            dst_addr=dst,
+            dst_port=self.dst_port,
+            version=version,
+            operation=self.operation,
+            action=self.action,
+            return_code=self.return_code,
+        )
+        return out
 
     def describe(self) -> str:
         src = f"[{self.src_addr}]" if self.version == 6 else self.src_addr
@@ -356,20 +396,17 @@ class SessionStart(Event, tag=10):
     # What a recorder taking the session over after a crash needs to know.
     enhanced_recording: bool = True
     interactive: bool = False  # started on a terminal
+    cluster_name: str = ""
+    server_version: str = ""  # esr's
 
     name = "session.start"
     code = "T2000I"
+    cuttable = (("command", "initial_command"),)
 
     def fields(self, identity: Identity) -> dict:
-        out: dict = {
-            "addr.remote": self.remote_addr,
-            "service": self.service,
-            "tty": self.tty,
-            "command": [text(a) for a in self.command],
-            "seed_pid": self.seed_pid,
-        }
-        if self.audit_sessionid is not None:
-            out["audit_sessionid"] = self.audit_sessionid
+        out: dict = {"addr.remote": self.remote_addr, "service": self.service, "tty": self.tty}
+        put_text(out, "initial_command", self.command)
+        out["seed_pid"] = self.seed_pid
         if self.loginuid is not None:
             out["loginuid"] = self.loginuid
         return out
@@ -424,6 +461,9 @@ class SessionEnd(Event, tag=13):
             "enhanced_recording": self.enhanced_recording,
             "interactive": self.interactive,
             "participants": [identity.user],
+            # Teleport's list of recordings takes a session's duration from these.
+            "session_start": rfc3339(identity.started),
+            "session_stop": rfc3339(self.time),
             "reason": self.reason,
             "events": by_buffer(self.records),
             "lost": by_buffer(self.lost),
@@ -531,17 +571,24 @@ _second = (-1, "")
 
 
 def rfc3339(ns: int) -> str:
+    """UTC, to the microsecond at most and without trailing zeros, as Go
+    writes Teleport's times: Python's datetime and many SIEM parsers refuse
+    more digits. Truncated, never rounded up: ei keeps the order, and the
+    recordings the nanoseconds."""
     global _second
     seconds, frac = divmod(ns, 1_000_000_000)
     if _second[0] != seconds:  # events come in bursts within the same second
         _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
-    return f"{_second[1]}.{frac:09d}Z"
+    micros = frac // 1000
+    if not micros:
+        return f"{_second[1]}Z"
+    return f"{_second[1]}.{micros:06d}".rstrip("0") + "Z"
 
 
 def _ascii_json(value) -> bytes:
-    """JSON with every non-ASCII character and control character escaped, and
-    invalid UTF-8 (lone surrogates) as \\udcXX: never a raw byte that could
-    act on a terminal. msgspec does the common, all-ASCII case fast."""
+    """JSON with every non-ASCII character and control character escaped:
+    never a raw byte that could act on a terminal. msgspec does the common,
+    all-ASCII case fast."""
     try:
         out = _json.encode(value)
         if out.isascii():
@@ -553,6 +600,41 @@ def _ascii_json(value) -> bytes:
 
 _json = msgspec.json.Encoder()
 
+# Teleport's file log reader stops at the first line longer than 64 KiB
+# (bufio.Scanner's limit), losing the rest of the day's file with it.
+MAX_LINE = 65535  # bytes, the newline included
+
+
+def _boundary(raw: bytes, n: int) -> int:
+    """n, or up to 3 less, so that raw[:n] does not end within a UTF-8
+    character: a cut never makes U+FFFD of valid text."""
+    for i in range(n, max(n - 4, -1), -1):
+        if i >= len(raw) or raw[i] & 0xC0 != 0x80:
+            return i
+    return n
+
+
+def _keep(value: bytes | list[bytes], n: int) -> tuple[bytes | list[bytes], int, int]:
+    """The first n bytes of value, arguments cut as the kernel cuts argv:
+    whole ones (each with its NUL), then part of one. Returns them, and the
+    arguments and bytes left out."""
+    if isinstance(value, bytes):
+        kept = value[: _boundary(value, n)]
+        return kept, 0, len(value) - len(kept)
+    args: list[bytes] = []
+    left = n
+    for arg in value:
+        if len(arg) < left:
+            args.append(arg)
+            left -= len(arg) + 1
+            continue
+        part = arg[: _boundary(arg, left)]
+        if part:
+            args.append(part)
+        left -= len(part)
+        break
+    return args, len(value) - len(args), sum(len(a) + 1 for a in value) - (n - left)
+
 
 class AuditFormat:
     """Renders the events of one session as audit log lines (the reference's
@@ -563,26 +645,67 @@ class AuditFormat:
         # Event ids are the session's own id space: a UUID derived from the
         # sid, its last 48 bits replaced by the event index.
         self.uid_prefix = str(uuid.uuid5(_UID_NAMESPACE, identity.sid))[:24]
-        self._common = _ascii_json(
-            {
-                "sid": identity.sid,
-                "namespace": "default",
-                "server_id": identity.server_id,
-                "server_hostname": identity.server_hostname,
-                "login": identity.login,
-                "user": identity.user,
-            }
-        )[1:-1]
+        common = {
+            "sid": identity.sid,
+            "namespace": "default",
+            "server_id": identity.server_id,
+            "server_hostname": identity.server_hostname,
+            "login": identity.login,
+            "user": identity.user,
+            "audit_session_id": identity.audit_session_id,
+        }
+        # Recordings of esr 0.1 do not know them.
+        if identity.cluster_name:
+            common["cluster_name"] = identity.cluster_name
+        if identity.server_version:
+            common["server_version"] = identity.server_version
+        self._common = _ascii_json(common)[1:-1]
 
     def line(self, event: Event) -> bytes:
+        line = self._render(event, event.fields(self.identity))
+        return line if len(line) <= MAX_LINE else self._fit(event, line)
+
+    def _render(self, event: Event, fields: dict) -> bytes:
         head = (
             f'{{"event":"{event.name}","code":"{event.code}","ei":{event.ei},'
             f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",'
         )
-        return (
-            head.encode()
-            + self._common
-            + b","
-            + _ascii_json(event.fields(self.identity))[1:]
-            + b"\n"
-        )
+        return head.encode() + self._common + b"," + _ascii_json(fields)[1:] + b"\n"
+
+    def _fit(self, event: Event, line: bytes) -> bytes:
+        """The line of an event with as much of its cuttable fields, in
+        order, as fits in MAX_LINE, saying what was cut as the kernel does
+        (argv_truncated, argv_cut_args, argv_cut_bytes; path_truncated)."""
+        cuts: dict[str, tuple[int, int]] = {}  # JSON name: arguments, bytes
+
+        def cut(attr: str, key: str, whole: bytes | list[bytes], n: int):
+            kept, args, nbytes = _keep(whole, n)
+            return msgspec.structs.replace(event, **{attr: kept}), {**cuts, key: (args, nbytes)}
+
+        for attr, key in event.cuttable:
+            whole = getattr(event, attr)
+            event, cuts = cut(attr, key, whole, 0)
+            line = self._render_cut(event, cuts)
+            if len(line) > MAX_LINE:
+                continue  # all of it goes, and some of the next
+            # The most of it that fits. Longer lines are longer but for a
+            # few bytes (digits of the counts), so a bisection finds it.
+            lo, hi = 0, len(whole) if isinstance(whole, bytes) else sum(len(a) + 1 for a in whole)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                attempt = self._render_cut(*cut(attr, key, whole, mid))
+                if len(attempt) <= MAX_LINE:
+                    lo, line = mid, attempt
+                else:
+                    hi = mid - 1
+            break
+        return line
+
+    def _render_cut(self, event: Event, cuts: dict[str, tuple[int, int]]) -> bytes:
+        fields = event.fields(self.identity)
+        for key, (args, nbytes) in cuts.items():
+            fields[f"{key}_truncated"] = True
+            if isinstance(fields[key], list):
+                fields[f"{key}_cut_args"] = fields.get(f"{key}_cut_args", 0) + args
+                fields[f"{key}_cut_bytes"] = fields.get(f"{key}_cut_bytes", 0) + nbytes
+        return self._render(event, fields)

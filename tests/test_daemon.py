@@ -22,6 +22,7 @@ from helpers import (
     Daemon,
     commands,
     executed,
+    free_port,
     listener,
     only_new,
     require_bpf,
@@ -44,7 +45,8 @@ def test_ssh_command_session_is_recorded(daemon, sshd):
     assert start["event"] == "session.start"
     assert (start["login"], start["user"]) == (sshd.user, sshd.user)
     assert start["addr.remote"] == "127.0.0.1" and start["service"] == sshd.service
-    assert start["audit_sessionid"] > 0 and start["loginuid"] == pwd.getpwnam(sshd.user).pw_uid
+    assert 0 < start["audit_session_id"] < 0xFFFFFFFF
+    assert start["loginuid"] == pwd.getpwnam(sshd.user).pw_uid
 
     run = executed(events)
     assert ["/usr/bin/ls", "/"] in run and ["/usr/bin/cat", "/etc/hostname"] in run
@@ -473,7 +475,8 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
     rotated = current.with_name(current.name + ".1")
     current.rename(rotated)  # what logrotate does
     daemon.config.write_text(
-        daemon.config.read_text() + "audit_disk_events: true\nmax_sessions: 8\n"
+        daemon.config.read_text()
+        + "audit_disk_events: true\naudit_failed_connects: false\nmax_sessions: 8\n"
     )
     try:
         daemon.proc.send_signal(signal.SIGHUP)
@@ -482,13 +485,20 @@ def test_sighup_reopens_the_audit_log_and_applies_what_can_change(daemon):
             assert time.time() < deadline
             time.sleep(0.05)
         line = [x for x in daemon.log.read_text().splitlines() if "event=daemon.reload" in x][-1]
-        assert "applied=audit_disk_events" in line and "needs_restart=max_sessions" in line
-        sid = sid_from_stderr(
-            daemon.esr("run", "--config", str(daemon.config), "--", "cat", "/etc/hostname").stderr
+        assert "applied=audit_disk_events,audit_failed_connects" in line
+        assert "needs_restart=max_sessions" in line
+        refused = f"import socket; socket.socket().connect_ex(('127.0.0.1', {free_port()}))"
+        r = daemon.esr(
+            "run", "--config", str(daemon.config), "--", "/usr/bin/python3", "-c", refused
         )
+        sid = sid_from_stderr(r.stderr)
         daemon.wait_sids_closed(sid, timeout=10)
         logged = [json.loads(line) for line in current.read_text().splitlines()]
         assert any(e["event"] == "session.disk" and e["sid"] == sid for e in logged)
+        # The failed connect is in the recording, and no longer in the log.
+        [connect] = daemon.esr.events(sid, "network")
+        assert connect["return_code"] == -111
+        assert not any(e["event"] == "session.network" and e["sid"] == sid for e in logged)
         assert not any(e["sid"] == sid for e in map(json.loads, rotated.read_text().splitlines()))
     finally:
         daemon.config.write_text(f"data_dir: {daemon.data_dir}\ncontrol_socket: {daemon.socket}\n")

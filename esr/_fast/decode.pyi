@@ -10,6 +10,7 @@ class SessionEvents:
     audited: list[schema.Event]
     next_ei: int
     audit_types: int
+    audit_failures: int
     interactive: bool
     def __init__(
         self,
@@ -17,7 +18,11 @@ class SessionEvents:
         audited_records: Iterable[type[schema.Record]] = (),
         interactive: bool = False,
     ) -> None: ...
-    def audit(self, records: Iterable[type[schema.Record]]) -> None: ...
+    def audit(
+        self,
+        records: Iterable[type[schema.Record]],
+        failures: Iterable[type[schema.Record]] | None = None,
+    ) -> None: ...
     def add(self, event: schema.Event) -> None: ...
     def take(self) -> tuple[list[schema.Event], list[schema.Event], list[int]]: ...
 

@@ -86,6 +86,8 @@ cdef class SessionEvents:
     cdef uint64_t counts[ESR_BUF_COUNT]
     # Bit t set: records of type t are audited.
     cdef public uint64_t audit_types
+    # Bit t set: failed ones too (return_code < 0).
+    cdef public uint64_t audit_failures
     # Set once a command runs with a controlling terminal; never cleared.
     cdef public bint interactive
 
@@ -97,11 +99,19 @@ cdef class SessionEvents:
         self.audit(audited_records)
         self.interactive = interactive
 
-    def audit(self, records):
-        """Which schema.Record types the audit log gets from now on."""
+    def audit(self, records, failures=None):
+        """Which schema.Record types the audit log gets from now on, and of
+        those, which when they failed too (all of them unless told)."""
         self.audit_types = 0
         for record in records:
             self.audit_types |= 1 << record.__struct_config__.tag
+        self.audit_failures = self.audit_types
+        if failures is not None:
+            self.audit_failures = 0
+            for record in records:
+                # A record without a return code never failed.
+                if record in failures or "return_code" not in record.__struct_fields__:
+                    self.audit_failures |= 1 << record.__struct_config__.tag
 
     def add(self, event):
         """An event of the recorder's own (session.lost): recorded and audited."""
@@ -566,7 +576,8 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
             target.next_ei += 1
             target.counts[t.buffer] += 1
             target.events.append(event)
-            if target.audit_types & (1 << hdr.type):
+            if target.audit_types & (1 << hdr.type) and (
+                    target.audit_failures & (1 << hdr.type) or event.return_code >= 0):
                 target.audited.append(event)
     finally:
         free(items)

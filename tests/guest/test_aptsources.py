@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import aptsources  # noqa: E402
+import aptsources
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import guest  # noqa: E402
+import guest
+
 from helpers import REQUIRE_BPF, deb_file
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import guest  # noqa: E402
-from conftest import REQUIRE_BPF, ROOT, sid_from_stderr  # noqa: E402
+import guest
+from conftest import REQUIRE_BPF, ROOT, sid_from_stderr
 
 pytestmark = pytest.mark.slow
 

@@ -67,6 +67,19 @@ def test_only_the_types_asked_for_are_audited():
     assert {type(e) for e in sink.audited} == {schema.Command}
 
 
+def test_failed_records_are_audited_unless_told_otherwise_and_always_recorded():
+    raw = b"".join(encode_record(r, COOKIE) for r in EVERY_TYPE)
+    sink = SessionEvents()
+    sink.audit(schema.RECORDS, failures=[schema.Command])
+    decode_batch(memoryview(raw), {COOKIE: sink}, 0)
+    assert len(sink.events) == len(EVERY_TYPE)
+    [connect] = [e for e in sink.audited if type(e) is schema.Network]
+    assert connect.return_code == 0
+    [opened] = [e for e in sink.audited if type(e) is schema.Disk]
+    assert opened.return_code == 3  # a file descriptor, not a failure
+    assert [e.return_code for e in sink.audited if type(e) is schema.Command] == [0, -2]
+
+
 def test_records_of_unknown_sessions_are_counted_not_decoded():
     sink = SessionEvents()
     assert decode_batch(memoryview(offline.corpus(100)), {12345: sink}, 0) == 100
