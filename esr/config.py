@@ -11,6 +11,7 @@ import re
 from typing import Annotated
 
 import msgspec
+import yaml  # type: ignore[import-untyped]
 
 from esr.errors import ConfigError
 from esr.schema import BUFFERS
@@ -61,6 +62,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # The largest record of each buffer must fit in it, or it could never be sent.
 _MIN_PAGES = {"command": 8, "disk": 2, "network": 1}
+# sun_path holds 108 bytes, its NUL included.
+_MAX_SOCKET_PATH = 107
 
 
 def _check(config: Config) -> None:
@@ -78,11 +81,26 @@ def _check(config: Config) -> None:
                 f"enhanced_recording.{key}: {pages} pages is too small: "
                 f"the largest record needs {least}"
             )
+    paths = {
+        "data_dir": config.data_dir,
+        "control_socket": config.control_socket,
+        "enhanced_recording.cgroup_path": r.cgroup_path,
+        "enhanced_recording.root_path": r.root_path,
+    }
+    for key, path in paths.items():
+        if "\0" in path:
+            raise ConfigError(f"{key}: contains a NUL byte")
     for key in ("data_dir", "control_socket"):
         if not os.path.isabs(getattr(config, key)):
             raise ConfigError(f"{key}: must be an absolute path")
     if r.cgroup_path and not os.path.isabs(r.cgroup_path):
         raise ConfigError("enhanced_recording.cgroup_path: must be an absolute path")
+    size = len(os.fsencode(config.control_socket))
+    if size > _MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"control_socket: {size} bytes is too long for a Unix socket "
+            f"(at most {_MAX_SOCKET_PATH})"
+        )
 
 
 def _where(message: str) -> str:
@@ -103,10 +121,31 @@ def _explain(err: msgspec.ValidationError) -> str:
     return f"{where}: {what[0].lower()}{what[1:]}" if where else what
 
 
+class _Duplicate(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML that refuses a key given twice, which would silently win. The
+    pure-Python loader: the binary leaves libyaml out, and a config file is
+    small."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _Duplicate(f"{key}: given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse(raw: bytes, source: str) -> Config:
     try:
-        data = msgspec.yaml.decode(raw)
-    except msgspec.DecodeError as err:
+        data = yaml.load(raw, _Loader)
+    except _Duplicate as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except (yaml.YAMLError, ValueError) as err:
         detail = " ".join(str(err).replace('in "<byte string>", ', "").split())
         raise ConfigError(f"{source}: malformed YAML: {detail}") from None
     if data is None:

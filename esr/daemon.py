@@ -166,7 +166,7 @@ class Daemon:
             )
         try:
             if isinstance(request, control.Open):
-                return self._open(request)
+                return self._open(request, peer)
             return self._close(request)
         except EsrError as err:
             return control.Reply(ok=False, error=str(err))
@@ -174,12 +174,16 @@ class Daemon:
             log("control.failed", level="error", error=repr(err))
             return control.Reply(ok=False, error=f"internal error: {err}")
 
-    def _open(self, req: control.Open) -> control.Reply:
+    def _open(self, req: control.Open, peer: Peer) -> control.Reply:
         pid = req.seed_pid or req.anchor_pid
         if bool(req.seed_pid) == bool(req.anchor_pid) or pid < 1:
             return control.Reply(ok=False, error="open needs exactly one of seed_pid, anchor_pid")
         if not os.path.exists(f"/proc/{pid}"):
             return control.Reply(ok=False, error=f"no process {pid}")
+        if req.seed_pid:
+            refused = _not_a_seed(req.seed_pid, peer)
+            if refused:
+                return control.Reply(ok=False, error=refused)
         outer = self.recorder.session_of_task(pid)
         if outer is not None:
             # su or sudo -i inside a recorded session: it stays recorded there.
@@ -242,6 +246,39 @@ class Daemon:
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")
         self._forget_anchor(session.sid)
         return control.Reply(ok=True, sid=session.sid, remaining=self.recorder.leave(session))
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name, in parentheses, may hold anything: count from its end.
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def _not_a_seed(pid: int, peer: Peer) -> str | None:
+    """Why pid cannot seed a session opened by peer, if it cannot. A seed
+    is forked for the session by whoever asks, and held before it runs
+    anything: its whole life is recorded, and no running process (init, a
+    daemon, someone else's shell) can be claimed as one."""
+    try:
+        parent = _parent(pid)
+    except (OSError, ValueError, IndexError):
+        return f"no process {pid}"
+    if parent != peer.pid:
+        return (
+            f"seed_pid {pid} is not a child of the requesting process (pid {peer.pid}): "
+            "a seed must be forked for the session"
+        )
+    try:
+        seed, asker = os.stat(f"/proc/{pid}/exe"), os.stat(f"/proc/{peer.pid}/exe")
+    except OSError:
+        return f"no process {pid}"
+    if (seed.st_dev, seed.st_ino) != (asker.st_dev, asker.st_ino):
+        return (
+            f"seed_pid {pid} already runs another program: a seed must be held before "
+            "its first exec"
+        )
+    return None
 
 
 def main(config_path: str | None, data_dir: str | None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -164,6 +165,19 @@ class Damage(RecordingError):
         self.truncated = truncated  # an incomplete last frame: what a crash mid-write leaves
 
 
+def open_regular(path: str):
+    """path opened for reading, if it is a regular file: a FIFO or a device
+    named like a recording must neither hang nor be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordingError(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Reader:
     """The frames of a recording in order, each checked as it is read.
 
@@ -182,7 +196,7 @@ class Reader:
         summary = self.summary
         prev = chain_seed(self.sid)
         expect_ei = 0
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             size = os.fstat(f.fileno()).st_size
             offset = index = 0
             while offset < size:
@@ -262,7 +276,7 @@ def session_start(path: str) -> schema.SessionStart:
 
 def read_frame(path: str, offset: int) -> Frame:
     """One frame at an offset found by scan(), unchecked."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(offset)
         head = f.read(PREFIX)
         head += f.read(HEADERS[head[4]].size - PREFIX)

@@ -32,6 +32,9 @@ def one_line_error(r) -> str:
         ("data_dir: relative/dir\n", "data_dir: must be an absolute path"),
         ("- a list\n", "mapping"),
         ("max_sessions: 0\n", "max_sessions"),
+        ('data_dir: "/var/lib/esr\\0x"\n', "data_dir: contains a NUL byte"),
+        ("max_sessions: 8\nmax_sessions: 9\n", "max_sessions: given twice"),
+        ("control_socket: /run/" + "x" * 120 + "\n", "too long for a Unix socket"),
     ],
 )
 def test_bad_config(esr, tmp_path, text, mentions):
