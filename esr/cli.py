@@ -10,7 +10,7 @@ import os
 import sys
 
 from esr import __version__, bench
-from esr.errors import EsrError, UsageError
+from esr.errors import EsrError, UsageError, one_line
 
 
 def _version() -> str:
@@ -321,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        print(f"esr: {where}{err.strerror or err}", file=sys.stderr)
+        print(f"esr: {one_line(f'{where}{err.strerror or err}')}", file=sys.stderr)
         return 1
     except EsrError as err:
-        print(f"esr: {err}", file=sys.stderr)
+        print(f"esr: {one_line(str(err))}", file=sys.stderr)
         return 1
 
 

@@ -17,7 +17,7 @@ import sys
 from esr import control, loader
 from esr.config import Config
 from esr.datadir import DataDir
-from esr.errors import DaemonUnavailable, SessionError
+from esr.errors import DaemonUnavailable, SessionError, one_line
 from esr.loop import RecordingLoop
 from esr.recorder import Recorder
 
@@ -52,7 +52,7 @@ def _spawn_held(argv: list[str]) -> tuple[int, int]:
             os.close(release_r)
             os.execvp(argv[0], argv)
         except OSError as err:
-            os.write(2, f"esr: cannot run {argv[0]}: {err.strerror}\n".encode())
+            os.write(2, f"esr: {one_line(f'cannot run {argv[0]}: {err.strerror}')}\n".encode())
             os._exit(127 if isinstance(err, FileNotFoundError) else 126)
         finally:
             os._exit(127)
@@ -78,7 +78,7 @@ def _exit_code(status: int) -> int:
 
 
 def _say(message: str) -> None:
-    print(f"esr: {message}", file=sys.stderr, flush=True)
+    print(f"esr: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> int:

@@ -51,6 +51,11 @@ def printable(raw: bytes) -> str:
     return shlex.quote("".join(out))
 
 
+def printable_str(value: str) -> str:
+    """printable() for text: login names, addresses, ttys, reasons."""
+    return printable(value.encode("utf-8", "surrogateescape"))
+
+
 class Identity(msgspec.Struct, frozen=True):
     """The fields every JSON event of a session repeats."""
 
@@ -286,9 +291,11 @@ class SessionStart(Event, tag=10):
 
     def describe(self) -> str:
         return (
-            f"sid={self.sid} login={self.login} user={self.user} "
-            f"remote={self.remote_addr or '-'} service={self.service or '-'} "
-            f"tty={self.tty or '-'}"
+            f"sid={printable_str(self.sid)} login={printable_str(self.login)} "
+            f"user={printable_str(self.user)} "
+            f"remote={printable_str(self.remote_addr) if self.remote_addr else '-'} "
+            f"service={printable_str(self.service) if self.service else '-'} "
+            f"tty={printable_str(self.tty) if self.tty else '-'}"
         )
 
 
@@ -331,7 +338,7 @@ class SessionEnd(Event, tag=13):
 
     def describe(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in by_buffer(self.records).items())
-        return f"reason={self.reason!r} {counts} lost={sum(self.lost)}"
+        return f"reason={printable_str(self.reason)} {counts} lost={sum(self.lost)}"
 
 
 # --- version 1 recordings (esr 0.1), counted three buffers by name -------------------

@@ -114,7 +114,8 @@ def sessions_text(rows: list[dict]) -> str:
     for r in rows:
         lost = sum(r["lost"].values())
         end = (r["end"] or r["state"])[:19]
-        who = r["login"] if r["login"] == r["user"] else f"{r['login']}/{r['user']}"
+        login, user = (schema.printable_str(r[k]) if r[k] else "" for k in ("login", "user"))
+        who = login if login == user else f"{login}/{user}"
         command = schema.printable(r["command"].encode("utf-8", "surrogateescape"))[:60]
         if r["damaged"]:
             command += "  [DAMAGED]"

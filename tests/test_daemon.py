@@ -727,3 +727,67 @@ def test_a_running_program_cannot_be_claimed_as_a_seed(daemon):
         f"seed_pid {child.pid} already runs another program: a seed must be held before "
         "its first exec"
     )
+
+
+# Opens a session the way a PAM-like client would, with argv[2] in every
+# field it gives, for a child it forked and holds; prints the sid.
+OPEN_FIELDS = r"""
+import json, os, socket, sys
+path, evil = sys.argv[1], sys.argv[2]
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(r, 1)
+    os.execv("/usr/bin/true", ["true"])
+request = {"op": "open", "login": "L" + evil, "user": "U" + evil, "seed_pid": pid,
+           "remote_addr": "R" + evil, "service": "S" + evil, "tty": "T" + evil}
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(path)
+    s.sendall(json.dumps(request).encode() + b"\n")
+    reply = json.loads(s.makefile().readline())
+assert reply["ok"], reply
+os.write(w, b"x")
+os.waitpid(pid, 0)
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(path)
+    s.sendall(json.dumps({"op": "close", "sid": reply["sid"]}).encode() + b"\n")
+    s.makefile().readline()
+print(reply["sid"])
+"""
+
+
+def test_no_session_field_reaches_the_terminal_raw(daemon):
+    evil = "\x1b]0;pwn\x07\nFORGED"
+    env = dict(daemon.esr.env, SUDO_USER="U" + evil)  # esr run records it as the user
+    r = subprocess.run(
+        [ESR, "run", "--config", str(daemon.config), "--login", "L" + evil, "--", "true"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    sids = [sid_from_stderr(r.stderr)]
+    r = subprocess.run(
+        ["/usr/bin/python3", "-c", OPEN_FIELDS, str(daemon.socket), evil],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    sids.append(r.stdout.decode().strip())
+    daemon.wait_sids_closed(*sids)
+    outputs = [
+        daemon.esr("sessions").stdout,
+        daemon.esr("status", "--config", str(daemon.config)).stdout,
+    ]
+    outputs += [daemon.esr("show", sid, "--format", "text").stdout for sid in sids]
+    outputs += [daemon.esr("show", sid).stdout for sid in sids]
+    for out in outputs:
+        assert b"\x1b" not in out and b"\x07" not in out
+        assert not [line for line in out.splitlines() if line.startswith(b"FORGED")]
+    starts = [daemon.esr("show", sid, "--format", "text").stdout.splitlines()[0] for sid in sids]
+    escaped = rb"\x1b]0;pwn\x07\x0aFORGED"
+    assert b"login='L" + escaped + b"'" in starts[0] and b"user='U" + escaped + b"'" in starts[0]
+    for field in (b"remote='R", b"service='S", b"tty='T"):
+        assert field + escaped + b"'" in starts[1]
+    listing = daemon.esr("sessions").stdout
+    assert listing.count(b"L" + escaped) == 2
