@@ -241,10 +241,21 @@ def _cmd_status(args) -> int:
     print(
         "lost per buffer: "
         + ", ".join(f"{k} {v}" for k, v in lost["buffer"].items())
-        + f"; in user space: {lost['user_space']}"
+        + f"; not written: {lost['user_space']}"
     )
     for sid, counts in lost["sessions"].items():
         print(f"lost in session {sid}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if status["disk_full"]:
+        print("DISK FULL OR FAILING: what is recorded cannot all be written")
+    for sid, unwritten in lost["not_written"].items():
+        now = f" (failing now: {unwritten['failing']})" if unwritten["failing"] else ""
+        print(
+            f"not written in session {sid}: "
+            + ", ".join(f"{k} {v}" for k, v in unwritten["records"].items())
+            + now
+        )
+    if lost["audit_lines"]:
+        print(f"audit log lines not written: {lost['audit_lines']}")
     print(f"bytes written: {status['bytes_written']}")
     return 0
 

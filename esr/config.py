@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import yaml  # type: ignore[import-untyped]
@@ -53,6 +53,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # session.disk events are in every recording; in the JSON audit log only
     # when asked, as they outnumber everything else by orders of magnitude.
     audit_disk_events: bool = False
+    # While the data dir is full: keep recording what fits and count the
+    # rest, or also refuse to open new sessions (with `esr pam
+    # --fail-closed`, no login then goes unrecorded).
+    on_disk_full: Literal["keep_running", "refuse_new_sessions"] = "keep_running"
 
     def buffer_pages(self) -> tuple[int, ...]:
         """Pages per CPU of each buffer, in esr_events.h's order."""

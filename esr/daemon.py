@@ -33,7 +33,7 @@ NICE = -10
 
 # Config keys a SIGHUP can apply; the others size or shape the BPF maps and
 # need a restart.
-RELOADABLE = ("compression_level", "flush_interval_ms", "audit_disk_events")
+RELOADABLE = ("compression_level", "flush_interval_ms", "audit_disk_events", "on_disk_full")
 
 
 def _lock(datadir: DataDir) -> int:
@@ -97,7 +97,7 @@ class Daemon:
         log(
             "daemon.stop",
             records=counts(schema.by_buffer(self.recorder.records)),
-            lost_in_user_space=self.recorder.lost_in_user_space,
+            not_written=self.recorder.lost_in_user_space,
         )
 
     async def _serve(self) -> None:
@@ -245,7 +245,10 @@ class Daemon:
                 return control.Reply(ok=True, sid=req.sid)
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")
         self._forget_anchor(session.sid)
-        return control.Reply(ok=True, sid=session.sid, remaining=self.recorder.leave(session))
+        remaining = self.recorder.leave(session)
+        return control.Reply(
+            ok=True, sid=session.sid, remaining=remaining, unwritten=sum(session.unwritten)
+        )
 
 
 def _parent(pid: int) -> int:

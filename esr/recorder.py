@@ -3,6 +3,10 @@ writes their recordings and the audit log.
 
 `esr run` and `esr daemon` both record through this class; they differ only
 in who asks for sessions to open and close.
+
+What cannot be written (a full disk) is counted per session and declared by
+the next frame that is; each file keeps a reserve (esr/room.py), so a
+session's end always is.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from esr._fast.decode import SessionEvents, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
 from esr.datadir import DataDir, check_sid
-from esr.errors import SessionError
+from esr.errors import EsrError, SessionError
 from esr.log import counts
-from esr.recording import FLAG_INTERACTIVE, KIND_END, KIND_EVENTS, KIND_START, Writer
-from esr.registry import Registry, Session
+from esr.recording import FLAG_GAP, FLAG_INTERACTIVE, KIND_END, KIND_EVENTS, KIND_START, Writer
+from esr.registry import Gap, Registry, Session
+from esr.room import FULL, NoRoom
+
+# Free space below which the data dir counts as full: a busy session writes
+# this much in a few seconds.
+_FULL_BELOW = 1 << 20
 
 
 def _boot_to_epoch_ns() -> int:
@@ -50,7 +59,9 @@ class Recorder:
         self.closed_bytes = 0
         self._closing = False
         self.write_errors = 0
-        self.lost_in_user_space = 0
+        self.lost_in_user_space = 0  # records not written, every session's
+        self.audit_unwritten = 0  # audit log lines not written
+        self._audit_failing = False
 
     # --- sessions ------------------------------------------------------------
 
@@ -73,6 +84,11 @@ class Recorder:
         """Start recording a session seeded with seed_pid (recorded itself,
         with everything it forks) or anchor_pid (only what it forks from now
         on is recorded)."""
+        if self.config.on_disk_full == "refuse_new_sessions" and self.disk_full():
+            raise SessionError(
+                f"{self.datadir.path} is full or failing: new sessions are refused until "
+                "what is recorded can be written again (on_disk_full: refuse_new_sessions)"
+            )
         sid = check_sid(sid) if sid else str(uuid.uuid4())
         if sid in self.registry.by_sid:
             raise SessionError(f"session {sid} is already being recorded")
@@ -129,10 +145,15 @@ class Recorder:
                 os.unlink(path)
             if isinstance(err, FileExistsError):
                 raise SessionError(f"session {sid} already exists in {self.datadir.path}") from None
+            if isinstance(err, OSError) and err.errno in FULL:
+                raise SessionError(
+                    f"cannot start session {sid}: {self.datadir.path} is full"
+                ) from None
             if isinstance(err, OSError):
                 raise SessionError(f"cannot start session {sid}: {err.strerror or err}") from None
             raise
         self.registry.add(session)
+        self.audit.reserve_for(len(self.registry))
         self.log(
             "session.start",
             sid=sid,
@@ -208,23 +229,28 @@ class Recorder:
             self._flush_session(session)
             leave = schema.SessionLeave(session.pending.next_ei, time.time_ns(), remaining)
             session.pending.next_ei += 1
-            self._append(session, [leave], [leave])
+            self._append(session, KIND_EVENTS, [leave], [leave])
         return remaining
 
     def end(self, session: Session, reason: str) -> None:
-        """Write session.end and close the recording."""
+        """Write session.end and close the recording: with the reserve, so
+        a full disk cannot keep a session from ending."""
         self._flush_session(session)
+        lost, gap = self._reports(session)
+        pending = session.pending
         end = schema.SessionEnd(
-            ei=session.pending.next_ei,
+            ei=pending.next_ei,
             time=time.time_ns(),
             reason=reason,
             enhanced_recording=self.probe is not None,
-            interactive=session.pending.interactive,
+            interactive=pending.interactive,
             records=session.records,
-            lost=session.lost,
+            lost=[k + u for k, u in zip(session.lost, session.unwritten)],
             untracked_forks=session.untracked_forks,
+            unwritten=list(session.unwritten),
         )
-        session.pending.next_ei += 1
+        pending.next_ei += 1
+        events, audited, _records = pending.take()
         if self.probe is not None:
             # Tasks and an anchor still tracked must not outlive the slot,
             # unless the maps themselves are about to go.
@@ -236,11 +262,9 @@ class Recorder:
                 ),
             )
         self.registry.remove(session)
-        try:
-            session.writer.append(KIND_END, [end], flags=self._flags(session))
-        except OSError as err:
-            self._write_failed(session, err, 1)
-        self._audit_write(session.audit.line(end))
+        self.audit.reserve_for(len(self.registry))
+        self._append(session, KIND_END, [*events, end], audited, (), lost, gap, reserved=True)
+        self._audit_write(session.audit.line(end), reserved=True)
         session.writer.close()
         self.closed_bytes += session.writer.bytes_written
         self.log(
@@ -249,6 +273,7 @@ class Recorder:
             reason=reason,
             records=counts(schema.by_buffer(session.records)),
             lost=sum(session.lost),
+            not_written=sum(session.unwritten),
             untracked_forks=session.untracked_forks,
         )
 
@@ -300,63 +325,147 @@ class Recorder:
             batch.release()
             self.probe.release_batch()
 
-    def _flush_session(self, session: Session) -> None:
-        """Write what the session has pending."""
+    def _reports(self, session: Session) -> tuple[list[int], int]:
+        """Add to the session's pending events a session.lost for each kind
+        of loss since the last report: records the kernel could not deliver,
+        and events the recorder could not write. Returns the records they
+        report per buffer, and the frame flag that declares a gap."""
         pending = session.pending
-        newly_lost: list[int] = []
+        lost = [0] * len(schema.BUFFERS)
         if self.probe is not None:
-            _live, lost, untracked = self.probe.session_counters(session.slot)
-            lost = list(lost)
-            if lost != session.lost or untracked != session.untracked_forks:
-                newly_lost = [now - before for now, before in zip(lost, session.lost)]
+            _live, kernel, untracked = self.probe.session_counters(session.slot)
+            kernel = list(kernel)
+            if kernel != session.lost or untracked != session.untracked_forks:
+                lost = [now - before for now, before in zip(kernel, session.lost)]
                 pending.add(
                     schema.Lost(
                         pending.next_ei,
                         time.time_ns(),
-                        newly_lost,
+                        lost,
                         untracked - session.untracked_forks,
                     )
                 )
-                session.lost = lost
+                session.lost = kernel
                 session.untracked_forks = untracked
-        if not pending.events:
+        gap = session.gap
+        if gap is None:
+            return lost, 0
+        pending.add(
+            schema.Lost(
+                pending.next_ei,
+                time.time_ns(),
+                gap.records,
+                0,
+                gap.reason,
+                [gap.first_ei, gap.last_ei],
+            )
+        )
+        return [a + b for a, b in zip(lost, gap.records)], FLAG_GAP
+
+    def _flush_session(self, session: Session) -> None:
+        """Write what the session has pending."""
+        reported = session.lost, session.untracked_forks
+        lost, gap = self._reports(session)
+        if not session.pending.events:
             return
-        events, audited, records = pending.take()
-        for i, n in enumerate(records):
-            session.records[i] += n
-            self.records[i] += n
-        self._append(session, events, audited, records, newly_lost)
+        events, audited, records = session.pending.take()
+        if not self._append(session, KIND_EVENTS, events, audited, records, lost, gap):
+            # The kernel's losses are reported again with the next frame.
+            session.lost, session.untracked_forks = reported
 
     def _flags(self, session: Session) -> int:
         return FLAG_INTERACTIVE if session.pending.interactive else 0
 
-    def _append(self, session: Session, events: list, audited: list, records=(), lost=()) -> None:
-        """Write events as a frame, and those to audit as lines."""
+    def _append(
+        self,
+        session: Session,
+        kind: int,
+        events: list,
+        audited: list,
+        records=(),
+        lost=(),
+        flags: int = 0,
+        reserved: bool = False,
+    ) -> bool:
+        """Write events as a frame, and those to audit as lines. Returns
+        whether the frame was written; if not, it is counted, and the next
+        frame written says so."""
         try:
-            session.writer.append(KIND_EVENTS, events, records, lost, self._flags(session))
+            session.writer.append(
+                kind, events, records, lost, flags | self._flags(session), reserved
+            )
         except OSError as err:
-            self._write_failed(session, err, len(events))
+            self._not_written(session, events, records, err)
+            # What its session.lost events reported is reported again.
+            audited = [e for e in audited if type(e) is not schema.Lost]
+            written = False
+        else:
+            for i, n in enumerate(records):
+                session.records[i] += n
+                self.records[i] += n
+            if flags & FLAG_GAP and session.gap is not None:
+                gap, session.gap = session.gap, None
+                self.log(
+                    "recording.resumed",
+                    sid=session.sid,
+                    missing=f"{gap.first_ei}..{gap.last_ei}",
+                    not_written=counts(schema.by_buffer(gap.records)),
+                    reason=gap.reason,
+                )
+            written = True
         if audited:
             self._audit_write(b"".join([session.audit.line(e) for e in audited]))
+        return written
 
-    def _audit_write(self, lines: bytes) -> None:
+    def _not_written(self, session: Session, events: list, records, err: OSError) -> None:
+        self.write_errors += 1
+        if not isinstance(err, NoRoom):
+            session.writer.discard_partial()
+        reason = "disk_full" if err.errno in FULL else "write_error"
+        records = list(records) + [0] * (len(schema.BUFFERS) - len(records))
+        for i, n in enumerate(records):
+            session.unwritten[i] += n
+        self.lost_in_user_space += sum(records)
+        gap = session.gap
+        if gap is None:
+            session.gap = Gap(events[0].ei, events[-1].ei, records, reason)
+            self.log(
+                "recording.not_written",
+                level="error",
+                sid=session.sid,
+                reason=reason,
+                error=err.strerror,
+                first_ei=events[0].ei,
+            )
+        else:
+            gap.last_ei = events[-1].ei
+            gap.records = [a + b for a, b in zip(gap.records, records)]
+
+    def _audit_write(self, lines: bytes, reserved: bool = False) -> None:
         try:
-            self.audit.write(lines)
+            self.audit.write(lines, reserved)
         except OSError as err:
             self.write_errors += 1
-            self.log("audit.write_failed", level="error", error=err.strerror)
+            self.audit_unwritten += lines.count(b"\n")
+            if not self._audit_failing:
+                self.log("audit.not_written", level="error", error=err.strerror)
+            self._audit_failing = True
+        else:
+            if self._audit_failing:
+                self.log("audit.resumed", not_written=self.audit_unwritten)
+            self._audit_failing = False
 
-    def _write_failed(self, session: Session, err: OSError, count: int) -> None:
-        self.write_errors += 1
-        self.lost_in_user_space += count
-        session.writer.discard_partial()
-        self.log(
-            "recording.write_failed",
-            level="error",
-            sid=session.sid,
-            error=err.strerror,
-            events=count,
-        )
+    def disk_full(self) -> bool:
+        """Whether the data dir is full (less than _FULL_BELOW free), or what
+        is recorded cannot all be written now: a session's latest frames,
+        or the audit log's latest lines."""
+        if self._audit_failing or any(s.gap is not None for s in self.registry):
+            return True
+        try:
+            st = os.statvfs(self.datadir.sessions_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _FULL_BELOW
 
     # --- status ----------------------------------------------------------------
 
@@ -373,7 +482,19 @@ class Recorder:
                 "reported_by_perf": self.probe.lost_notified if self.probe is not None else 0,
                 "user_space": self.lost_in_user_space,
                 "sessions": {s.sid: schema.by_buffer(s.lost) for s in self.registry},
+                # Records the recorder could not write, by session, and why
+                # it cannot write now (None once it can again).
+                "not_written": {
+                    s.sid: {
+                        "records": schema.by_buffer(s.unwritten),
+                        "failing": s.gap.reason if s.gap is not None else None,
+                    }
+                    for s in self.registry
+                    if any(s.unwritten)
+                },
+                "audit_lines": self.audit_unwritten,
             },
+            "disk_full": self.disk_full(),
             "orphan_records": self.orphans,
             "sessions_open": len(self.registry),
             "bytes_written": sum(s.writer.bytes_written for s in self.registry)
@@ -388,32 +509,46 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
     crashed) with an explicit "recorder stopped" session.end."""
     ended = []
     audit = AuditLog(datadir.log_dir, datadir.server_id())
-    for sid in datadir.sids():
-        path = datadir.recording(sid)
-        summary, damage = recording.scan(path, sid)
-        if summary.closed or not summary.frames or (damage and not damage.truncated):
-            continue
-        try:
-            writer, summary, cut = Writer.resume(path, sid, level)
-        except recording.Damage as err:
-            log("recording.damaged", level="warning", sid=sid, error=str(err))
-            continue
-        start = recording.session_start(path)
-        interactive = start.interactive or summary.interactive
-        end = schema.SessionEnd(
-            ei=summary.last_ei + 1,
-            time=time.time_ns(),
-            reason="recorder stopped",
-            enhanced_recording=start.enhanced_recording,
-            interactive=interactive,
-            records=summary.records,
-            lost=summary.lost,
-            untracked_forks=0,
-        )
-        writer.append(KIND_END, [end], flags=FLAG_INTERACTIVE if interactive else 0)
-        writer.close()
-        audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end))
-        log("session.recovered", sid=sid, cut_bytes=cut)
-        ended.append(sid)
-    audit.close()
+    try:
+        for sid in datadir.sids(lambda m: log("datadir.skipped", level="warning", error=m)):
+            try:
+                if _recover(datadir, sid, level, audit, log):
+                    ended.append(sid)
+            except (OSError, EsrError) as err:
+                # Left open: the next start tries again.
+                error = err.strerror if isinstance(err, OSError) else str(err)
+                log("session.not_recovered", level="error", sid=sid, error=error)
+    finally:
+        audit.close()
     return ended
+
+
+def _recover(datadir: DataDir, sid: str, level: int, audit: AuditLog, log) -> bool:
+    path = datadir.recording(sid)
+    summary, damage = recording.scan(path, sid)
+    if summary.closed or not summary.frames or (damage and not damage.truncated):
+        return False
+    try:
+        writer, summary, cut = Writer.resume(path, sid, level)
+    except recording.Damage as err:
+        log("recording.damaged", level="warning", sid=sid, error=str(err))
+        return False
+    start = recording.session_start(path)
+    interactive = start.interactive or summary.interactive
+    end = schema.SessionEnd(
+        ei=summary.last_ei + 1,
+        time=time.time_ns(),
+        reason="recorder stopped",
+        enhanced_recording=start.enhanced_recording,
+        interactive=interactive,
+        records=summary.records,
+        lost=summary.lost,
+        untracked_forks=0,
+    )
+    try:
+        writer.append(KIND_END, [end], flags=FLAG_INTERACTIVE if interactive else 0, reserved=True)
+    finally:
+        writer.close()
+    audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end), reserved=True)
+    log("session.recovered", sid=sid, cut_bytes=cut)
+    return True

@@ -17,6 +17,17 @@ from esr.recording import Writer
 
 
 @dataclass
+class Gap:
+    """Events not written since the last frame that was, until a frame
+    written says so."""
+
+    first_ei: int
+    last_ei: int
+    records: list[int]  # per buffer
+    reason: str  # "disk_full" or "write_error"
+
+
+@dataclass
 class Session:
     sid: str
     slot: int
@@ -32,6 +43,10 @@ class Session:
     lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     untracked_forks: int = 0
     leader_gone: bool = False
+    # Records the recorder could not write, per buffer, and the events not
+    # written since the last frame that was.
+    unwritten: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
+    gap: Gap | None = None
 
 
 class Registry:

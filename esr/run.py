@@ -81,6 +81,20 @@ def _say(message: str) -> None:
     print(f"esr: {one_line(message)}", file=sys.stderr, flush=True)
 
 
+def _not_written(sid: str, records: int, status: int, audit_lines: int = 0) -> int:
+    """Say that the recording has holes, loudly; the exit status says it too
+    when the command's would not."""
+    if not records and not audit_lines:
+        return status
+    audit = f", nor {audit_lines} lines of the audit log" if audit_lines else ""
+    _say(
+        f"warning: {records} records of session {sid} could not be written{audit} (the "
+        f"data dir is full or failing); the recording says which events are missing "
+        f"(esr verify {sid})"
+    )
+    return status or 1
+
+
 def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> int:
     """Record argv as a session; returns its exit status. A running daemon
     records it; otherwise this process loads the programs and records."""
@@ -129,6 +143,7 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
                     f"{argv[0]} exited; the daemon keeps recording the {closed.remaining} "
                     "tasks it left running"
                 )
+            status = _not_written(reply.sid, closed.unwritten, status)
         except control.ControlError as err:
             _say(f"warning: {err}")
     return status
@@ -211,4 +226,9 @@ def _record(config: Config, pid: int, release: int, request: control.Open) -> in
     finally:
         recorder.close()
         loop.close()
-    return status[0] if status else 1
+    return _not_written(
+        session.sid,
+        sum(session.unwritten),
+        status[0] if status else 1,
+        recorder.audit_unwritten,
+    )

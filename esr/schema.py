@@ -234,11 +234,15 @@ class Network(Record, tag=3):
 
 
 class Lost(Event, tag=5):
-    """Records the kernel could not deliver since the previous report, per
-    buffer (esr._fast.decode.BUFFERS order)."""
+    """Records lost since the previous report, per buffer
+    (esr._fast.decode.BUFFERS order): those the kernel could not deliver, or,
+    with a reason, those the recorder could not write (events missing[0]
+    to missing[1] of the session)."""
 
     lost: list[int]
     untracked_forks: int = 0
+    reason: str = ""  # "disk_full" or "write_error"; "" for the kernel's losses
+    missing: list[int] = []
 
     name = "session.lost"
     code = "E4100W"
@@ -247,11 +251,19 @@ class Lost(Event, tag=5):
         out: dict = {"lost": by_buffer(self.lost)}
         if self.untracked_forks:
             out["untracked_forks"] = self.untracked_forks
+        if self.reason:
+            out["reason"] = self.reason
+            out["missing"] = {"first_ei": self.missing[0], "last_ei": self.missing[1]}
         return out
 
     def describe(self) -> str:
         lost = " ".join(f"{k}={v}" for k, v in by_buffer(self.lost).items())
         forks = f" untracked_forks={self.untracked_forks}" if self.untracked_forks else ""
+        if self.reason:
+            first, last = self.missing
+            return (
+                f"NOT WRITTEN ({printable_str(self.reason)}) events {first}..{last}, records {lost}"
+            )
         return f"LOST {lost}{forks}"
 
 
@@ -318,9 +330,10 @@ class SessionEnd(Event, tag=13):
     reason: str  # "exited" or "recorder stopped"
     enhanced_recording: bool
     interactive: bool
-    records: list[int]  # per buffer
-    lost: list[int]  # per buffer
+    records: list[int]  # per buffer, in the recording
+    lost: list[int]  # per buffer, for any reason
     untracked_forks: int
+    unwritten: list[int] = []  # per buffer, of lost: those the recorder could not write
 
     name = "session.end"
     code = "T2004I"
@@ -334,11 +347,12 @@ class SessionEnd(Event, tag=13):
             "events": by_buffer(self.records),
             "lost": by_buffer(self.lost),
             "untracked_forks": self.untracked_forks,
-        }
+        } | ({"unwritten": by_buffer(self.unwritten)} if any(self.unwritten) else {})
 
     def describe(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in by_buffer(self.records).items())
-        return f"reason={printable_str(self.reason)} {counts} lost={sum(self.lost)}"
+        unwritten = f" not_written={sum(self.unwritten)}" if any(self.unwritten) else ""
+        return f"reason={printable_str(self.reason)} {counts} lost={sum(self.lost)}{unwritten}"
 
 
 # --- version 1 recordings (esr 0.1), counted three buffers by name -------------------

@@ -60,7 +60,22 @@ def verify(datadir: DataDir, sid: str) -> str:
             f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; {good}"
         ) from None
     state = "closed" if s.closed else "not closed: still recording, or the recorder stopped"
-    return f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}"
+    return f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}{_gaps(s)}"
+
+
+def _gaps(summary: recording.Summary) -> str:
+    """The holes the recorder declared, as a clause."""
+    if not summary.gaps:
+        return ""
+    reasons = ", ".join(sorted({reason for _first, _last, reason in summary.gaps}))
+    missing = sum(last - first + 1 for first, last, _reason in summary.gaps)
+    first, last = summary.gaps[0][0], summary.gaps[-1][1]
+    where = (
+        f"events {first}..{last}"
+        if len(summary.gaps) == 1
+        else f"{len(summary.gaps)} runs of events between {first} and {last}"
+    )
+    return f"; {where} ({missing} events) not written, counted by the recorder ({reasons})"
 
 
 def _first_command(path: str, summary: recording.Summary) -> str:
@@ -97,7 +112,7 @@ def sessions(datadir: DataDir) -> list[dict]:
                     path, summary
                 )
             if summary.closed:
-                end = recording.read_frame(path, summary.last_offset).events()[0]
+                end = recording.read_frame(path, summary.last_offset).events()[-1]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)
         except Exception as err:  # a damaged frame must not hide the other sessions
             row["damaged"] = row["damaged"] or f"unreadable: {err}"

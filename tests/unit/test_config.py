@@ -63,6 +63,7 @@ def test_the_reference_block_pastes_as_is():
             b"enhanced_recording:\n  enabled: true\n  enabled: false\n",
             "esr.yaml: enabled: given twice (line 3)",
         ),
+        (b"on_disk_full: panic\n", "on_disk_full: invalid enum value 'panic'"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_key(text, message):
@@ -81,3 +82,9 @@ def test_data_dir_given_on_the_command_line_wins(tmp_path):
     path = tmp_path / "esr.yaml"
     path.write_text("data_dir: /var/lib/elsewhere\n")
     assert config.load(str(path), "relative").data_dir.endswith("/relative")
+
+
+def test_on_disk_full_takes_its_two_policies():
+    assert config.parse(b"", "esr.yaml").on_disk_full == "keep_running"
+    refuse = config.parse(b"on_disk_full: refuse_new_sessions\n", "esr.yaml")
+    assert refuse.on_disk_full == "refuse_new_sessions"

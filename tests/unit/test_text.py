@@ -24,9 +24,10 @@ def test_every_session_start_field_is_escaped(field):
     assert not _raw(text) and "\\x1b]0;pwn\\x07\\x0aFORGED" in text
 
 
-def test_the_reason_a_session_ended_is_escaped():
+def test_session_end_and_lost_reasons_are_escaped():
     end = schema.SessionEnd(9, 1, EVIL, True, False, [0] * 3, [0] * 3, 0)
-    assert not _raw(end.describe())
+    lost = schema.Lost(8, 1, [0, 1, 0], 0, EVIL, [3, 7])
+    assert not _raw(end.describe()) and not _raw(lost.describe())
 
 
 def test_the_sessions_listing_escapes_login_and_user():
