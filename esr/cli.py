@@ -36,6 +36,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _epoch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 1 to 86400")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -79,9 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "text"), default="json")
     p.add_argument("--type", choices=("command", "disk", "network"))
 
-    p = sub.add_parser("verify", help="check a recording's frames and hash chain")
+    p = sub.add_parser(
+        "verify",
+        help="check a recording's frames, hash chain and seals",
+        description="Check a recording's frames and hash chain against its seals "
+        "(sessions/SID.seal) and the end seal in the audit log. On another machine, "
+        "point --data-dir at a copy holding sessions/SID.esr, sessions/SID.seal and log/.",
+    )
     _common(p)
     p.add_argument("sid", metavar="SID")
+    p.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the verification key `esr keygen` printed: authenticates every seal",
+    )
+
+    p = sub.add_parser(
+        "keygen",
+        help="make this host's sealing key; print the key that verifies its seals",
+        description="Write a new sealing key into the data dir (seal.key, 0600), "
+        "where the recorder reads it and moves it forward every epoch, and print "
+        "the verification key on standard output: keep it off this host.",
+    )
+    _common(p)
+    p.add_argument(
+        "--epoch",
+        type=_epoch,
+        default=900,
+        metavar="SECONDS",
+        help="how long each key is used before it is replaced by the next (default 900)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing key")
 
     p = sub.add_parser("check", help="report what this kernel offers esr")
     _common(p)
@@ -196,9 +234,41 @@ def _cmd_show(args) -> int:
 
 def _cmd_verify(args) -> int:
     from esr.datadir import DataDir
+    from esr.seal import VerificationKey
     from esr.show import verify
 
-    print(verify(DataDir(_config(args).data_dir), args.sid))
+    key = VerificationKey.load(args.key) if args.key else None
+    print(verify(DataDir(_config(args).data_dir), args.sid, key))
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    import fcntl
+
+    from esr.datadir import DataDir
+    from esr.errors import SealError
+    from esr.seal import HostKey
+
+    datadir = DataDir(_config(args).data_dir)
+    datadir.ensure()
+    # The daemon rewrites the key as epochs pass: it would put its own back.
+    lock = os.open(os.path.join(datadir.path, "esr.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SealError(
+                f"an esr daemon is recording into {datadir.path}: stop it first"
+            ) from None
+        verification = HostKey.create(datadir.seal_key(), args.epoch, args.force)
+    finally:
+        os.close(lock)
+    sys.stdout.write(verification.line())
+    print(
+        f"esr: sealing key {verification.id.hex()} written to {datadir.seal_key()}; keep the "
+        "verification key above off this host (esr verify --key FILE)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -256,6 +326,14 @@ def _cmd_status(args) -> int:
         )
     if lost["audit_lines"]:
         print(f"audit log lines not written: {lost['audit_lines']}")
+    sealing = status["seal"]
+    print(
+        f"sealing: key {sealing['key']}, epoch {sealing['epoch']}"
+        if sealing["key"]
+        else "sealing: without a key (esr keygen makes one)"
+    )
+    if sealing["errors"]:
+        print(f"seals not written: {sealing['errors']}")
     print(f"bytes written: {status['bytes_written']}")
     return 0
 
@@ -316,6 +394,7 @@ COMMANDS = {
     "sessions": _cmd_sessions,
     "show": _cmd_show,
     "verify": _cmd_verify,
+    "keygen": _cmd_keygen,
     "check": _cmd_check,
 }
 

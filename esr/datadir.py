@@ -1,7 +1,9 @@
 """Where esr keeps its files, under data_dir:
 
 server_id                 this host's stable id
+seal.key                  the current sealing key, when `esr keygen` made one
 sessions/<sid>.esr        one recording per session
+sessions/<sid>.seal       what vouches for it (esr/seal.py)
 log/<server_id>/<day>.00:00:00.log   the JSON audit log, one file per UTC day
 log/events.log            symlink to the current day's file
 esr.lock                  held by the running daemon
@@ -48,6 +50,12 @@ class DataDir:
 
     def recording(self, sid: str) -> str:
         return os.path.join(self.sessions_dir, f"{sid}.esr")
+
+    def seal(self, sid: str) -> str:
+        return os.path.join(self.sessions_dir, f"{sid}.seal")
+
+    def seal_key(self) -> str:
+        return os.path.join(self.path, "seal.key")
 
     def server_id(self) -> str:
         """A UUID made once per data_dir, so it survives restarts and upgrades."""

@@ -68,6 +68,11 @@ class DaemonError(EsrError):
     """The daemon cannot start."""
 
 
+class SealError(EsrError):
+    """A key is unusable, or a recording and its seals disagree: the message
+    says what is missing or forged."""
+
+
 class PamSetupError(EsrError):
     """The PAM configuration could not be changed."""
 

@@ -6,7 +6,8 @@ in who asks for sessions to open and close.
 
 What cannot be written (a full disk) is counted per session and declared by
 the next frame that is; each file keeps a reserve (esr/room.py), so a
-session's end always is.
+session's end always is. Once the frames of a flush are on disk, each
+session's chain head is sealed (esr/seal.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 import time
 import uuid
 
-from esr import recording, schema
+from esr import recording, schema, seal
 from esr._fast.decode import SessionEvents, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
@@ -25,8 +26,12 @@ from esr.errors import EsrError, SessionError
 from esr.log import counts
 from esr.recording import FLAG_GAP, FLAG_INTERACTIVE, KIND_END, KIND_EVENTS, KIND_START, Writer
 from esr.registry import Gap, Registry, Session
-from esr.room import FULL, NoRoom
+from esr.room import FULL, NoRoom, syncfs
+from esr.seal import HostKey, Sealer
 
+# Up to this many recordings to seal, one fdatasync each makes them durable
+# (about 0.2 ms each on ext4); beyond, one syncfs for all (about 1.6 ms).
+_SYNC_EACH = 4
 # Free space below which the data dir counts as full: a busy session writes
 # this much in a few seconds.
 _FULL_BELOW = 1 << 20
@@ -62,6 +67,9 @@ class Recorder:
         self.lost_in_user_space = 0  # records not written, every session's
         self.audit_unwritten = 0  # audit log lines not written
         self._audit_failing = False
+        self.key = HostKey.load(datadir.seal_key())  # None: seals without a key
+        self.seal_errors = 0
+        self._sealed_at = 0.0
 
     # --- sessions ------------------------------------------------------------
 
@@ -93,10 +101,12 @@ class Recorder:
         if sid in self.registry.by_sid:
             raise SessionError(f"session {sid} is already being recorded")
         path = self.datadir.recording(sid)
+        seal_path = self.datadir.seal(sid)
         slot, cookie = self.registry.allocate()
-        writer = None
+        writer = sealer = None
         try:
-            writer = Writer.create(path, sid, self.config.compression_level)
+            writer = Writer.create(path, sid, self.config.compression_level, sealed=True)
+            sealer = Sealer.create(seal_path, sid)
             start = schema.SessionStart(
                 ei=0,
                 time=time.time_ns(),
@@ -122,6 +132,7 @@ class Recorder:
                 start=start,
                 audit=schema.AuditFormat(schema.Identity.of(start)),
                 writer=writer,
+                sealer=sealer,
                 path=path,
                 pending=SessionEvents(audited_records=self._audited(), interactive=interactive),
                 anchor_pid=anchor_pid,
@@ -143,6 +154,9 @@ class Recorder:
             if writer is not None:
                 writer.close()
                 os.unlink(path)
+            if sealer is not None:
+                sealer.close()
+                os.unlink(seal_path)
             if isinstance(err, FileExistsError):
                 raise SessionError(f"session {sid} already exists in {self.datadir.path}") from None
             if isinstance(err, OSError) and err.errno in FULL:
@@ -263,9 +277,25 @@ class Recorder:
             )
         self.registry.remove(session)
         self.audit.reserve_for(len(self.registry))
-        self._append(session, KIND_END, [*events, end], audited, (), lost, gap, reserved=True)
-        self._audit_write(session.audit.line(end), reserved=True)
-        session.writer.close()
+        written = self._append(
+            session, KIND_END, [*events, end], audited, (), lost, gap, reserved=True
+        )
+        extra = None
+        try:
+            session.writer.close()  # on disk before the seal that vouches for it
+        except OSError as err:
+            written = False
+            self.log("recording.close_failed", level="error", sid=session.sid, error=err.strerror)
+        if written:
+            prev = session.sealer.prev
+            sealed = self._seal_session(session, seal.KIND_END, reserved=True)
+            if sealed is not None:
+                extra = {"seal": session.sealer.audit_field(sealed, prev)}
+        try:
+            session.sealer.close(sync=True)
+        except OSError as err:
+            self.log("seal.close_failed", level="error", sid=session.sid, error=err.strerror)
+        self._audit_write(session.audit.line(end, extra), reserved=True)
         self.closed_bytes += session.writer.bytes_written
         self.log(
             "session.end",
@@ -284,6 +314,8 @@ class Recorder:
         for session in self.registry:
             self.end(session, reason)
         self.audit.close()
+        if self.key is not None:
+            self.key.close()
         if self.probe is not None:
             self.probe.close()
             self.probe = None
@@ -294,6 +326,7 @@ class Recorder:
         """Write what the probe has drained into the sessions' recordings and
         the audit log, and end the sessions that are over."""
         if self.probe is None:
+            self._seal()
             return  # no records; sessions end when their leader leaves
         # Nothing can join a seeded session once its last task is gone, even
         # if whoever started it never says so; an anchored one waits for its
@@ -308,6 +341,7 @@ class Recorder:
         self._decode()
         for session in self.registry:
             self._flush_session(session)
+        self._seal()
         for session in over:
             self.end(session, "exited")
 
@@ -467,6 +501,63 @@ class Recorder:
             return False
         return st.f_bavail * st.f_frsize < _FULL_BELOW
 
+    # --- seals -----------------------------------------------------------------------
+
+    def _seal(self) -> None:
+        """Seal the sessions whose recording moved since their last seal,
+        and every open session once per epoch; at most once per flush
+        interval, since what a seal vouches for must be on disk first."""
+        now = time.monotonic()
+        if now - self._sealed_at < self.config.flush_interval_ms / 1000:
+            return
+        self._sealed_at = now
+        try:
+            # Moves the key on when an epoch begins, sessions or not.
+            epoch = self.key.current(time.time_ns())[0] if self.key is not None else 0
+        except OSError as err:
+            self.seal_errors += 1
+            self.log("seal.key_failed", level="error", error=err.strerror)
+            return
+        moved = [s for s in self.registry if s.sealer.frames != s.writer.frames]
+        idle = [
+            s
+            for s in self.registry
+            if s.sealer.frames == s.writer.frames and s.sealer.epoch < epoch
+        ]
+        if moved:
+            try:
+                if len(moved) <= _SYNC_EACH:
+                    for s in moved:
+                        os.fdatasync(s.writer.fd)
+                else:
+                    syncfs(moved[0].writer.fd)
+            except OSError as err:
+                self.seal_errors += 1
+                self.log("seal.sync_failed", level="error", error=err.strerror)
+                return
+        for s in moved:
+            self._seal_session(s, seal.KIND_FLUSH)
+        for s in idle:
+            self._seal_session(s, seal.KIND_EPOCH)
+
+    def _seal_session(
+        self, session: Session, kind: int, flags: int = 0, reserved: bool = False
+    ) -> seal.Seal | None:
+        try:
+            sealed = session.sealer.seal(kind, session.writer, self.key, flags, reserved)
+            error = "no room left beyond the reserve"
+        except OSError as err:
+            sealed, error = None, err.strerror or str(err)
+        if sealed is None:
+            self.seal_errors += 1
+            if not session.seal_failing:
+                self.log("seal.not_written", level="error", sid=session.sid, error=error)
+            session.seal_failing = True
+        elif session.seal_failing:
+            session.seal_failing = False
+            self.log("seal.resumed", sid=session.sid)
+        return sealed
+
     # --- status ----------------------------------------------------------------
 
     def status(self) -> dict:
@@ -501,18 +592,26 @@ class Recorder:
             + self.closed_bytes
             + self.audit.bytes_written,
             "write_errors": self.write_errors,
+            "seal": {
+                "key": self.key.id.hex() if self.key is not None else None,
+                "epoch": self.key.epoch if self.key is not None else None,
+                "errors": self.seal_errors,
+            },
         }
 
 
 def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
     """End every recording a previous recorder left open (it was stopped or
-    crashed) with an explicit "recorder stopped" session.end."""
+    crashed) with an explicit "recorder stopped" session.end, sealed as
+    recovered. A recording its seals say was longer is evidence of a cut,
+    and is left as it is."""
     ended = []
+    key = HostKey.load(datadir.seal_key())
     audit = AuditLog(datadir.log_dir, datadir.server_id())
     try:
         for sid in datadir.sids(lambda m: log("datadir.skipped", level="warning", error=m)):
             try:
-                if _recover(datadir, sid, level, audit, log):
+                if _recover(datadir, sid, level, key, audit, log):
                     ended.append(sid)
             except (OSError, EsrError) as err:
                 # Left open: the next start tries again.
@@ -520,19 +619,28 @@ def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
                 log("session.not_recovered", level="error", sid=sid, error=error)
     finally:
         audit.close()
+        if key is not None:
+            key.close()
     return ended
 
 
-def _recover(datadir: DataDir, sid: str, level: int, audit: AuditLog, log) -> bool:
+def _recover(
+    datadir: DataDir, sid: str, level: int, key: HostKey | None, audit: AuditLog, log
+) -> bool:
     path = datadir.recording(sid)
     summary, damage = recording.scan(path, sid)
     if summary.closed or not summary.frames or (damage and not damage.truncated):
+        return False
+    problem = seal.unlike(summary, seal.last(datadir.seal(sid)))
+    if problem:
+        log("recording.damaged", level="warning", sid=sid, error=problem)
         return False
     try:
         writer, summary, cut = Writer.resume(path, sid, level)
     except recording.Damage as err:
         log("recording.damaged", level="warning", sid=sid, error=str(err))
         return False
+    sealer = Sealer.resume(datadir.seal(sid), sid)[0] if summary.sealed else None
     start = recording.session_start(path)
     interactive = start.interactive or summary.interactive
     end = schema.SessionEnd(
@@ -549,6 +657,15 @@ def _recover(datadir: DataDir, sid: str, level: int, audit: AuditLog, log) -> bo
         writer.append(KIND_END, [end], flags=FLAG_INTERACTIVE if interactive else 0, reserved=True)
     finally:
         writer.close()
-    audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end), reserved=True)
+    extra = None
+    if sealer is not None:
+        prev = sealer.prev
+        try:
+            sealed = sealer.seal(seal.KIND_END, writer, key, seal.FLAG_RECOVERED, reserved=True)
+        finally:
+            sealer.close(sync=True)
+        if sealed is not None:
+            extra = {"seal": sealer.audit_field(sealed, prev)}
+    audit.write(schema.AuditFormat(schema.Identity.of(start)).line(end, extra), reserved=True)
     log("session.recovered", sid=sid, cut_bytes=cut)
     return True

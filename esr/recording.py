@@ -11,7 +11,8 @@ The first frame holds session.start, the last one session.end; a file
 without an end frame was not closed (yet). Events the recorder could not
 write (a full disk) leave a hole in the sequence that the next frame written
 declares (FLAG_GAP) and accounts for with a session.lost event, so a hole
-the recorder made reads differently from a frame someone removed.
+the recorder made reads differently from a frame someone removed. What
+vouches for the recording from outside it is its seal file (esr/seal.py).
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ KINDS = (KIND_EVENTS, KIND_START, KIND_END)
 # Header flags.
 FLAG_INTERACTIVE = 0x1  # a command of the session has run on a terminal by now
 FLAG_GAP = 0x2  # events since the previous frame were not written; a session.lost here says which
+FLAG_SEALED = 0x4  # the recorder seals this recording in <sid>.seal
 
 # Bytes kept allocated past the end of a recording being written: its end
 # frame, with a session.lost for what a full disk kept out, always fits.
 RESERVE = 8192
+
+# What a file without even its session.start frame is.
+EMPTY = "the file is empty"
 
 # A frame larger than this is damage, not data: nothing writes one.
 MAX_PAYLOAD = 1 << 30
@@ -139,6 +144,7 @@ class Summary:
     lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     closed: bool = False
     interactive: bool = False
+    sealed: bool = False  # frames say a seal file vouches for them
     # Holes the recorder declared: (first_ei, last_ei, reason); the reason
     # is read from the payload, so it is "" in a headers-only scan.
     gaps: list[tuple[int, int, str]] = field(default_factory=list)
@@ -156,6 +162,7 @@ class Summary:
             self.lost[i] += n
         self.closed = frame.kind == KIND_END
         self.interactive = self.interactive or bool(frame.flags & FLAG_INTERACTIVE)
+        self.sealed = self.sealed or bool(frame.flags & FLAG_SEALED)
         self.end_offset = frame.end
         self.digest = frame.digest
         self.last_offset = frame.offset
@@ -223,6 +230,8 @@ class Reader:
         expect_ei = 0
         with open_regular(self.path) as f:
             size = os.fstat(f.fileno()).st_size
+            if not size:
+                raise Damage(0, 0, EMPTY, summary, truncated=True)
             offset = index = 0
             while offset < size:
                 damage = functools.partial(Damage, index, offset, intact=summary)
@@ -328,20 +337,26 @@ class Writer:
         digest: bytes,
         size: int,
         level: int,
+        frames: int = 0,
+        last_ei: int = -1,
+        sealed: bool = False,
     ):
         self.fd = fd
         self.digest = digest
         self.size = size  # bytes of complete frames
+        self.frames = frames
+        self.last_ei = last_ei
         self.bytes_written = 0
         self.room = Room(fd, size, RESERVE)
+        self._flags = FLAG_SEALED if sealed else 0
         self._zstd = zstandard.ZstdCompressor(level=level)
         # Reused from frame to frame: a busy session's batches are megabytes.
         self._encoded = bytearray()
 
     @classmethod
-    def create(cls, path: str, sid: str, level: int) -> Writer:
+    def create(cls, path: str, sid: str, level: int, sealed: bool = False) -> Writer:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        return cls(fd, chain_seed(sid), 0, level)
+        return cls(fd, chain_seed(sid), 0, level, sealed=sealed)
 
     @classmethod
     def resume(cls, path: str, sid: str, level: int) -> tuple[Writer, Summary, int]:
@@ -359,7 +374,16 @@ class Writer:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if cut:
             os.ftruncate(fd, summary.end_offset)
-        return cls(fd, summary.digest, summary.end_offset, level), summary, cut
+        writer = cls(
+            fd,
+            summary.digest,
+            summary.end_offset,
+            level,
+            summary.frames,
+            summary.last_ei,
+            summary.sealed,
+        )
+        return writer, summary, cut
 
     def append(
         self, kind: int, events: list, records=(), lost=(), flags: int = 0, reserved: bool = False
@@ -402,7 +426,7 @@ class Writer:
             MAGIC,
             VERSION,
             kind,
-            flags,
+            flags | self._flags,
             len(payload),
             last_ei - first_ei + 1,
             first_ei,
@@ -421,6 +445,8 @@ class Writer:
         self.digest = digest
         self.size += len(data)
         self.room.wrote(len(data))
+        self.frames += 1
+        self.last_ei = last_ei
         self.bytes_written += len(data)
         return len(data)
 

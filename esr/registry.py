@@ -14,6 +14,7 @@ from esr import schema
 from esr._fast.decode import SessionEvents
 from esr.errors import RegistryFull
 from esr.recording import Writer
+from esr.seal import Sealer
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Session:
     start: schema.SessionStart
     audit: schema.AuditFormat
     writer: Writer
+    sealer: Sealer
     path: str
     pending: SessionEvents = field(default_factory=SessionEvents)
     anchor_pid: int = 0  # 0 for a seeded session
@@ -47,6 +49,7 @@ class Session:
     # written since the last frame that was.
     unwritten: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     gap: Gap | None = None
+    seal_failing: bool = False  # its last seal could not be written
 
 
 class Registry:

@@ -481,7 +481,8 @@ class AuditFormat:
             }
         )[1:-1]
 
-    def line(self, event: Event) -> bytes:
+    def line(self, event: Event, extra: dict | None = None) -> bytes:
+        """extra: fields the event does not hold (the seal of session.end)."""
         head = (
             f'{{"event":"{event.name}","code":"{event.code}","ei":{event.ei},'
             f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",'
@@ -490,6 +491,6 @@ class AuditFormat:
             head.encode()
             + self._common
             + b","
-            + _ascii_json(event.fields(self.identity))[1:]
+            + _ascii_json(event.fields(self.identity) | (extra or {}))[1:]
             + b"\n"
         )

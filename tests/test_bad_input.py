@@ -90,6 +90,28 @@ def test_truncated_recording(esr, recorded):
     assert len(shown) > 3
 
 
+def _frame_starts(path, sid) -> list[int]:
+    from esr import recording
+
+    return [frame.offset for frame in recording.Reader(str(path), sid)]
+
+
+@pytest.mark.parametrize("cut", ["before the end frame", "to nothing"])
+def test_recording_cut_at_a_frame_boundary_or_emptied(esr, recorded, cut):
+    sid, path = recorded
+    starts = _frame_starts(path, sid)
+    last = len(starts) - 1
+    os.truncate(path, starts[last] if cut == "before the end frame" else 0)
+    line = one_line_error(esr("verify", sid, check=False))
+    assert line.startswith(f"esr: {sid}: sealed through its end at frame {last} (events 0..")
+    if cut == "to nothing":
+        assert line.endswith(" but the file is empty")
+    else:
+        assert f" but the file ends after frame {last - 1} (events 0.." in line
+    [row] = [r for r in esr.sessions() if r["sid"] == sid]
+    assert row["damaged"].startswith("sealed through its end")
+
+
 def test_bit_flipped_recording(esr, recorded):
     sid, path = recorded
     data = bytearray(path.read_bytes())

@@ -90,6 +90,7 @@ def test_a_full_disk_loses_nothing_silently(small_disk):
     assert end["unwritten"]["disk"] > 0 and end["lost"]["disk"] >= end["unwritten"]["disk"]
     # Every open is in the recording or counted, per session.
     assert end["events"]["disk"] + end["lost"]["disk"] >= 2_000_000
+    assert end["seal"]["frames"] > 0
     path = str(esr.data_dir / "sessions" / f"{sid}.esr")
     holes = [
         e

@@ -135,6 +135,14 @@ def test_a_version_1_recording_still_reads(tmp_path):
     assert events[4].records == [1, 1, 0] and events[4].interactive
 
 
+def test_an_empty_file_is_not_an_intact_recording(tmp_path):
+    path = tmp_path / f"{SID}.esr"
+    path.write_bytes(b"")
+    with pytest.raises(Damage) as err:
+        recording.verify(str(path), SID)
+    assert err.value.reason == "the file is empty" and err.value.intact.frames == 0
+
+
 def _with_hole(path: Path, flags: int, report: bool) -> None:
     """start, events 1..5, then events 6..10 never written, then 11..15 (and
     the recorder's session.lost for the hole, as ei 16)."""
