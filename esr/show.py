@@ -158,6 +158,15 @@ def sessions(datadir: DataDir) -> list[dict]:
             if summary.closed:
                 end = recording.read_frame(path, summary.last_offset).events()[-1]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)
+                # What verify would find, without reading every frame: the
+                # headers summed must say what the end says.
+                if (
+                    schema.by_buffer(end.records) != row["events"]
+                    or schema.by_buffer(end.lost) != row["lost"]
+                ):
+                    row["damaged"] = row["damaged"] or (
+                        "the frame headers' counts disagree with session.end"
+                    )
             # A cut its seals show says more than where the scan stopped.
             row["damaged"] = seal.unlike(summary, seal.last(datadir.seal(sid))) or row["damaged"]
         except Exception as err:  # a damaged frame must not hide the other sessions

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 
 import pytest
 
 from esr import show
 from esr.datadir import DataDir
 from esr.errors import RecordingError
-from esr.recording import KIND_START, Writer
-from esr.schema import SessionStart
+from esr.recording import KIND_END, KIND_EVENTS, KIND_START, Reader, Writer
+from esr.schema import Disk, SessionEnd, SessionStart
 
 SID = "0123-real"
 
@@ -60,3 +61,19 @@ def test_server_id_is_readable_whatever_the_umask(tmp_path):
         os.umask(old)
     mode = os.stat(os.path.join(d.path, "server_id")).st_mode
     assert stat.S_IMODE(mode) == 0o644
+
+
+def test_sessions_marks_a_recording_whose_header_counts_verify_would_reject(datadir):
+    w, _summary, _cut = Writer.resume(datadir.recording(SID), SID, 1)
+    w.append(KIND_EVENTS, [Disk(1, 2, 42, 7, b"cat", b"/etc/hostname", 0, 3)], records=[0, 1, 0])
+    w.append(KIND_END, [SessionEnd(2, 3, "exited", True, False, [0, 1, 0], [0, 0, 0], 0)])
+    w.close()
+    [row] = show.sessions(datadir)
+    assert row["damaged"] is None and row["events"]["disk"] == 1
+    frame = list(Reader(datadir.recording(SID), SID))[1]
+    with open(datadir.recording(SID), "r+b") as f:
+        f.seek(frame.offset + 36)  # the header's disk record count
+        f.write(struct.pack("<I", 1000))
+    [row] = show.sessions(datadir)
+    assert row["events"]["disk"] == 1000
+    assert row["damaged"] == "the frame headers' counts disagree with session.end"
