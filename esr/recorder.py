@@ -631,7 +631,10 @@ def _recover(
     summary, damage = recording.scan(path, sid)
     if summary.closed or not summary.frames or (damage and not damage.truncated):
         return False
-    problem = seal.unlike(summary, seal.last(datadir.seal(sid)))
+    last = seal.last(datadir.seal(sid))
+    # An empty seal file is a crash before the first seal; a missing one is not.
+    crashed_early = last is None and os.path.exists(datadir.seal(sid))
+    problem = None if crashed_early else seal.unlike(summary, last)
     if problem:
         log("recording.damaged", level="warning", sid=sid, error=problem)
         return False

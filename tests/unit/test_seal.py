@@ -15,6 +15,7 @@ from esr import schema, seal, show
 from esr.audit import AuditLog
 from esr.datadir import DataDir
 from esr.errors import RecordingError, SealError
+from esr.recorder import recover
 from esr.recording import KIND_END, KIND_EVENTS, KIND_START, Reader, Writer
 from esr.seal import HostKey, Sealer, VerificationKey
 
@@ -96,10 +97,14 @@ def verify(datadir: DataDir, key: VerificationKey | None) -> str:
         return f"FAILED: {err}"
 
 
-def offsets(datadir: DataDir) -> list[int]:
+def offsets_of(datadir: DataDir, sid: str) -> list[int]:
     """Where each frame starts, and where the last one ends."""
-    frames = list(Reader(datadir.recording(SID), SID))
+    frames = list(Reader(datadir.recording(sid), sid))
     return [f.offset for f in frames] + [frames[-1].end]
+
+
+def offsets(datadir: DataDir) -> list[int]:
+    return offsets_of(datadir, SID)
 
 
 def test_an_intact_recording_verifies_with_the_key_on_a_copy_elsewhere(host, tmp_path, clock):
@@ -255,3 +260,32 @@ def test_keygen_does_not_replace_a_key_unless_forced(host):
     with pytest.raises(SealError, match="exists"):
         HostKey.create(datadir.seal_key(), EPOCH, force=False)
     assert HostKey.create(datadir.seal_key(), EPOCH, force=True).id != key.id
+
+
+def test_the_next_start_ends_what_a_crash_left_open_unless_its_seals_say_more(host, clock):
+    datadir, key = host
+    host_key = HostKey.load(datadir.seal_key())
+    for sid, seals in (("0123-early", False), ("0123-later", True), ("0123-cut", True)):
+        writer = Writer.create(datadir.recording(sid), sid, 1, sealed=True)
+        sealer = Sealer.create(datadir.seal(sid), sid)
+        start = schema.SessionStart(0, clock.epoch(3, 40), sid, "srv", "host", "a", "a")
+        writer.append(KIND_START, [start])
+        writer.append(KIND_EVENTS, [_disk(1, clock.ns)], records=[0, 1, 0])
+        if seals:  # the crash came after the first seal, or before
+            sealer.seal(seal.KIND_FLUSH, writer, host_key)
+        writer.close()
+        sealer.close()
+    host_key.close()
+    os.truncate(datadir.recording("0123-cut"), offsets_of(datadir, "0123-cut")[1])
+    logged = []
+    ended = recover(datadir, 1, lambda event, **fields: logged.append((event, fields)))
+    assert sorted(ended) == ["0123-early", "0123-later"]
+    for sid in ended:
+        line = show.verify(datadir, sid, key)
+        assert ", closed; sealed with key " in line
+        assert line.endswith("its end was written after the recorder stopped")
+    [(event, fields)] = [entry for entry in logged if entry[1].get("sid") == "0123-cut"]
+    assert event == "recording.damaged"
+    assert fields["error"] == (
+        "sealed through frame 1 (events 0..1) but the file ends after frame 0 (events 0..0)"
+    )
