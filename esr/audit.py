@@ -6,6 +6,13 @@ from __future__ import annotations
 import os
 import time
 
+from esr.room import NoRoom, Room
+
+# Room kept past the end of the day's file: every open session's end line
+# (with its seal) fits when the disk is full.
+RESERVE_BASE = 8192
+RESERVE_PER_SESSION = 2048
+
 
 class AuditLog:
     def __init__(self, log_dir: str, server_id: str):
@@ -14,6 +21,8 @@ class AuditLog:
         self.fd = -1
         self.day = ""
         self.bytes_written = 0
+        self.room: Room | None = None
+        self.reserve = RESERVE_BASE
 
     def _open(self, day: str) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -26,6 +35,8 @@ class AuditLog:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd, self.day = fd, day
+        # esr run without the daemon appends to the same file.
+        self.room = Room(fd, 0, self.reserve, shared=True)
         link = os.path.join(self.log_dir, "events.log")
         target = os.path.join(os.path.basename(self.dir), name)
         try:
@@ -41,14 +52,24 @@ class AuditLog:
         os.symlink(target, tmp)
         os.replace(tmp, link)
 
-    def write(self, lines: bytes) -> None:
+    def reserve_for(self, sessions: int) -> None:
+        """Keep room for the end lines of this many open sessions."""
+        self.reserve = RESERVE_BASE + RESERVE_PER_SESSION * sessions
+        if self.room is not None:
+            self.room.reserve = self.reserve
+
+    def write(self, lines: bytes, reserved: bool = False) -> None:
         """Append complete lines with one write: writers in other processes
-        (esr run without the daemon) never interleave within a line."""
+        (esr run without the daemon) never interleave within a line. Only
+        lines that must be written (a session's end) may use the reserve;
+        others raise NoRoom, an OSError, without writing anything."""
         if not lines:
             return
         day = time.strftime("%Y-%m-%d", time.gmtime())
         if day != self.day or self.fd < 0:
             self._open(day)
+        if self.room is not None and not reserved and not self.room.take(len(lines)):
+            raise NoRoom()
         view = memoryview(lines)
         while view:
             n = os.write(self.fd, view)

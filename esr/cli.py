@@ -10,7 +10,7 @@ import os
 import sys
 
 from esr import __version__, bench
-from esr.errors import EsrError, UsageError
+from esr.errors import EsrError, UsageError, one_line
 
 
 def _version() -> str:
@@ -43,6 +43,16 @@ def _positive(text: str) -> float:
         value = -1.0
     if not 0 < value < 1e6:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _epoch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 1 to 86400")
     return value
 
 
@@ -110,9 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("asciicast",), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
 
-    p = sub.add_parser("verify", help="check a recording's frames and hash chain")
+    p = sub.add_parser(
+        "verify",
+        help="check a recording's frames, hash chain and seals",
+        description="Check a recording's frames and hash chain against its seals "
+        "(sessions/SID.seal) and the end seal in the audit log. On another machine, "
+        "point --data-dir at a copy holding sessions/SID.esr, sessions/SID.seal and log/.",
+    )
     _common(p)
     p.add_argument("sid", metavar="SID")
+    p.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the verification key `esr keygen` printed: authenticates every seal",
+    )
+
+    p = sub.add_parser(
+        "keygen",
+        help="make this host's sealing key; print the key that verifies its seals",
+        description="Write a new sealing key into the data dir (seal.key, 0600), "
+        "where the recorder reads it and moves it forward every epoch, and print "
+        "the verification key on standard output: keep it off this host.",
+    )
+    _common(p)
+    p.add_argument(
+        "--epoch",
+        type=_epoch,
+        default=900,
+        metavar="SECONDS",
+        help="how long each key is used before it is replaced by the next (default 900)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing key")
 
     p = sub.add_parser("check", help="report what this kernel offers esr")
     _common(p)
@@ -255,9 +293,41 @@ def _cmd_export(args) -> int:
 
 def _cmd_verify(args) -> int:
     from esr.datadir import DataDir
+    from esr.seal import VerificationKey
     from esr.show import verify
 
-    print(verify(DataDir(_config(args).data_dir), args.sid))
+    key = VerificationKey.load(args.key) if args.key else None
+    print(verify(DataDir(_config(args).data_dir), args.sid, key))
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    import fcntl
+
+    from esr.datadir import DataDir
+    from esr.errors import SealError
+    from esr.seal import HostKey
+
+    datadir = DataDir(_config(args).data_dir)
+    datadir.ensure()
+    # The daemon rewrites the key as epochs pass: it would put its own back.
+    lock = os.open(os.path.join(datadir.path, "esr.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SealError(
+                f"an esr daemon is recording into {datadir.path}: stop it first"
+            ) from None
+        verification = HostKey.create(datadir.seal_key(), args.epoch, args.force)
+    finally:
+        os.close(lock)
+    sys.stdout.write(verification.line())
+    print(
+        f"esr: sealing key {verification.id.hex()} written to {datadir.seal_key()}; keep the "
+        "verification key above off this host (esr verify --key FILE)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -300,10 +370,29 @@ def _cmd_status(args) -> int:
     print(
         "lost per buffer: "
         + ", ".join(f"{k} {v}" for k, v in lost["buffer"].items())
-        + f"; in user space: {lost['user_space']}"
+        + f"; not written: {lost['user_space']}"
     )
     for sid, counts in lost["sessions"].items():
         print(f"lost in session {sid}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if status["disk_full"]:
+        print("DISK FULL OR FAILING: what is recorded cannot all be written")
+    for sid, unwritten in lost["not_written"].items():
+        now = f" (failing now: {unwritten['failing']})" if unwritten["failing"] else ""
+        print(
+            f"not written in session {sid}: "
+            + ", ".join(f"{k} {v}" for k, v in unwritten["records"].items())
+            + now
+        )
+    if lost["audit_lines"]:
+        print(f"audit log lines not written: {lost['audit_lines']}")
+    sealing = status["seal"]
+    print(
+        f"sealing: key {sealing['key']}, epoch {sealing['epoch']}"
+        if sealing["key"]
+        else "sealing: without a key (esr keygen makes one)"
+    )
+    if sealing["errors"]:
+        print(f"seals not written: {sealing['errors']}")
     print(f"bytes written: {status['bytes_written']}")
     return 0
 
@@ -366,6 +455,7 @@ COMMANDS = {
     "play": _cmd_play,
     "export": _cmd_export,
     "verify": _cmd_verify,
+    "keygen": _cmd_keygen,
     "check": _cmd_check,
 }
 
@@ -382,10 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
-        print(f"esr: {where}{err.strerror or err}", file=sys.stderr)
+        print(f"esr: {one_line(f'{where}{err.strerror or err}')}", file=sys.stderr)
         return 1
     except EsrError as err:
-        print(f"esr: {err}", file=sys.stderr)
+        print(f"esr: {one_line(str(err))}", file=sys.stderr)
         return 1
 
 

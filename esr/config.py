@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
+import yaml  # type: ignore[import-untyped]
 
 from esr.errors import ConfigError
 from esr.schema import BUFFERS
@@ -78,6 +79,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audit_failed_connects: bool = True
     # The audit log's cluster_name, as Teleport's; this host's name when empty.
     cluster_name: str = ""
+    # While the data dir is full: keep recording what fits and count the
+    # rest, or also refuse to open new sessions (with `esr pam
+    # --fail-closed`, no login then goes unrecorded).
+    on_disk_full: Literal["keep_running", "refuse_new_sessions"] = "keep_running"
 
     def buffer_pages(self) -> tuple[int, ...]:
         """Pages per CPU of each buffer, in esr_events.h's order."""
@@ -87,6 +92,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # The largest record of each buffer must fit in it, or it could never be sent.
 _MIN_PAGES = {"command": 8, "disk": 2, "network": 1, "terminal": 2}
+# sun_path holds 108 bytes, its NUL included.
+_MAX_SOCKET_PATH = 107
 
 
 def _check(config: Config) -> None:
@@ -104,11 +111,26 @@ def _check(config: Config) -> None:
                 f"enhanced_recording.{key}: {pages} pages is too small: "
                 f"the largest record needs {least}"
             )
+    paths = {
+        "data_dir": config.data_dir,
+        "control_socket": config.control_socket,
+        "enhanced_recording.cgroup_path": r.cgroup_path,
+        "enhanced_recording.root_path": r.root_path,
+    }
+    for key, path in paths.items():
+        if "\0" in path:
+            raise ConfigError(f"{key}: contains a NUL byte")
     for key in ("data_dir", "control_socket"):
         if not os.path.isabs(getattr(config, key)):
             raise ConfigError(f"{key}: must be an absolute path")
     if r.cgroup_path and not os.path.isabs(r.cgroup_path):
         raise ConfigError("enhanced_recording.cgroup_path: must be an absolute path")
+    size = len(os.fsencode(config.control_socket))
+    if size > _MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"control_socket: {size} bytes is too long for a Unix socket "
+            f"(at most {_MAX_SOCKET_PATH})"
+        )
 
 
 def _where(message: str) -> str:
@@ -129,10 +151,31 @@ def _explain(err: msgspec.ValidationError) -> str:
     return f"{where}: {what[0].lower()}{what[1:]}" if where else what
 
 
+class _Duplicate(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML that refuses a key given twice, which would silently win. The
+    pure-Python loader: the binary leaves libyaml out, and a config file is
+    small."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _Duplicate(f"{key}: given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse(raw: bytes, source: str) -> Config:
     try:
-        data = msgspec.yaml.decode(raw)
-    except msgspec.DecodeError as err:
+        data = yaml.load(raw, _Loader)
+    except _Duplicate as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except (yaml.YAMLError, ValueError) as err:
         detail = " ".join(str(err).replace('in "<byte string>", ', "").split())
         raise ConfigError(f"{source}: malformed YAML: {detail}") from None
     if data is None:

@@ -59,6 +59,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
     sid: str = ""
     nested: bool = False  # already inside a recorded session: recorded there
     remaining: int = 0  # tasks of the session still running after a close
+    unwritten: int = 0  # records of the session the recorder could not write so far
     status: dict | None = None
 
 

@@ -39,6 +39,7 @@ RELOADABLE = (
     "audit_disk_events",
     "audit_failed_connects",
     "cluster_name",
+    "on_disk_full",
 )
 
 
@@ -103,7 +104,7 @@ class Daemon:
         log(
             "daemon.stop",
             records=counts(schema.by_buffer(self.recorder.records)),
-            lost_in_user_space=self.recorder.lost_in_user_space,
+            not_written=self.recorder.lost_in_user_space,
         )
 
     async def _serve(self) -> None:
@@ -189,6 +190,10 @@ class Daemon:
             return control.Reply(ok=False, error="terminal_pid must be the requesting process")
         if not os.path.exists(f"/proc/{pid}"):
             return control.Reply(ok=False, error=f"no process {pid}")
+        if req.seed_pid:
+            refused = _not_a_seed(req.seed_pid, peer)
+            if refused:
+                return control.Reply(ok=False, error=refused)
         outer = self.recorder.session_of_task(pid)
         if outer is not None:
             # su or sudo -i inside a recorded session: it stays recorded there.
@@ -258,7 +263,43 @@ class Daemon:
                 return control.Reply(ok=True, sid=req.sid)
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")
         self._forget_anchor(session.sid)
-        return control.Reply(ok=True, sid=session.sid, remaining=self.recorder.leave(session))
+        remaining = self.recorder.leave(session)
+        return control.Reply(
+            ok=True, sid=session.sid, remaining=remaining, unwritten=sum(session.unwritten)
+        )
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name, in parentheses, may hold anything: count from its end.
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def _not_a_seed(pid: int, peer: Peer) -> str | None:
+    """Why pid cannot seed a session opened by peer, if it cannot. A seed
+    is forked for the session by whoever asks, and held before it runs
+    anything: its whole life is recorded, and no running process (init, a
+    daemon, someone else's shell) can be claimed as one."""
+    try:
+        parent = _parent(pid)
+    except (OSError, ValueError, IndexError):
+        return f"no process {pid}"
+    if parent != peer.pid:
+        return (
+            f"seed_pid {pid} is not a child of the requesting process (pid {peer.pid}): "
+            "a seed must be forked for the session"
+        )
+    try:
+        seed, asker = os.stat(f"/proc/{pid}/exe"), os.stat(f"/proc/{peer.pid}/exe")
+    except OSError:
+        return f"no process {pid}"
+    if (seed.st_dev, seed.st_ino) != (asker.st_dev, asker.st_ino):
+        return (
+            f"seed_pid {pid} already runs another program: a seed must be held before "
+            "its first exec"
+        )
+    return None
 
 
 def main(config_path: str | None, data_dir: str | None) -> int:

@@ -4,6 +4,14 @@ EsrError as one line and exits non-zero; anything else is a bug."""
 from __future__ import annotations
 
 
+def one_line(message: str) -> str:
+    """message with every control character escaped: what it echoes from
+    input (a path, a name) can neither act on a terminal nor add a line."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 class EsrError(Exception):
     """An error with a message fit for the user, on one line."""
 
@@ -58,6 +66,11 @@ class DaemonUnavailable(ControlError):
 
 class DaemonError(EsrError):
     """The daemon cannot start."""
+
+
+class SealError(EsrError):
+    """A key is unusable, or a recording and its seals disagree: the message
+    says what is missing or forged."""
 
 
 class PamSetupError(EsrError):

@@ -25,7 +25,7 @@ import sys
 import syslog
 
 from esr import control
-from esr.errors import ControlError, PamSetupError
+from esr.errors import ControlError, PamSetupError, one_line
 
 PROFILE = "/usr/share/pam-configs/esr"
 COMMON_SESSION = "/etc/pam.d/common-session"
@@ -44,6 +44,7 @@ def audit_id(name: str) -> int | None:
 
 
 def report(message: str) -> None:
+    message = one_line(message)  # it names the user and the service PAM gave
     syslog.openlog("esr-pam", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
     syslog.syslog(syslog.LOG_WARNING, message)
     print(f"esr: {message}", file=sys.stderr)

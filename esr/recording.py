@@ -8,7 +8,11 @@ and truncation, reordering, removal or any edit shows up as the first frame
 whose digest or sequence does not follow.
 
 The first frame holds session.start, the last one session.end; a file
-without an end frame was not closed (yet).
+without an end frame was not closed (yet). Events the recorder could not
+write (a full disk) leave a hole in the sequence that the next frame written
+declares (FLAG_GAP) and accounts for with a session.lost event, so a hole
+the recorder made reads differently from a frame someone removed. What
+vouches for the recording from outside it is its seal file (esr/seal.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -23,6 +28,7 @@ import zstandard
 
 from esr import schema
 from esr.errors import RecordingError
+from esr.room import NoRoom, Room
 
 MAGIC = b"ESRF"
 VERSION = 2
@@ -45,6 +51,15 @@ KINDS = (KIND_EVENTS, KIND_START, KIND_END)
 
 # Header flags.
 FLAG_INTERACTIVE = 0x1  # a command of the session has run on a terminal by now
+FLAG_GAP = 0x2  # events since the previous frame were not written; a session.lost here says which
+FLAG_SEALED = 0x4  # the recorder seals this recording in <sid>.seal
+
+# Bytes kept allocated past the end of a recording being written: its end
+# frame, with a session.lost for what a full disk kept out, always fits.
+RESERVE = 8192
+
+# What a file without even its session.start frame is.
+EMPTY = "the file is empty"
 
 # A frame larger than this is damage, not data: nothing writes one.
 MAX_PAYLOAD = 1 << 30
@@ -129,6 +144,10 @@ class Summary:
     lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     closed: bool = False
     interactive: bool = False
+    sealed: bool = False  # frames say a seal file vouches for them
+    # Holes the recorder declared: (first_ei, last_ei, reason); the reason
+    # is read from the payload, so it is "" in a headers-only scan.
+    gaps: list[tuple[int, int, str]] = field(default_factory=list)
     end_offset: int = 0  # bytes of intact frames
     digest: bytes = b""
     last_offset: int = 0
@@ -143,6 +162,7 @@ class Summary:
             self.lost[i] += n
         self.closed = frame.kind == KIND_END
         self.interactive = self.interactive or bool(frame.flags & FLAG_INTERACTIVE)
+        self.sealed = self.sealed or bool(frame.flags & FLAG_SEALED)
         self.end_offset = frame.end
         self.digest = frame.digest
         self.last_offset = frame.offset
@@ -164,6 +184,32 @@ class Damage(RecordingError):
         self.truncated = truncated  # an incomplete last frame: what a crash mid-write leaves
 
 
+def open_regular(path: str):
+    """path opened for reading, if it is a regular file: a FIFO or a device
+    named like a recording must neither hang nor be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordingError(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _gap_reason(frame: Frame, first: int, last: int) -> str | None:
+    """The reason the session.lost of frame gives for events first..last, or
+    None when none of its events accounts for exactly them."""
+    try:
+        events = frame.events()
+    except (zstandard.ZstdError, ValueError):  # msgspec's DecodeError is a ValueError
+        return None
+    for event in events:
+        if type(event) is schema.Lost and event.missing == [first, last]:
+            return event.reason
+    return None
+
+
 class Reader:
     """The frames of a recording in order, each checked as it is read.
 
@@ -182,8 +228,10 @@ class Reader:
         summary = self.summary
         prev = chain_seed(self.sid)
         expect_ei = 0
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             size = os.fstat(f.fileno()).st_size
+            if not size:
+                raise Damage(0, 0, EMPTY, summary, truncated=True)
             offset = index = 0
             while offset < size:
                 damage = functools.partial(Damage, index, offset, intact=summary)
@@ -207,8 +255,9 @@ class Reader:
                     raise damage("session.start must be the first frame, and only the first")
                 if summary.closed:
                     raise damage("frame after session.end")
+                gap = bool(frame.flags & FLAG_GAP) and frame.first_ei > expect_ei
                 if (
-                    frame.first_ei != expect_ei
+                    (frame.first_ei != expect_ei and not gap)
                     or frame.count == 0
                     or frame.last_ei - frame.first_ei + 1 != frame.count
                 ):
@@ -226,9 +275,18 @@ class Reader:
                     if _digest(prev, head[:-DIGEST_SIZE], payload) != frame.digest:
                         raise damage("checksum mismatch: the frame was altered")
                     frame = Frame.parse(index, offset, head, payload)
+                    reason = _gap_reason(frame, expect_ei, frame.first_ei - 1) if gap else ""
+                    if reason is None:
+                        raise damage(
+                            f"events {expect_ei}..{frame.first_ei - 1} are missing and no "
+                            "session.lost of the frame accounts for them"
+                        )
                 else:
                     f.seek(frame.length, os.SEEK_CUR)
+                    reason = ""
                 summary.add(frame)
+                if gap:
+                    summary.gaps.append((expect_ei, frame.first_ei - 1, reason))
                 yield frame
                 prev = frame.digest
                 expect_ei = frame.last_ei + 1
@@ -262,7 +320,7 @@ def session_start(path: str) -> schema.SessionStart:
 
 def read_frame(path: str, offset: int) -> Frame:
     """One frame at an offset found by scan(), unchecked."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(offset)
         head = f.read(PREFIX)
         head += f.read(HEADERS[head[4]].size - PREFIX)
@@ -273,19 +331,32 @@ def read_frame(path: str, offset: int) -> Frame:
 class Writer:
     """Appends frames to one session's recording."""
 
-    def __init__(self, fd: int, digest: bytes, size: int, level: int):
+    def __init__(
+        self,
+        fd: int,
+        digest: bytes,
+        size: int,
+        level: int,
+        frames: int = 0,
+        last_ei: int = -1,
+        sealed: bool = False,
+    ):
         self.fd = fd
         self.digest = digest
         self.size = size  # bytes of complete frames
+        self.frames = frames
+        self.last_ei = last_ei
         self.bytes_written = 0
+        self.room = Room(fd, size, RESERVE)
+        self._flags = FLAG_SEALED if sealed else 0
         self._zstd = zstandard.ZstdCompressor(level=level)
         # Reused from frame to frame: a busy session's batches are megabytes.
         self._encoded = bytearray()
 
     @classmethod
-    def create(cls, path: str, sid: str, level: int) -> Writer:
+    def create(cls, path: str, sid: str, level: int, sealed: bool = False) -> Writer:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        return cls(fd, chain_seed(sid), 0, level)
+        return cls(fd, chain_seed(sid), 0, level, sealed=sealed)
 
     @classmethod
     def resume(cls, path: str, sid: str, level: int) -> tuple[Writer, Summary, int]:
@@ -303,15 +374,35 @@ class Writer:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if cut:
             os.ftruncate(fd, summary.end_offset)
-        return cls(fd, summary.digest, summary.end_offset, level), summary, cut
+        writer = cls(
+            fd,
+            summary.digest,
+            summary.end_offset,
+            level,
+            summary.frames,
+            summary.last_ei,
+            summary.sealed,
+        )
+        return writer, summary, cut
 
-    def append(self, kind: int, events: list, records=(), lost=(), flags: int = 0) -> int:
+    def append(
+        self, kind: int, events: list, records=(), lost=(), flags: int = 0, reserved: bool = False
+    ) -> int:
         """Write events (consecutive ei) as one frame. records: how many of
         them each buffer delivered; lost: the records their Lost events
-        report, per buffer. Returns bytes written."""
+        report, per buffer. Only a frame that must be written (reserved: a
+        session's end) may use the reserve; any other raises NoRoom, an
+        OSError, without writing anything. Returns bytes written."""
         schema.encode_events_into(events, self._encoded)
         return self.append_compressed(
-            kind, self.compress(self._encoded), events[0].ei, events[-1].ei, records, lost, flags
+            kind,
+            self.compress(self._encoded),
+            events[0].ei,
+            events[-1].ei,
+            records,
+            lost,
+            flags,
+            reserved,
         )
 
     def compress(self, payload) -> bytes:
@@ -326,6 +417,7 @@ class Writer:
         records=(),
         lost=(),
         flags: int = 0,
+        reserved: bool = False,
     ) -> int:
         slots = [0] * (2 * SLOTS)
         slots[: len(records)] = records
@@ -334,7 +426,7 @@ class Writer:
             MAGIC,
             VERSION,
             kind,
-            flags,
+            flags | self._flags,
             len(payload),
             last_ei - first_ei + 1,
             first_ei,
@@ -344,12 +436,17 @@ class Writer:
         )[:-DIGEST_SIZE]
         digest = _digest(self.digest, head, payload)
         data = head + digest + payload
+        if not reserved and not self.room.take(len(data)):
+            raise NoRoom()
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
         self.digest = digest
         self.size += len(data)
+        self.room.wrote(len(data))
+        self.frames += 1
+        self.last_ei = last_ei
         self.bytes_written += len(data)
         return len(data)
 
@@ -357,16 +454,18 @@ class Writer:
         self._zstd = zstandard.ZstdCompressor(level=level)
 
     def discard_partial(self) -> None:
-        """After a failed write (disk full): cut what part of the frame made
-        it, so the recording stays valid and later frames can follow."""
+        """After a failed write: cut what part of the frame made it, so the
+        recording stays valid and later frames can follow."""
         try:
             os.ftruncate(self.fd, self.size)
+            self.room.cut(self.size)
         except OSError:
             pass
 
     def close(self) -> None:
         if self.fd >= 0:
             try:
+                self.room.release()
                 os.fsync(self.fd)
             finally:
                 os.close(self.fd)

@@ -14,6 +14,18 @@ from esr import schema
 from esr._fast.decode import SessionEvents
 from esr.errors import RegistryFull
 from esr.recording import Writer
+from esr.seal import Sealer
+
+
+@dataclass
+class Gap:
+    """Events not written since the last frame that was, until a frame
+    written says so."""
+
+    first_ei: int
+    last_ei: int
+    records: list[int]  # per buffer
+    reason: str  # "disk_full" or "write_error"
 
 
 @dataclass
@@ -24,6 +36,7 @@ class Session:
     start: schema.SessionStart
     audit: schema.AuditFormat
     writer: Writer
+    sealer: Sealer
     path: str
     pending: SessionEvents = field(default_factory=SessionEvents)
     anchor_pid: int = 0  # 0 for a seeded session
@@ -35,6 +48,11 @@ class Session:
     # Terminal bytes recorded, skipped, lost, and keystrokes, as the kernel counts them.
     terminal: tuple[int, int, int, int] = (0, 0, 0, 0)
     leader_gone: bool = False
+    # Records the recorder could not write, per buffer, and the events not
+    # written since the last frame that was.
+    unwritten: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
+    gap: Gap | None = None
+    seal_failing: bool = False  # its last seal could not be written
 
 
 class Registry:

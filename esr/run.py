@@ -16,7 +16,7 @@ import sys
 from esr import control, loader
 from esr.config import Config
 from esr.datadir import DataDir
-from esr.errors import DaemonUnavailable, SessionError
+from esr.errors import DaemonUnavailable, SessionError, one_line
 from esr.loop import RecordingLoop
 from esr.pam import audit_id
 from esr.recorder import Recorder
@@ -56,7 +56,7 @@ def _spawn_held(argv: list[str], pty: Pty | None) -> tuple[int, int]:
             os.close(release_r)
             os.execvpe(argv[0], argv, _users_environment())
         except OSError as err:
-            os.write(2, f"esr: cannot run {argv[0]}: {err.strerror}\n".encode())
+            os.write(2, f"esr: {one_line(f'cannot run {argv[0]}: {err.strerror}')}\n".encode())
             os._exit(127 if isinstance(err, FileNotFoundError) else 126)
         finally:
             os._exit(127)
@@ -96,7 +96,21 @@ def _exit_code(status: int) -> int:
 
 
 def _say(message: str) -> None:
-    print(f"esr: {message}", file=sys.stderr, flush=True)
+    print(f"esr: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _not_written(sid: str, records: int, status: int, audit_lines: int = 0) -> int:
+    """Say that the recording has holes, loudly; the exit status says it too
+    when the command's would not."""
+    if not records and not audit_lines:
+        return status
+    audit = f", nor {audit_lines} lines of the audit log" if audit_lines else ""
+    _say(
+        f"warning: {records} records of session {sid} could not be written{audit} (the "
+        f"data dir is full or failing); the recording says which events are missing "
+        f"(esr verify {sid})"
+    )
+    return status or 1
 
 
 def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> int:
@@ -154,6 +168,7 @@ def run(config: Config, argv: list[str], sid: str | None, login: str | None) -> 
                     f"{argv[0]} exited; the daemon keeps recording the {closed.remaining} "
                     "tasks it left running"
                 )
+            status = _not_written(reply.sid, closed.unwritten, status)
         except control.ControlError as err:
             _say(f"warning: {err}")
     return status
@@ -262,8 +277,9 @@ def _record(config: Config, pid: int, release: int, request: control.Open, pty: 
     _say(f"recording session {session.sid}")
     _release(release)
     try:
-        return loop.run(record())
+        status = loop.run(record())
     finally:
         command.close()
         recorder.close()
         loop.close()
+    return _not_written(session.sid, sum(session.unwritten), status, recorder.audit_unwritten)

@@ -73,6 +73,11 @@ def printable(raw: bytes) -> str:
 AUDIT_SID_UNSET = 0xFFFFFFFF
 
 
+def printable_str(value: str) -> str:
+    """printable() for text: login names, addresses, ttys, reasons."""
+    return printable(value.encode("utf-8", "surrogateescape"))
+
+
 class Identity(msgspec.Struct, frozen=True):
     """What the JSON events of a session take from its start."""
 
@@ -359,11 +364,15 @@ class TerminalResize(Record, tag=8):
 
 
 class Lost(Event, tag=14):
-    """Records the kernel could not deliver since the previous report, per
-    buffer (esr._fast.decode.BUFFERS order)."""
+    """Records lost since the previous report, per buffer
+    (esr._fast.decode.BUFFERS order): those the kernel could not deliver, or,
+    with a reason, those the recorder could not write (events missing[0]
+    to missing[1] of the session)."""
 
     lost: list[int]
     untracked_forks: int = 0
+    reason: str = ""  # "disk_full" or "write_error"; "" for the kernel's losses
+    missing: list[int] = []
 
     name = "session.lost"
     code = "E4100W"
@@ -372,11 +381,19 @@ class Lost(Event, tag=14):
         out: dict = {"lost": by_buffer(self.lost)}
         if self.untracked_forks:
             out["untracked_forks"] = self.untracked_forks
+        if self.reason:
+            out["reason"] = self.reason
+            out["missing"] = {"first_ei": self.missing[0], "last_ei": self.missing[1]}
         return out
 
     def describe(self) -> str:
         lost = " ".join(f"{k}={v}" for k, v in by_buffer(self.lost).items())
         forks = f" untracked_forks={self.untracked_forks}" if self.untracked_forks else ""
+        if self.reason:
+            first, last = self.missing
+            return (
+                f"NOT WRITTEN ({printable_str(self.reason)}) events {first}..{last}, records {lost}"
+            )
         return f"LOST {lost}{forks}"
 
 
@@ -413,9 +430,11 @@ class SessionStart(Event, tag=10):
 
     def describe(self) -> str:
         return (
-            f"sid={self.sid} login={self.login} user={self.user} "
-            f"remote={self.remote_addr or '-'} service={self.service or '-'} "
-            f"tty={self.tty or '-'}"
+            f"sid={printable_str(self.sid)} login={printable_str(self.login)} "
+            f"user={printable_str(self.user)} "
+            f"remote={printable_str(self.remote_addr) if self.remote_addr else '-'} "
+            f"service={printable_str(self.service) if self.service else '-'} "
+            f"tty={printable_str(self.tty) if self.tty else '-'}"
         )
 
 
@@ -448,10 +467,11 @@ class SessionEnd(Event, tag=13):
     reason: str  # "exited" or "recorder stopped"
     enhanced_recording: bool
     interactive: bool
-    records: list[int]  # per buffer
-    lost: list[int]  # per buffer
+    records: list[int]  # per buffer, in the recording
+    lost: list[int]  # per buffer, for any reason
     untracked_forks: int
     terminal: TerminalBytes = msgspec.field(default_factory=TerminalBytes)
+    unwritten: list[int] = []  # per buffer, of lost: those the recorder could not write
 
     name = "session.end"
     code = "T2004I"
@@ -469,11 +489,12 @@ class SessionEnd(Event, tag=13):
             "lost": by_buffer(self.lost),
             "untracked_forks": self.untracked_forks,
             "terminal": {f"{k}_bytes": v for k, v in msgspec.structs.asdict(self.terminal).items()},
-        }
+        } | ({"unwritten": by_buffer(self.unwritten)} if any(self.unwritten) else {})
 
     def describe(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in by_buffer(self.records).items())
-        return f"reason={self.reason!r} {counts} lost={sum(self.lost)}"
+        unwritten = f" not_written={sum(self.unwritten)}" if any(self.unwritten) else ""
+        return f"reason={printable_str(self.reason)} {counts} lost={sum(self.lost)}{unwritten}"
 
 
 # --- version 1 recordings (esr 0.1), counted three buffers by name -------------------
@@ -549,7 +570,8 @@ BUFFERS: tuple[str, ...] = tuple(dict.fromkeys(r.buffer for r in RECORDS))
 
 
 def by_buffer(counts: list[int]) -> dict[str, int]:
-    return dict(zip(BUFFERS, counts))
+    """Counts by buffer name; a buffer a recording predates counted 0."""
+    return {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(BUFFERS)}
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -661,8 +683,9 @@ class AuditFormat:
             common["server_version"] = identity.server_version
         self._common = _ascii_json(common)[1:-1]
 
-    def line(self, event: Event) -> bytes:
-        line = self._render(event, event.fields(self.identity))
+    def line(self, event: Event, extra: dict | None = None) -> bytes:
+        """extra: fields the event does not hold (the seal of session.end)."""
+        line = self._render(event, event.fields(self.identity) | (extra or {}))
         return line if len(line) <= MAX_LINE else self._fit(event, line)
 
     def _render(self, event: Event, fields: dict) -> bytes:

@@ -50,7 +50,7 @@ def listening_socket(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as err:
         sock.close()
-        raise DaemonError(f"cannot listen on {path}: {err.strerror}") from None
+        raise DaemonError(f"cannot listen on {path}: {err.strerror or err}") from None
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+import time
 
-from esr import recording, schema
+import zstandard
+
+from esr import recording, schema, seal
 from esr.datadir import DataDir
 from esr.errors import RecordingError, UsageError
 
@@ -57,22 +60,78 @@ def show(
         raise RecordingError(f"{sid}: {err}; the events above are intact") from None
 
 
-def verify(datadir: DataDir, sid: str) -> str:
+def verify(datadir: DataDir, sid: str, key: seal.VerificationKey | None = None) -> str:
+    """Check a recording's frames and chain, then its seals: what its seal
+    file and the audit log's session.end say it held. Works on a copy
+    (sessions/<sid>.esr and .seal, and the log/ files for the end seal)."""
     sid = datadir.resolve(sid)
+    path = datadir.recording(sid)
+    reader = recording.Reader(path, sid)
+    chain = []
+    damage = None
+    ended = None
+    started: int | None = None
+    since = ""  # without a readable session.start, the audit log's every day
     try:
-        s = recording.verify(datadir.recording(sid), sid)
+        for frame in reader:
+            closed = frame.kind == recording.KIND_END
+            chain.append(seal.Head(frame.last_ei, frame.end, frame.digest, closed))
+            if frame.index == 0:
+                started = frame.events()[0].time
+                since = time.strftime("%Y-%m-%d", time.gmtime(started // 1_000_000_000))
+            if closed:
+                ended = frame.events()[-1].time
     except recording.Damage as err:
-        intact = err.intact
-        good = (
-            f"frames 0..{err.frame - 1} (events 0..{intact.last_ei}) are intact"
-            if err.frame
-            else "nothing before it is intact"
-        )
+        damage = err
+    except (zstandard.ZstdError, ValueError) as err:  # msgspec's DecodeError is a ValueError
         raise RecordingError(
-            f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; {good}"
+            f"{sid}: frame {len(chain) - 1} chains, but its events cannot be read: {err}"
         ) from None
+    if damage is not None and not damage.truncated:
+        raise RecordingError(_damaged(sid, damage)) from None
+    try:
+        vouched = seal.check(
+            sid,
+            chain,
+            damage.reason if damage is not None else "",
+            seal.read(datadir.seal(sid)),
+            reader.summary.sealed,
+            key,
+            seal.audit_seal(datadir.log_dir, sid, since),
+            time.time_ns(),
+            (started, ended),
+        )
+    except seal.SealError as err:
+        raise RecordingError(f"{sid}: {err}") from None
+    if damage is not None:
+        raise RecordingError(_damaged(sid, damage)) from None
+    s = reader.summary
     state = "closed" if s.closed else "not closed: still recording, or the recorder stopped"
-    return f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}"
+    return f"{sid}: intact: {s.frames} frames, events 0..{s.last_ei}, {state}{_gaps(s)}; {vouched}"
+
+
+def _gaps(summary: recording.Summary) -> str:
+    """The holes the recorder declared, as a clause."""
+    if not summary.gaps:
+        return ""
+    reasons = ", ".join(sorted({reason for _first, _last, reason in summary.gaps}))
+    missing = sum(last - first + 1 for first, last, _reason in summary.gaps)
+    first, last = summary.gaps[0][0], summary.gaps[-1][1]
+    where = (
+        f"events {first}..{last}"
+        if len(summary.gaps) == 1
+        else f"{len(summary.gaps)} runs of events between {first} and {last}"
+    )
+    return f"; {where} ({missing} events) not written, counted by the recorder ({reasons})"
+
+
+def _damaged(sid: str, err: recording.Damage) -> str:
+    good = (
+        f"frames 0..{err.frame - 1} (events 0..{err.intact.last_ei}) are intact"
+        if err.frame
+        else "nothing before it is intact"
+    )
+    return f"{sid}: damaged at frame {err.frame} (byte {err.offset}): {err.reason}; {good}"
 
 
 def _first_command(path: str, summary: recording.Summary) -> str:
@@ -109,8 +168,19 @@ def sessions(datadir: DataDir) -> list[dict]:
                     path, summary
                 )
             if summary.closed:
-                end = recording.read_frame(path, summary.last_offset).events()[0]
+                end = recording.read_frame(path, summary.last_offset).events()[-1]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)
+                # What verify would find, without reading every frame: the
+                # headers summed must say what the end says.
+                if (
+                    schema.by_buffer(end.records) != row["events"]
+                    or schema.by_buffer(end.lost) != row["lost"]
+                ):
+                    row["damaged"] = row["damaged"] or (
+                        "the frame headers' counts disagree with session.end"
+                    )
+            # A cut its seals show says more than where the scan stopped.
+            row["damaged"] = seal.unlike(summary, seal.last(datadir.seal(sid))) or row["damaged"]
         except Exception as err:  # a damaged frame must not hide the other sessions
             row["damaged"] = row["damaged"] or f"unreadable: {err}"
         rows.append(row)
@@ -126,7 +196,8 @@ def sessions_text(rows: list[dict]) -> str:
     for r in rows:
         lost = sum(r["lost"].values())
         end = (r["end"] or r["state"])[:19]
-        who = r["login"] if r["login"] == r["user"] else f"{r['login']}/{r['user']}"
+        login, user = (schema.printable_str(r[k]) if r[k] else "" for k in ("login", "user"))
+        who = login if login == user else f"{login}/{user}"
         command = schema.printable(r["command"].encode("utf-8", "surrogateescape"))[:60]
         if r["damaged"]:
             command += "  [DAMAGED]"

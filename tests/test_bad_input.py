@@ -32,6 +32,9 @@ def one_line_error(r) -> str:
         ("data_dir: relative/dir\n", "data_dir: must be an absolute path"),
         ("- a list\n", "mapping"),
         ("max_sessions: 0\n", "max_sessions"),
+        ('data_dir: "/var/lib/esr\\0x"\n', "data_dir: contains a NUL byte"),
+        ("max_sessions: 8\nmax_sessions: 9\n", "max_sessions: given twice"),
+        ("control_socket: /run/" + "x" * 120 + "\n", "too long for a Unix socket"),
     ],
 )
 def test_bad_config(esr, tmp_path, text, mentions):
@@ -85,6 +88,28 @@ def test_truncated_recording(esr, recorded):
     # What precedes the cut is still shown.
     shown = esr("show", sid, check=False).stdout.splitlines()
     assert len(shown) > 3
+
+
+def _frame_starts(path, sid) -> list[int]:
+    from esr import recording
+
+    return [frame.offset for frame in recording.Reader(str(path), sid)]
+
+
+@pytest.mark.parametrize("cut", ["before the end frame", "to nothing"])
+def test_recording_cut_at_a_frame_boundary_or_emptied(esr, recorded, cut):
+    sid, path = recorded
+    starts = _frame_starts(path, sid)
+    last = len(starts) - 1
+    os.truncate(path, starts[last] if cut == "before the end frame" else 0)
+    line = one_line_error(esr("verify", sid, check=False))
+    assert line.startswith(f"esr: {sid}: sealed through its end at frame {last} (events 0..")
+    if cut == "to nothing":
+        assert line.endswith(" but the file is empty")
+    else:
+        assert f" but the file ends after frame {last - 1} (events 0.." in line
+    [row] = [r for r in esr.sessions() if r["sid"] == sid]
+    assert row["damaged"].startswith("sealed through its end")
 
 
 def test_bit_flipped_recording(esr, recorded):

@@ -259,6 +259,10 @@ def test_second_daemon_on_the_same_data_dir_fails(daemon):
         (b'{"op": "open", "login": "x", "seed_pid": 1, "anchor_pid": 1}\n', "exactly one"),
         (b'{"op": "open", "login": "x", "seed_pid": 999999999}\n', "no process"),
         (
+            b'{"op": "open", "login": "x", "seed_pid": 1}\n',
+            "seed_pid 1 is not a child of the requesting process",
+        ),
+        (
             b'{"op": "open", "login": "x", "seed_pid": 1, '
             b'"audit_sessionid": 18446744073709551616}\n',
             "audit_sessionid",
@@ -406,19 +410,26 @@ def test_seeded_session_ends_even_if_esr_run_is_killed(daemon, tmp_path):
     assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(daemon.esr.events(sid))
 
 
+# Forks n children held before their exec and opens a session seeded with
+# each (a seed must be forked by whoever asks); prints {sid: pid}.
 HELD = r"""
-import os, sys
-n = int(sys.argv[1])
+import json, os, socket, sys
+n, path = int(sys.argv[1]), sys.argv[2]
 r, w = os.pipe()
-pids = []
+sids = {}
 for _ in range(n):
     pid = os.fork()
     if pid == 0:
         os.close(w)
         os.read(r, 1)
         os.execv("/usr/bin/head", ["head", "-c1", "/etc/hostname"])
-    pids.append(pid)
-print(" ".join(map(str, pids)), flush=True)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(json.dumps({"op": "open", "login": "many", "seed_pid": pid}).encode() + b"\n")
+        reply = json.loads(s.makefile().readline())
+    assert reply["ok"], reply
+    sids[reply["sid"]] = pid
+print(json.dumps(sids), flush=True)
 sys.stdin.readline()
 import time
 for i in range(0, n, 50):  # a busy host, not one burst of 1100 execs
@@ -432,20 +443,13 @@ for pid in pids:
 def test_more_than_a_thousand_concurrent_sessions(daemon):
     n = 1100
     held = subprocess.Popen(
-        ["/usr/bin/python3", "-c", HELD, str(n)],
+        ["/usr/bin/python3", "-c", HELD, str(n), str(daemon.socket)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
         text=True,
     )
-    pids = [int(p) for p in held.stdout.readline().split()]
-    sids = {}
-    for pid in pids:
-        reply = daemon.request(
-            json.dumps({"op": "open", "login": "many", "seed_pid": pid}).encode() + b"\n"
-        )
-        assert reply["ok"], reply
-        sids[reply["sid"]] = pid
+    sids = json.loads(held.stdout.readline())
+    assert len(sids) == n
     status = json.loads(
         daemon.esr("status", "--config", str(daemon.config), "--format", "json").stdout
     )
@@ -536,3 +540,83 @@ def test_esr_run_passes_sigterm_on_while_the_daemon_records(daemon):
     run.send_signal(signal.SIGTERM)
     assert run.wait(10) == 128 + signal.SIGTERM  # sleep's status: it got the signal
     daemon.wait_sids_closed(sid)
+
+
+def test_a_running_program_cannot_be_claimed_as_a_seed(daemon):
+    child = subprocess.Popen(["sleep", "30"])  # ours, but already running something else
+    try:
+        reply = daemon.request(
+            json.dumps({"op": "open", "login": "x", "seed_pid": child.pid}).encode() + b"\n"
+        )
+    finally:
+        child.kill()
+        child.wait()
+    assert reply["ok"] is False
+    assert reply["error"] == (
+        f"seed_pid {child.pid} already runs another program: a seed must be held before "
+        "its first exec"
+    )
+
+
+# Opens a session the way a PAM-like client would, with argv[2] in every
+# field it gives, for a child it forked and holds; prints the sid.
+OPEN_FIELDS = r"""
+import json, os, socket, sys
+path, evil = sys.argv[1], sys.argv[2]
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(r, 1)
+    os.execv("/usr/bin/true", ["true"])
+request = {"op": "open", "login": "L" + evil, "user": "U" + evil, "seed_pid": pid,
+           "remote_addr": "R" + evil, "service": "S" + evil, "tty": "T" + evil}
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(path)
+    s.sendall(json.dumps(request).encode() + b"\n")
+    reply = json.loads(s.makefile().readline())
+assert reply["ok"], reply
+os.write(w, b"x")
+os.waitpid(pid, 0)
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(path)
+    s.sendall(json.dumps({"op": "close", "sid": reply["sid"]}).encode() + b"\n")
+    s.makefile().readline()
+print(reply["sid"])
+"""
+
+
+def test_no_session_field_reaches_the_terminal_raw(daemon):
+    evil = "\x1b]0;pwn\x07\nFORGED"
+    env = dict(daemon.esr.env, SUDO_USER="U" + evil)  # esr run records it as the user
+    r = subprocess.run(
+        [ESR, "run", "--config", str(daemon.config), "--login", "L" + evil, "--", "true"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    sids = [sid_from_stderr(r.stderr)]
+    r = subprocess.run(
+        ["/usr/bin/python3", "-c", OPEN_FIELDS, str(daemon.socket), evil],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    sids.append(r.stdout.decode().strip())
+    daemon.wait_sids_closed(*sids)
+    outputs = [
+        daemon.esr("sessions").stdout,
+        daemon.esr("status", "--config", str(daemon.config)).stdout,
+    ]
+    outputs += [daemon.esr("show", sid, "--format", "text").stdout for sid in sids]
+    outputs += [daemon.esr("show", sid).stdout for sid in sids]
+    for out in outputs:
+        assert b"\x1b" not in out and b"\x07" not in out
+        assert not [line for line in out.splitlines() if line.startswith(b"FORGED")]
+    starts = [daemon.esr("show", sid, "--format", "text").stdout.splitlines()[0] for sid in sids]
+    escaped = rb"\x1b]0;pwn\x07\x0aFORGED"
+    assert b"login='L" + escaped + b"'" in starts[0] and b"user='U" + escaped + b"'" in starts[0]
+    for field in (b"remote='R", b"service='S", b"tty='T"):
+        assert field + escaped + b"'" in starts[1]
+    listing = daemon.esr("sessions").stdout
+    assert listing.count(b"L" + escaped) == 2

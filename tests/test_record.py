@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import socket
 import subprocess
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from esr import recording, seal
 from helpers import ESR, ROOT, commands, executed, free_port, listener, sid_from_stderr
 
 pytestmark = pytest.mark.usefixtures("bpf")
@@ -481,7 +483,10 @@ def test_session_start_end_and_audit_log(esr):
         ):
             assert field in e
     [show_end] = [e for e in events if e["event"] == "session.end"]
-    assert show_end == by_event["session.end"][0]
+    # The audit log's has the seal of the recording's end too.
+    logged_end = dict(by_event["session.end"][0])
+    assert logged_end.pop("seal")["last_ei"] == show_end["ei"]
+    assert show_end == logged_end
 
 
 def test_with_enhanced_recording_off_the_session_lasts_as_long_as_the_command(esr, tmp_path):
@@ -557,3 +562,33 @@ def test_lost_records_are_counted_and_written_into_the_session(esr, tmp_path):
     recorded = [e for e in events if e["event"] == "session.disk" and e["path"] == "/etc/hostname"]
     assert len(recorded) + end["lost"]["disk"] >= generated
     assert all(e["code"] == "E4100W" for e in lost)
+
+
+def test_a_sealed_recording_verifies_with_the_key_on_a_copy_elsewhere(esr, tmp_path):
+    made = esr("keygen", "--epoch", "60")
+    key = tmp_path / "verification.key"
+    key.write_bytes(made.stdout)
+    assert made.stdout.startswith(b"esr-verification-key 1 ")
+    assert b"keep the verification key above off this host" in made.stderr
+    assert oct((esr.data_dir / "seal.key").stat().st_mode & 0o777) == "0o600"
+    again = esr("keygen", check=False)
+    assert again.returncode == 1 and b"seal.key exists" in again.stderr
+    sid = esr.record("sh", "-c", "cat /etc/hostname; sleep 0.3; head -c1 /etc/hostname")
+
+    copy = tmp_path / "copy"  # what to take to the other machine
+    (copy / "sessions").mkdir(parents=True)
+    for name in (f"{sid}.esr", f"{sid}.seal"):
+        shutil.copy(esr.data_dir / "sessions" / name, copy / "sessions")
+    shutil.copytree(esr.data_dir / "log", copy / "log")
+    r = esr("verify", sid, "--key", str(key), "--data-dir", str(copy))
+    line = r.stdout.decode().strip()
+    assert line.startswith(f"{sid}: intact: ") and ", closed; sealed with key " in line
+    assert line.endswith("; the audit log holds the same end seal")
+
+    # Both the recording and its seals cut back: the audit log's end seal shows it.
+    starts = [f.offset for f in recording.Reader(str(copy / "sessions" / f"{sid}.esr"), sid)]
+    os.truncate(copy / "sessions" / f"{sid}.esr", starts[2])
+    os.truncate(copy / "sessions" / f"{sid}.seal", seal.SEAL.size)
+    r = esr("verify", sid, "--key", str(key), "--data-dir", str(copy), check=False)
+    assert r.returncode == 1
+    assert r.stderr.decode().startswith(f"esr: {sid}: the audit log seals the end at frame ")

@@ -48,6 +48,22 @@ def test_the_reference_block_pastes_as_is():
         (b"max_sessions: 0\n", "max_sessions"),
         (b"compression_level: 30\n", "compression_level"),
         (b"flush_interval_ms: fast\n", "flush_interval_ms"),
+        (b'data_dir: "/var/lib/esr\\0/x"\n', "data_dir: contains a NUL byte"),
+        (b'control_socket: "/run/\\0"\n', "control_socket: contains a NUL byte"),
+        (
+            b'enhanced_recording:\n  cgroup_path: "/sys/fs/cgroup\\0"\n',
+            "enhanced_recording.cgroup_path: contains a NUL byte",
+        ),
+        (
+            b"control_socket: /run/" + b"x" * 100 + b"/esr.sock\n",
+            "control_socket: 114 bytes is too long for a Unix socket (at most 107)",
+        ),
+        (b"max_sessions: 8\nmax_sessions: 9\n", "esr.yaml: max_sessions: given twice (line 2)"),
+        (
+            b"enhanced_recording:\n  enabled: true\n  enabled: false\n",
+            "esr.yaml: enabled: given twice (line 3)",
+        ),
+        (b"on_disk_full: panic\n", "on_disk_full: invalid enum value 'panic'"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_key(text, message):
@@ -66,3 +82,9 @@ def test_data_dir_given_on_the_command_line_wins(tmp_path):
     path = tmp_path / "esr.yaml"
     path.write_text("data_dir: /var/lib/elsewhere\n")
     assert config.load(str(path), "relative").data_dir.endswith("/relative")
+
+
+def test_on_disk_full_takes_its_two_policies():
+    assert config.parse(b"", "esr.yaml").on_disk_full == "keep_running"
+    refuse = config.parse(b"on_disk_full: refuse_new_sessions\n", "esr.yaml")
+    assert refuse.on_disk_full == "refuse_new_sessions"

@@ -10,6 +10,7 @@ import pytest
 
 from esr import recording, schema
 from esr.recording import KIND_END, KIND_EVENTS, KIND_START, Damage, Writer
+from esr.room import NoRoom
 
 SID = "unit-session"
 DATA = Path(__file__).parent / "data"
@@ -134,3 +135,65 @@ def test_a_version_1_recording_still_reads(tmp_path):
     ]
     assert events[3].lost == [0, 5, 0]
     assert events[4].records == [1, 1, 0] and events[4].interactive
+
+
+def test_an_empty_file_is_not_an_intact_recording(tmp_path):
+    path = tmp_path / f"{SID}.esr"
+    path.write_bytes(b"")
+    with pytest.raises(Damage) as err:
+        recording.verify(str(path), SID)
+    assert err.value.reason == "the file is empty" and err.value.intact.frames == 0
+
+
+def _with_hole(path: Path, flags: int, report: bool) -> None:
+    """start, events 1..5, then events 6..10 never written, then 11..15 (and
+    the recorder's session.lost for the hole, as ei 16)."""
+    w = Writer.create(str(path), SID, 1)
+    w.append(KIND_START, [schema.SessionStart(0, 1, SID, "srv", "host", "alice", "alice")])
+    w.append(KIND_EVENTS, [_disk(ei) for ei in range(1, 6)], records=[0, 5, 0])
+    events: list = [_disk(ei) for ei in range(11, 16)]
+    if report:
+        events.append(schema.Lost(16, 99, [0, 5, 0], 0, "disk_full", [6, 10]))
+    w.append(KIND_EVENTS, events, records=[0, 5, 0], lost=[0, 5, 0], flags=flags)
+    w.close()
+
+
+def test_a_hole_the_recorder_declared_is_not_an_edit(tmp_path):
+    path = tmp_path / f"{SID}.esr"
+    _with_hole(path, recording.FLAG_GAP, report=True)
+    summary = recording.verify(str(path), SID)
+    assert summary.gaps == [(6, 10, "disk_full")] and summary.lost == [0, 5, 0, 0]
+    assert recording.scan(str(path), SID)[0].gaps == [(6, 10, "")]
+
+
+@pytest.mark.parametrize(
+    "flags, report, reason",
+    [
+        (0, True, "sequence break: events 11..16 (x6), expected to start at 6"),
+        (recording.FLAG_GAP, False, "events 6..10 are missing and no session.lost"),
+    ],
+)
+def test_a_hole_nobody_accounts_for_is_damage(tmp_path, flags, report, reason):
+    path = tmp_path / f"{SID}.esr"
+    _with_hole(path, flags, report)
+    with pytest.raises(Damage) as err:
+        recording.verify(str(path), SID)
+    assert err.value.frame == 2 and reason in err.value.reason
+
+
+def test_only_a_reserved_frame_may_take_the_reserve(tmp_path, monkeypatch):
+    path = tmp_path / f"{SID}.esr"
+    w = Writer.create(str(path), SID, 1)
+    w.append(KIND_START, [schema.SessionStart(0, 1, SID, "srv", "host", "alice", "alice")])
+    size = path.stat().st_size
+    monkeypatch.setattr(w.room, "take", lambda n: False)  # the disk is full
+    with pytest.raises(NoRoom):
+        w.append(KIND_EVENTS, [_disk(1)], records=[0, 1, 0])
+    assert path.stat().st_size == size  # nothing of it was written
+    w.append(
+        KIND_END,
+        [schema.SessionEnd(1, 2, "exited", True, False, [0] * 3, [0] * 3, 0)],
+        reserved=True,
+    )
+    w.close()
+    assert recording.verify(str(path), SID).closed
