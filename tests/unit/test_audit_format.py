@@ -100,9 +100,10 @@ def test_a_session_no_login_gave_an_audit_session_has_the_kernels_unset_id():
 
 
 def test_counts_are_named_by_buffer(lines):
-    assert lines[4]["lost"] == {"command": 0, "disk": 5, "network": 0}
+    # Every buffer is named, the terminal's too (this session had none).
+    assert lines[4]["lost"] == {"command": 0, "disk": 5, "network": 0, "terminal": 0}
     assert lines[4]["untracked_forks"] == 2
-    assert lines[6]["events"] == {"command": 1, "disk": 1, "network": 1}
+    assert lines[6]["events"] == {"command": 1, "disk": 1, "network": 1, "terminal": 0}
     assert lines[6]["participants"] == ["alice"] and lines[6]["enhanced_recording"] is True
 
 
