@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
 
-    p = sub.add_parser("show", help="print a session's events in order")
+    p = sub.add_parser("show", help="print a session's events in order, or its process tree")
     _common(p)
     p.add_argument("sid", metavar="SID", help="session id, or a unique prefix of one")
-    p.add_argument("--format", choices=("json", "text"), default="json")
+    p.add_argument("--format", choices=("json", "text", "tree"), default="json")
     p.add_argument("--type", choices=("command", "disk", "network"))
 
     p = sub.add_parser("verify", help="check a recording's frames and hash chain")

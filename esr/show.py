@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
-from esr import recording, schema
+from esr import recording, schema, tree
 from esr.datadir import DataDir
 from esr.errors import RecordingError
 
@@ -19,30 +20,58 @@ def _text_line(event: schema.Event) -> str:
 
 
 def show(datadir: DataDir, sid: str, fmt: str, kind: str | None, out=None) -> None:
-    """Print a session's events in order; raise RecordingError after printing what
-    precedes the damage."""
+    """Print a session's events in order, or its process tree; raise
+    RecordingError after printing what precedes the damage."""
     out = out or sys.stdout
     sid = datadir.resolve(sid)
+    try:
+        chunks = _tree(datadir, sid, kind) if fmt == "tree" else lines(datadir, sid, fmt, kind)
+        for chunk in chunks:
+            out.write(chunk)
+    except RecordingError:
+        out.flush()
+        raise
+
+
+def lines(datadir: DataDir, sid: str, fmt: str, kind: str | None) -> Iterator[str]:
+    """A session's events as JSON (the audit log's) or text lines, a frame's
+    worth at a time; raises RecordingError at damage, after the intact part."""
     wanted = TYPES[kind] if kind else None
     audit = None
     reader = recording.Reader(datadir.recording(sid), sid)
     try:
         for frame in reader:
-            lines = []
+            text = []
             for event in frame.events():
                 if audit is None:
                     audit = schema.AuditFormat(schema.Identity.of(event))
                 if wanted is not None and type(event) not in wanted:
                     continue
                 if fmt == "json":
-                    lines.append(audit.line(event).decode("ascii"))
+                    text.append(audit.line(event).decode("ascii"))
                 else:
-                    lines.append(_text_line(event) + "\n")
-            if lines:
-                out.write("".join(lines))
+                    text.append(_text_line(event) + "\n")
+            if text:
+                yield "".join(text)
     except recording.Damage as err:
-        out.flush()
         raise RecordingError(f"{sid}: {err}; the events above are intact") from None
+
+
+def _tree(datadir: DataDir, sid: str, kind: str | None) -> Iterator[str]:
+    """The process tree (esr.tree), of one type of record when kind says so."""
+    hidden = tuple(r for r in schema.RECORDS if kind and r not in TYPES[kind])
+    builder = tree.Builder()
+    damage = None
+    try:
+        for frame in recording.Reader(datadir.recording(sid), sid):
+            builder.feed(e for e in frame.events() if not isinstance(e, hidden))
+    except recording.Damage as err:
+        damage = err
+    built = builder.finish()
+    for line in tree.lines(built):
+        yield line + "\n"
+    if damage:
+        raise RecordingError(f"{sid}: {damage}; the tree above is of the events before it")
 
 
 def verify(datadir: DataDir, sid: str) -> str:
