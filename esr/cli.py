@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("sid", metavar="SID")
 
+    p = sub.add_parser("index", help="bring the search index of `esr ui` up to date")
+    _common(p)
+    _index_option(p)
+    p.add_argument(
+        "--rebuild", action="store_true", help="forget the index and read every recording again"
+    )
+
     p = sub.add_parser("check", help="report what this kernel offers esr")
     _common(p)
 
@@ -143,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _index_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index",
+        metavar="FILE",
+        help="the search index (default: one per data dir in /var/cache/esr for root, "
+        "in ~/.cache/esr for others)",
+    )
+
+
 def _list(kind):
     def parse(text: str):
         try:
@@ -199,6 +215,15 @@ def _cmd_verify(args) -> int:
     from esr.show import verify
 
     print(verify(DataDir(_config(args).data_dir), args.sid))
+    return 0
+
+
+def _cmd_index(args) -> int:
+    from esr import index
+    from esr.datadir import DataDir
+
+    datadir = DataDir(_config(args).data_dir)
+    print(index.update(datadir, args.index or index.default_path(datadir.path), args.rebuild))
     return 0
 
 
@@ -305,6 +330,7 @@ COMMANDS = {
     "sessions": _cmd_sessions,
     "show": _cmd_show,
     "verify": _cmd_verify,
+    "index": _cmd_index,
     "check": _cmd_check,
 }
 
