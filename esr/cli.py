@@ -83,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("sid", metavar="SID")
 
+    p = sub.add_parser("ui", help="review sessions in a web browser")
+    _common(p)
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:8470; port 0 picks a free one)",
+    )
+    _index_option(p)
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="write the address with its access token to FILE (mode 0600) instead of stderr",
+    )
+
     p = sub.add_parser("index", help="bring the search index of `esr ui` up to date")
     _common(p)
     _index_option(p)
@@ -218,6 +233,17 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    from esr import index
+    from esr.datadir import DataDir
+    from esr.ui.server import serve
+
+    datadir = DataDir(_config(args).data_dir)
+    return serve(
+        datadir, args.index or index.default_path(datadir.path), args.listen, args.token_file
+    )
+
+
 def _cmd_index(args) -> int:
     from esr import index
     from esr.datadir import DataDir
@@ -330,6 +356,7 @@ COMMANDS = {
     "sessions": _cmd_sessions,
     "show": _cmd_show,
     "verify": _cmd_verify,
+    "ui": _cmd_ui,
     "index": _cmd_index,
     "check": _cmd_check,
 }
