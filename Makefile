@@ -19,7 +19,7 @@ APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev mak
 PY_DEPS := $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' esr/__init__.py)
 
-.PHONY: all deps build run check test binary deb clean
+.PHONY: all deps build run check test player binary deb clean
 DEB := $(BUILD)/esr_$(VERSION)_amd64.deb
 
 all: build
@@ -78,8 +78,25 @@ check: build
 test: check deb
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
+# The web UI's player, at the version package-lock.json pins, installed by
+# npm into build/ and copied into the UI's static files: nothing is fetched
+# when the UI runs. Only the binary and the UI's tests need it, so only they
+# need npm (Debian's, when no npm is installed).
+PLAYER := esr/ui/static/player
+NPM_PLAYER := $(BUILD)/npm/node_modules/asciinema-player
+player: $(PLAYER)/asciinema-player.min.js
+
+$(PLAYER)/asciinema-player.min.js: package.json package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	rm -rf $(BUILD)/npm $(PLAYER) && mkdir -p $(BUILD)/npm $(PLAYER)
+	cp package.json package-lock.json $(BUILD)/npm/
+	cd $(BUILD)/npm && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	cp $(NPM_PLAYER)/dist/bundle/asciinema-player.min.js $(NPM_PLAYER)/dist/bundle/asciinema-player.css $(PLAYER)/
+	cp $(NPM_PLAYER)/LICENSE $(PLAYER)/LICENSE
+
 # The single binary: PyInstaller onedir in build/dist/esr.
-binary: build
+binary: build player
 	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN \
 		--distpath $(BUILD)/dist --workpath $(BUILD)/pyinstaller packaging/esr.spec
 	@$(BUILD)/dist/esr/esr --version
@@ -91,4 +108,4 @@ deb: binary
 	lintian --fail-on error $(DEB)
 
 clean:
-	rm -rf $(BUILD) $(VENV) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info
+	rm -rf $(BUILD) $(VENV) $(PLAYER) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info

@@ -27,6 +27,8 @@ from esr.errors import RecordingError
 from esr.ui import session as session_page
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# `make player` puts it there from npm; `make build` alone does not.
+PLAYER = os.path.join(HERE, "static", "player", "asciinema-player.min.js")
 COOKIE = "esr_ui_token"
 PAGE = 50
 
@@ -218,6 +220,7 @@ def create_app(
             size=os.path.getsize(path),
             limits=session_page,
             focus=view.tree.focus,
+            player=os.path.exists(PLAYER),
         )
 
     @app.get("/session/<sid>/cast")
