@@ -153,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the user-space hot path on a synthetic corpus (no root needed)",
     )
+    p.add_argument(
+        "--ui",
+        action="store_true",
+        help="the sessions list and search of `esr ui`, on 10,000 generated sessions "
+        "(no root needed)",
+    )
+    p.add_argument(
+        "--corpus", metavar="DIR", help="with --ui: generate the sessions into DIR, or reuse them"
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="length of each run (default 3)")
     p.add_argument("--workloads", type=_list(str), default=list(bench.WORKLOADS))
     p.add_argument(
@@ -324,6 +333,12 @@ def _cmd_pam(args) -> int:
 def _cmd_bench(args) -> int:
     from esr.bench import harness
 
+    if args.ui:
+        from esr.bench import ui
+
+        sizes = (200, 100_000) if args.smoke else (10_000, 10_000_000)
+        print(json.dumps(ui.measure(*sizes, keep=args.corpus), indent=1))
+        return 0
     config = _config(args)
     if args.offline:
         from esr.bench.offline import measure
