@@ -7,12 +7,12 @@ LIBBPF := $(BUILD)/libbpf/usr
 
 # What building, running and testing esr need from Debian: the toolchain,
 # sshd for the login tests, lintian and systemd-analyze for the package, qemu
-# and debootstrap for the systemd guest, and bcc with the nearest kernel
-# headers for the benchmark's bcc peer.
+# and debootstrap for the systemd guest, bcc with the nearest kernel headers
+# for the benchmark's bcc peer, and chromium for the web UI's tests.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
 	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
-	python3-bpfcc linux-headers-amd64
+	python3-bpfcc linux-headers-amd64 chromium
 
 # pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
 # the version): read them from there.
