@@ -69,6 +69,36 @@ def events(vm, sid: str) -> list[dict]:
     return [json.loads(l) for l in vm.ssh(f"esr show {sid}").stdout.splitlines()]
 
 
+# Fetches a page of esr ui in the guest, with the token of the address the
+# service wrote, until it holds the text asked for (the index is built in
+# the background after start).
+FETCH = """
+import sys, time, urllib.request
+base, token = open("/run/esr-ui/url").read().strip().split("?token=")
+for _ in range(100):
+    auth = {"Authorization": "Bearer " + token}
+    page = urllib.request.urlopen(urllib.request.Request(base + sys.argv[1], headers=auth))
+    page = page.read().decode()
+    if sys.argv[2] in page:
+        break
+    time.sleep(0.2)
+print(page)
+"""
+
+
+def check_ui(vm, sid: str) -> None:
+    """esr-ui.service ships disabled; started, its hardened unit reads the
+    recordings and serves them."""
+    assert vm.ssh("systemctl is-enabled esr-ui", check=False).stdout.strip() == "disabled"
+    vm.ssh("systemctl start esr-ui && for i in $(seq 100); do test -s /run/esr-ui/url && break;"
+           " sleep 0.1; done")
+    assert sid in vm.ssh(["python3", "-c", FETCH, "", sid]).stdout
+    found = vm.ssh(["python3", "-c", FETCH, "search?q=hostname", "/etc/<mark>"]).stdout
+    assert "/usr/bin/cat /etc/<mark>hostname</mark>" in found
+    assert vm.ssh("stat -c %a /var/cache/esr /run/esr-ui").stdout.split() == ["700", "700"]
+    assert vm.ssh("systemctl is-active esr-ui").stdout.strip() == "active"
+
+
 def test_install_enable_record_reboot_purge(vm, user_key):
     r = vm.ssh("apt-get install -y /tmp/esr.deb", timeout=600)
     assert "esr" in r.stdout
@@ -102,6 +132,7 @@ def test_install_enable_record_reboot_purge(vm, user_key):
     audit = vm.ssh(f"grep -c '\"sid\":\"{session['sid']}\"' /var/lib/esr/log/events.log").stdout
     assert int(audit) >= 4
     assert "intact" in vm.ssh(f"esr verify {session['sid']}").stdout
+    check_ui(vm, session["sid"])
 
     vm.reboot()
     assert vm.ssh("systemctl is-active esr", check=False).stdout.strip() == "active"
@@ -113,6 +144,7 @@ def test_install_enable_record_reboot_purge(vm, user_key):
     assert "purged" in out.stdout + out.stderr
     left = vm.ssh("ls -d /etc/esr /var/lib/esr /run/esr /usr/lib/esr /usr/bin/esr "
                   "/lib/systemd/system/esr.service /usr/share/pam-configs/esr "
+                  "/lib/systemd/system/esr-ui.service /var/cache/esr /run/esr-ui "
                   "/etc/systemd/system/multi-user.target.wants/esr.service 2>/dev/null; "
                   "grep -l esr /etc/pam.d/* 2>/dev/null; true").stdout
     assert left.strip() == ""
