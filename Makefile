@@ -7,20 +7,20 @@ LIBBPF := $(BUILD)/libbpf/usr
 
 # What building, running and testing esr need from Debian: the toolchain,
 # sshd for the login tests, lintian and systemd-analyze for the package, qemu
-# and debootstrap for the systemd guest, bcc with the nearest kernel
-# headers for the benchmark's bcc peer, and asciinema, the reference player
-# the terminal tests check exports with.
+# and debootstrap for the systemd guest, bcc with the nearest kernel headers
+# for the benchmark's bcc peer, asciinema, the reference player the terminal
+# tests check exports with, and chromium for the web UI's tests.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
 	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
-	python3-bpfcc linux-headers-amd64 asciinema
+	python3-bpfcc linux-headers-amd64 asciinema chromium
 
 # pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
 # the version): read them from there.
 PY_DEPS := $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' esr/__init__.py)
 
-.PHONY: all deps build run check test binary deb clean
+.PHONY: all deps build run check test player binary deb clean
 DEB := $(BUILD)/esr_$(VERSION)_amd64.deb
 
 all: build
@@ -79,8 +79,25 @@ check: build
 test: check deb
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
+# The web UI's player, at the version package-lock.json pins, installed by
+# npm into build/ and copied into the UI's static files: nothing is fetched
+# when the UI runs. Only the binary and the UI's tests need it, so only they
+# need npm (Debian's, when no npm is installed).
+PLAYER := esr/ui/static/player
+NPM_PLAYER := $(BUILD)/npm/node_modules/asciinema-player
+player: $(PLAYER)/asciinema-player.min.js
+
+$(PLAYER)/asciinema-player.min.js: package.json package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	rm -rf $(BUILD)/npm $(PLAYER) && mkdir -p $(BUILD)/npm $(PLAYER)
+	cp package.json package-lock.json $(BUILD)/npm/
+	cd $(BUILD)/npm && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	cp $(NPM_PLAYER)/dist/bundle/asciinema-player.min.js $(NPM_PLAYER)/dist/bundle/asciinema-player.css $(PLAYER)/
+	cp $(NPM_PLAYER)/LICENSE $(PLAYER)/LICENSE
+
 # The single binary: PyInstaller onedir in build/dist/esr.
-binary: build
+binary: build player
 	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN \
 		--distpath $(BUILD)/dist --workpath $(BUILD)/pyinstaller packaging/esr.spec
 	@$(BUILD)/dist/esr/esr --version
@@ -92,4 +109,4 @@ deb: binary
 	lintian --fail-on error $(DEB)
 
 clean:
-	rm -rf $(BUILD) $(VENV) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info
+	rm -rf $(BUILD) $(VENV) $(PLAYER) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info

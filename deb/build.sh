@@ -25,7 +25,7 @@ install -d "$pkg/usr/lib/esr/bench/bcc" "$pkg/usr/lib/esr/bpf"
 install -m 0644 "$here"/../bench/bcc/*.py "$here"/../bench/bcc/*.c "$pkg/usr/lib/esr/bench/bcc/"
 install -m 0644 "$here/../bpf/esr_events.h" "$pkg/usr/lib/esr/bpf/"
 
-install -m 0644 "$here/esr.service" "$pkg/lib/systemd/system/esr.service"
+install -m 0644 "$here/esr.service" "$here/esr-ui.service" "$pkg/lib/systemd/system/"
 install -m 0644 "$here/esr.yaml" "$pkg/etc/esr/esr.yaml"
 install -m 0644 "$profile" "$pkg/usr/share/pam-configs/esr"
 sed "s/@VERSION@/$version/" "$here/esr.1" | gzip -9n > "$pkg/usr/share/man/man1/esr.1.gz"

@@ -93,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
 
-    p = sub.add_parser("show", help="print a session's events in order")
+    p = sub.add_parser("show", help="print a session's events in order, or its process tree")
     _common(p)
     p.add_argument("sid", metavar="SID", help="session id, or a unique prefix of one")
-    p.add_argument("--format", choices=("json", "text"), default="json")
+    p.add_argument("--format", choices=("json", "text", "tree"), default="json")
     p.add_argument("--type", metavar="TYPE", help="command, disk, network or terminal")
     p.add_argument(
         "--raw",
@@ -152,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing key")
 
+    p = sub.add_parser("ui", help="review sessions in a web browser")
+    _common(p)
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:8470; port 0 picks a free one)",
+    )
+    _index_option(p)
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="write the address with its access token to FILE (mode 0600) instead of stderr",
+    )
+
+    p = sub.add_parser("index", help="bring the search index of `esr ui` up to date")
+    _common(p)
+    _index_option(p)
+    p.add_argument(
+        "--rebuild", action="store_true", help="forget the index and read every recording again"
+    )
+
     p = sub.add_parser("check", help="report what this kernel offers esr")
     _common(p)
 
@@ -200,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the user-space hot path on a synthetic corpus (no root needed)",
     )
+    p.add_argument(
+        "--ui",
+        action="store_true",
+        help="the sessions list and search of `esr ui`, on 10,000 generated sessions "
+        "(no root needed)",
+    )
+    p.add_argument(
+        "--corpus", metavar="DIR", help="with --ui: generate the sessions into DIR, or reuse them"
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="length of each run (default 3)")
     p.add_argument("--workloads", type=_list(str), default=list(bench.WORKLOADS))
     p.add_argument(
@@ -210,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--modes", type=_list(str), default=list(bench.MODES))
     return parser
+
+
+def _index_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index",
+        metavar="FILE",
+        help="the search index (default: one per data dir in /var/cache/esr for root, "
+        "in ~/.cache/esr for others)",
+    )
 
 
 def _list(kind):
@@ -331,6 +371,26 @@ def _cmd_keygen(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    from esr import index
+    from esr.datadir import DataDir
+    from esr.ui.server import serve
+
+    datadir = DataDir(_config(args).data_dir)
+    return serve(
+        datadir, args.index or index.default_path(datadir.path), args.listen, args.token_file
+    )
+
+
+def _cmd_index(args) -> int:
+    from esr import index
+    from esr.datadir import DataDir
+
+    datadir = DataDir(_config(args).data_dir)
+    print(index.update(datadir, args.index or index.default_path(datadir.path), args.rebuild))
+    return 0
+
+
 def _cmd_check(args) -> int:
     from esr.check import check
 
@@ -421,6 +481,12 @@ def _cmd_pam(args) -> int:
 def _cmd_bench(args) -> int:
     from esr.bench import harness
 
+    if args.ui:
+        from esr.bench import ui
+
+        sizes = (200, 100_000) if args.smoke else (10_000, 10_000_000)
+        print(json.dumps(ui.measure(*sizes, keep=args.corpus), indent=1))
+        return 0
     config = _config(args)
     if args.offline:
         from esr.bench.offline import measure
@@ -456,6 +522,8 @@ COMMANDS = {
     "export": _cmd_export,
     "verify": _cmd_verify,
     "keygen": _cmd_keygen,
+    "ui": _cmd_ui,
+    "index": _cmd_index,
     "check": _cmd_check,
 }
 

@@ -17,6 +17,7 @@ vouches for the recording from outside it is its seal file (esr/seal.py).
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -216,23 +217,28 @@ class Reader:
     With payloads=False only headers are read (fast, for listings) and
     digests are not checked. Iteration raises Damage at the first bad frame,
     after yielding every good one; summary describes what was read.
+
+    after, the summary of an earlier reading of the same file, resumes where
+    that one stopped, chained to its last digest: a file that only grew is
+    read and checked once.
     """
 
-    def __init__(self, path: str, sid: str, payloads: bool = True):
+    def __init__(self, path: str, sid: str, payloads: bool = True, after: Summary | None = None):
         self.path = path
         self.sid = sid
         self.payloads = payloads
-        self.summary = Summary()
+        self.summary = copy.deepcopy(after) if after else Summary()
 
     def __iter__(self):
         summary = self.summary
-        prev = chain_seed(self.sid)
-        expect_ei = 0
+        prev = summary.digest if summary.frames else chain_seed(self.sid)
+        expect_ei = summary.last_ei + 1
         with open_regular(self.path) as f:
             size = os.fstat(f.fileno()).st_size
             if not size:
                 raise Damage(0, 0, EMPTY, summary, truncated=True)
-            offset = index = 0
+            offset, index = summary.end_offset, summary.frames
+            f.seek(offset)
             while offset < size:
                 damage = functools.partial(Damage, index, offset, intact=summary)
                 head = f.read(PREFIX)

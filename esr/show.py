@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 
 import zstandard
 
-from esr import recording, schema, seal
+from esr import recording, schema, seal, tree
 from esr.datadir import DataDir
 from esr.errors import RecordingError, UsageError
 
@@ -31,33 +32,63 @@ def _text_line(event: schema.Event, raw: bool) -> bytes:
 def show(
     datadir: DataDir, sid: str, fmt: str, kind: str | None, raw: bool = False, out=None
 ) -> None:
-    """Print a session's events in order; raise RecordingError after printing
-    what precedes the damage. Recorded terminal bytes are escaped, unless
-    raw."""
+    """Print a session's events in order, or its process tree; raise
+    RecordingError after printing what precedes the damage. Recorded terminal
+    bytes are escaped, unless raw."""
     out = out or sys.stdout.buffer
     if kind is not None and kind not in TYPES:
         raise UsageError(f"show: no type {kind!r} (choose from {', '.join(TYPES)})")
     sid = datadir.resolve(sid)
+    try:
+        chunks = _tree(datadir, sid, kind) if fmt == "tree" else lines(datadir, sid, fmt, kind, raw)
+        for chunk in chunks:
+            out.write(chunk)
+    except RecordingError:
+        out.flush()
+        raise
+
+
+def lines(
+    datadir: DataDir, sid: str, fmt: str, kind: str | None, raw: bool = False
+) -> Iterator[bytes]:
+    """A session's events as JSON (the audit log's) or text lines, a frame's
+    worth at a time; raises RecordingError at damage, after the intact part."""
     wanted = TYPES[kind] if kind else None
     audit = None
     reader = recording.Reader(datadir.recording(sid), sid)
     try:
         for frame in reader:
-            lines = []
+            text = []
             for event in frame.events():
                 if audit is None:
                     audit = schema.AuditFormat(schema.Identity.of(event))
                 if wanted is not None and type(event) not in wanted:
                     continue
                 if fmt == "json":
-                    lines.append(audit.line(event))
+                    text.append(audit.line(event))
                 else:
-                    lines.append(_text_line(event, raw))
-            if lines:
-                out.write(b"".join(lines))
+                    text.append(_text_line(event, raw))
+            if text:
+                yield b"".join(text)
     except recording.Damage as err:
-        out.flush()
         raise RecordingError(f"{sid}: {err}; the events above are intact") from None
+
+
+def _tree(datadir: DataDir, sid: str, kind: str | None) -> Iterator[bytes]:
+    """The process tree (esr.tree), of one type of record when kind says so."""
+    hidden = tuple(r for r in schema.RECORDS if kind and r not in TYPES[kind])
+    builder = tree.Builder()
+    damage = None
+    try:
+        for frame in recording.Reader(datadir.recording(sid), sid):
+            builder.feed(e for e in frame.events() if not isinstance(e, hidden))
+    except recording.Damage as err:
+        damage = err
+    built = builder.finish()
+    for line in tree.lines(built):
+        yield (line + "\n").encode()
+    if damage:
+        raise RecordingError(f"{sid}: {damage}; the tree above is of the events before it")
 
 
 def verify(datadir: DataDir, sid: str, key: seal.VerificationKey | None = None) -> str:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from esr import recording, schema
+from esr import recording, schema, tree
 from esr.datadir import DataDir
 
 # The size when the recording has none (a terminal that reported 0x0).
@@ -66,8 +66,7 @@ class Timeline:
                 continue
             t = max(0.0, (event.time - self.start.time) / 1e9)
             if isinstance(event, schema.Command) and event.return_code == 0:
-                label = " ".join(schema.text(a) for a in [event.path, *event.argv])
-                yield Moment(t, "m", label)
+                yield Moment(t, "m", tree.command_line(event.path, event.argv))
             elif isinstance(event, (schema.TerminalOutput, schema.TerminalResize)):
                 tty = event.tty if tty is None else tty
                 if event.tty != tty:
@@ -85,8 +84,10 @@ class Timeline:
                 yield Moment(t, "o", event.data)
             elif isinstance(event, schema.TerminalInput) and event.tty == tty:
                 yield Moment(t, "i", event.data)
-            elif isinstance(event, schema.SessionEnd) and event.terminal.skipped > skipped:
-                yield Moment(t, "o", _skip_note(event.terminal.skipped - skipped))
+            elif isinstance(event, schema.SessionEnd):
+                # Nothing more to show, but the cast lasts as long as the session.
+                gap = event.terminal.skipped - skipped
+                yield Moment(t, "o", _skip_note(gap) if gap > 0 else b"")
 
 
 def asciicast(datadir: DataDir, sid: str) -> Iterator[str]:
@@ -113,9 +114,11 @@ def asciicast(datadir: DataDir, sid: str) -> Iterator[str]:
     for moment in itertools.chain(ahead, moments):
         data = moment.data
         if isinstance(data, bytes):
-            data = decoders[moment.code].decode(data)
-            if not data:
-                continue
+            # b"" is the session's end: the cast lasts till then.
+            text = decoders[moment.code].decode(data, final=not data)
+            if not text and data:
+                continue  # a character begun, to end in the next read
+            data = text
         yield json.dumps([round(moment.t, 6), moment.code, data]) + "\n"
 
 

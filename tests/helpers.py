@@ -312,3 +312,91 @@ class Terminal:
             self.output += chunk
         os.kill(self.pid, signal.SIGKILL)
         raise AssertionError(f"the program did not end:\n{self.output[-2000:]!r}")
+
+
+class Session:
+    """A recording written without the kernel, as the recorder writes one:
+    events are added in order and go to disk as a frame at each flush()."""
+
+    START_NS = 1_790_000_000 * 10**9
+
+    def __init__(self, data_dir: Path, sid: str, login: str = "alice", start_ns: int = 0, **start):
+        from esr import recording, schema
+
+        self.schema = schema
+        (data_dir / "sessions").mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "sessions" / f"{sid}.esr"
+        self.writer = recording.Writer.create(str(self.path), sid, 1)
+        self.time = start_ns or self.START_NS
+        self.start = schema.SessionStart(
+            0, self.time, sid, "srv", "host", login, login, seed_pid=100, **start
+        )
+        self.writer.append(recording.KIND_START, [self.start])
+        self.ei = 1
+        self.pending: list = []
+        self.records = [0, 0, 0]
+        self.lost = [0, 0, 0]
+
+    def _add(self, make, buffer: int | None, dt: float):
+        self.time += int(dt * 1e9)
+        event = make(self.ei, self.time)
+        self.ei += 1
+        self.pending.append(event)
+        if buffer is not None:
+            self.records[buffer] += 1
+        return event
+
+    def command(self, pid: int, ppid: int, path: bytes, *argv: bytes, rc: int = 0, dt=0.5):
+        program = path.rsplit(b"/", 1)[-1][:15]
+        return self._add(
+            lambda ei, t: self.schema.Command(
+                ei, t, pid, ppid, 7, program, path, list(argv), rc, 1000, 1000
+            ),
+            0,
+            dt,
+        )
+
+    def open(self, pid: int, path: bytes, rc: int = 3, flags: int = 0, dt=0.001):
+        return self._add(
+            lambda ei, t: self.schema.Disk(ei, t, pid, 7, b"prog", path, flags, rc), 1, dt
+        )
+
+    def connect(self, pid: int, addr: str, port: int, rc: int = 0, dt=0.01):
+        return self._add(
+            lambda ei, t: self.schema.Network(
+                ei, t, pid, 7, b"curl", 4, "10.0.0.1", 40000, addr, port, rc
+            ),
+            2,
+            dt,
+        )
+
+    def lose(self, counts: list[int], untracked: int = 0, dt=0.01):
+        for i, n in enumerate(counts):
+            self.lost[i] += n
+        return self._add(lambda ei, t: self.schema.Lost(ei, t, counts, untracked), None, dt)
+
+    def flush(self) -> Session:
+        from esr.recording import KIND_EVENTS
+
+        if self.pending:
+            lost = [e.lost for e in self.pending if type(e) is self.schema.Lost]
+            self.writer.append(
+                KIND_EVENTS,
+                self.pending,
+                records=self.records,
+                lost=[sum(x) for x in zip(*lost)] if lost else (),
+            )
+        self.pending, self.records = [], [0, 0, 0]
+        return self
+
+    def end(self, dt: float = 1.0) -> Path:
+        from esr.recording import KIND_END
+
+        self.flush()
+        self.time += int(dt * 1e9)
+        end = self.schema.SessionEnd(
+            self.ei, self.time, "exited", True, False, [0, 0, 0], self.lost, 0
+        )
+        self.writer.append(KIND_END, [end])
+        self.writer.close()
+        return self.path

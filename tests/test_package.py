@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import deb_file, require_bpf, sid_from_stderr
+from helpers import Session, deb_file, require_bpf, sid_from_stderr
 
 UNIT = "/lib/systemd/system/esr.service"
 
@@ -79,13 +81,51 @@ def test_upgrade_keeps_a_locally_edited_config(deb):
         sh("dpkg", "-P", "esr")
 
 
-def test_unit_passes_systemd_analyze_without_warnings(deb):
+@pytest.mark.parametrize("unit", ["esr.service", "esr-ui.service"])
+def test_unit_passes_systemd_analyze_without_warnings(deb, unit):
     sh("dpkg", "-i", str(deb))
     try:
-        r = sh("systemd-analyze", "verify", UNIT, check=False)
+        path = f"/lib/systemd/system/{unit}"
+        r = sh("systemd-analyze", "verify", path, check=False)
         assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
-        r = sh("systemd-analyze", "security", "--offline=true", UNIT)
-        score = float(re.search(r"exposure level for esr.service: ([\d.]+)", r.stdout).group(1))
+        r = sh("systemd-analyze", "security", "--offline=true", path)
+        score = float(re.search(rf"exposure level for {unit}: ([\d.]+)", r.stdout).group(1))
         assert score <= 5.0
+    finally:
+        sh("dpkg", "-P", "esr")
+
+
+def test_the_ui_ships_disabled_and_serves_from_the_package(deb, tmp_path):
+    sh("dpkg", "-i", str(deb))
+    try:
+        assert not Path("/etc/systemd/system/multi-user.target.wants/esr-ui.service").exists()
+        data = tmp_path / "data"
+        s = Session(data, "packaged", login="alice")
+        s.command(100, 1, b"/usr/bin/packaged-command", b"--flag")
+        s.end()
+        args = ["/usr/bin/esr", "--data-dir", str(data)]
+        assert "1 read" in sh(*args, "index", "--index", str(tmp_path / "ix")).stdout
+        url_file = tmp_path / "url"
+        ui = subprocess.Popen(
+            [*args, "ui", "--listen", "127.0.0.1:0", "--index", str(tmp_path / "ix"),
+             "--token-file", str(url_file)],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert "its address with the token is in" in ui.stderr.readline()
+            assert oct(url_file.stat().st_mode & 0o777) == "0o600"
+            url = url_file.read_text().strip()
+            base = url.split("?")[0]
+            with pytest.raises(urllib.error.HTTPError, match="401"):
+                urllib.request.urlopen(base)
+            token = url.split("token=")[1]
+            get = urllib.request.build_opener()
+            get.addheaders = [("Authorization", f"Bearer {token}")]
+            assert b"<mark>packaged</mark>-command" in get.open(base + "search?q=packaged").read()
+            player = get.open(base + "static/player/asciinema-player.min.js").read()
+            assert len(player) > 100_000
+        finally:
+            ui.terminate()
+            ui.wait(10)
     finally:
         sh("dpkg", "-P", "esr")

@@ -67,8 +67,14 @@ def _deb822(text: str) -> list[Source]:
         if fields.get("enabled", "yes").lower() == "no":
             continue
         if fields.get("types") and fields.get("uris") and fields.get("suites"):
-            sources.append(Source(*(tuple(fields.get(k, "").split())
-                                    for k in ("types", "uris", "suites", "components"))))
+            sources.append(
+                Source(
+                    *(
+                        tuple(fields.get(k, "").split())
+                        for k in ("types", "uris", "suites", "components")
+                    )
+                )
+            )
     return sources
 
 
@@ -118,14 +124,18 @@ def lines(kind: str, release: str, root: Path | str = "/") -> list[str]:
     """sources.list lines ("deb" or "deb-src") for release's main component:
     the release, its security updates and its stable updates."""
     archive, security = archive_uri(root), security_uri(root)
-    return [f"{kind} {archive} {release} main",
-            f"{kind} {security} {release}-security main",
-            f"{kind} {archive} {release}-updates main"]
+    return [
+        f"{kind} {archive} {release} main",
+        f"{kind} {security} {release}-security main",
+        f"{kind} {archive} {release}-updates main",
+    ]
 
 
 def main(argv: list[str]) -> int:
-    usage = ("usage: aptsources.py deb|deb-src RELEASE   (sources.list lines)\n"
-             "       aptsources.py mirror|security       (the archive URIs)")
+    usage = (
+        "usage: aptsources.py deb|deb-src RELEASE   (sources.list lines)\n"
+        "       aptsources.py mirror|security       (the archive URIs)"
+    )
     try:
         if len(argv) == 2 and argv[0] in ("deb", "deb-src"):
             print("\n".join(lines(argv[0], argv[1])))

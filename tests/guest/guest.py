@@ -41,17 +41,29 @@ DISK_SIZE = "4G"  # sparse; room for tests to install packages
 # On top of --variant=minbase. dbus + libpam-systemd give ssh logins a real
 # logind session, as on any ordinary server (a session recorder cares).
 PACKAGES = [
-    "systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd",
-    "linux-image-amd64", "initramfs-tools", "kmod", "e2fsprogs",
-    "openssh-server", "libpam-runtime", "zlib1g",
-    "iproute2", "procps", "python3", "sudo",
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "libpam-systemd",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "kmod",
+    "e2fsprogs",
+    "openssh-server",
+    "libpam-runtime",
+    "zlib1g",
+    "iproute2",
+    "procps",
+    "python3",
+    "sudo",
 ]
 
 
 def packages(release: str) -> list[str]:
     # trixie renamed libelf1 in the 64-bit time_t transition (it Provides
     # libelf1, so esr's Depends still holds).
-    return PACKAGES + ["libelf1" if release in ("bullseye", "bookworm") else "libelf1t64"]
+    return [*PACKAGES, "libelf1" if release in ("bullseye", "bookworm") else "libelf1t64"]
 
 
 # Files written into the rootfs after debootstrap (path -> content).
@@ -96,8 +108,11 @@ def mirror(release: str) -> str:
     """The Debian archive to debootstrap release from: ESR_GUEST_MIRROR_<RELEASE>
     (e.g. an archive mirror for a release the main mirrors dropped), else
     ESR_GUEST_MIRROR, else the archive this host's apt is configured with."""
-    return (os.environ.get(f"ESR_GUEST_MIRROR_{release.upper()}")
-            or os.environ.get("ESR_GUEST_MIRROR") or aptsources.archive_uri())
+    return (
+        os.environ.get(f"ESR_GUEST_MIRROR_{release.upper()}")
+        or os.environ.get("ESR_GUEST_MIRROR")
+        or aptsources.archive_uri()
+    )
 
 
 def _check_release(release: str) -> None:
@@ -107,18 +122,19 @@ def _check_release(release: str) -> None:
 
 def recipe_key(release: str = DEFAULT_RELEASE) -> str:
     _check_release(release)
-    h = hashlib.sha256(repr((RECIPE_VERSION, release, packages(release), FILES, CHROOT_CMDS,
-                             DISK_SIZE)).encode()).hexdigest()
+    h = hashlib.sha256(
+        repr((RECIPE_VERSION, release, packages(release), FILES, CHROOT_CMDS, DISK_SIZE)).encode()
+    ).hexdigest()
     return f"{release}-{RECIPE_VERSION}-{h[:10]}"
 
 
 @dataclass(frozen=True)
 class ImagePaths:
     dir: Path
-    disk: Path      # raw ext4 image of the rootfs; never written to
+    disk: Path  # raw ext4 image of the rootfs; never written to
     kernel: Path
     initrd: Path
-    key: Path       # ssh private key, authorized for root in the image
+    key: Path  # ssh private key, authorized for root in the image
 
     @classmethod
     def at(cls, d: Path) -> ImagePaths:
@@ -142,17 +158,19 @@ def unavailable(cache: Path | None = None, release: str = DEFAULT_RELEASE) -> st
             return f"no Debian mirror to build the guest from ({err}); set ESR_GUEST_MIRROR"
     missing = [t for t in need if not shutil.which(t, path=_PATH)]
     if missing:
-        return ("guest tools missing: " + " ".join(missing) + " (apt-get install"
-                " qemu-system-x86 qemu-utils debootstrap e2fsprogs openssh-client)")
+        return (
+            "guest tools missing: " + " ".join(missing) + " (apt-get install"
+            " qemu-system-x86 qemu-utils debootstrap e2fsprogs openssh-client)"
+        )
     return None
 
 
 def _run(cmd, log: Path | None = None, **kw) -> subprocess.CompletedProcess:
     """Run a build step; on failure raise with the tail of its output."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8",
-               PATH=_PATH)
-    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, **kw)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8", PATH=_PATH)
+    r = subprocess.run(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
     if log:
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(map(str, cmd))}\n{r.stdout}\n")
@@ -211,14 +229,26 @@ def _build(img: ImagePaths, root: Path, release: str) -> None:
     t0 = time.monotonic()
     source = mirror(release)
     try:
-        _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages(release)),
-              release, root, source], log)
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=" + ",".join(packages(release)),
+                release,
+                root,
+                source,
+            ],
+            log,
+        )
     except GuestError as err:
-        raise GuestError(f"{err}\n(if {source} no longer carries {release}, point"
-                         f" ESR_GUEST_MIRROR_{release.upper()} at a mirror that does)") from None
+        raise GuestError(
+            f"{err}\n(if {source} no longer carries {release}, point"
+            f" ESR_GUEST_MIRROR_{release.upper()} at a mirror that does)"
+        ) from None
     t1 = time.monotonic()
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "esr-test-guest",
-          "-f", img.key], log)
+    _run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "esr-test-guest", "-f", img.key], log
+    )
     ssh_dir = root / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     shutil.copy(img.key.with_suffix(".pub"), ssh_dir / "authorized_keys")
@@ -239,8 +269,22 @@ def _build(img: ImagePaths, root: Path, release: str) -> None:
     shutil.copy(root / "boot" / f"initrd.img-{release}", img.initrd)
     # mke2fs -d populates the filesystem straight from a directory: no loop
     # mount, no guestfish. Written under a temp name: disk.raw marks "done".
-    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "esr-root", "-d", root,
-          img.dir / "disk.tmp", DISK_SIZE], log)
+    _run(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            "esr-root",
+            "-d",
+            root,
+            img.dir / "disk.tmp",
+            DISK_SIZE,
+        ],
+        log,
+    )
     (img.dir / "disk.tmp").rename(img.disk)
     with open(log, "a") as f:
         f.write(f"debootstrap {t1 - t0:.0f}s, total {time.monotonic() - t0:.0f}s\n")
@@ -260,10 +304,19 @@ class Guest:
     temp dir is used and removed. `console_log` is the serial console;
     `boot_seconds` how long the first boot took until ssh answered."""
 
-    def __init__(self, image: ImagePaths | None = None, *, release: str = DEFAULT_RELEASE,
-                 workdir: Path | str | None = None,
-                 smp: int = 2, memory: int = 2048, boot_timeout: float = 180,
-                 accel: str | None = None, cpu: str = "qemu64", qemu_args: list[str] = ()):
+    def __init__(
+        self,
+        image: ImagePaths | None = None,
+        *,
+        release: str = DEFAULT_RELEASE,
+        workdir: Path | str | None = None,
+        smp: int = 2,
+        memory: int = 2048,
+        boot_timeout: float = 180,
+        accel: str | None = None,
+        cpu: str = "qemu64",
+        qemu_args: list[str] = (),
+    ):
         _check_release(release)
         self.image, self.release = image, release
         # qemu64 (qemu's TCG default) measured clearly faster than -cpu max
@@ -306,8 +359,20 @@ class Guest:
         self.workdir.mkdir(parents=True, exist_ok=True)
         overlay = self.workdir / "overlay.qcow2"
         overlay.unlink(missing_ok=True)
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-              "-b", self.image.disk.resolve(), overlay])
+        _run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                self.image.disk.resolve(),
+                overlay,
+            ]
+        )
         t0 = time.monotonic()
         # The free port can be taken between our probe and qemu's bind; qemu
         # then exits at once, so retry with another port.
@@ -325,25 +390,45 @@ class Guest:
 
     def _launch(self, overlay: Path) -> None:
         cmd = [
-            "qemu-system-x86_64", "-accel", self.accel, "-cpu", self.cpu,
-            "-smp", str(self.smp), "-m", str(self.memory),
-            "-nodefaults", "-display", "none", "-no-user-config",
-            "-kernel", self.image.kernel, "-initrd", self.image.initrd,
-            "-append", KERNEL_ARGS,
+            "qemu-system-x86_64",
+            "-accel",
+            self.accel,
+            "-cpu",
+            self.cpu,
+            "-smp",
+            str(self.smp),
+            "-m",
+            str(self.memory),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+            "-kernel",
+            self.image.kernel,
+            "-initrd",
+            self.image.initrd,
+            "-append",
+            KERNEL_ARGS,
             # cache=unsafe: the overlay is thrown away, so skip host fsyncs.
-            "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
+            "-drive",
+            f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
             # restrict=on: the guest reaches nothing outside (tests must not
             # depend on the network); hostfwd still lets us in for ssh.
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22",
-            "-device", "virtio-net-pci,netdev=n0",
+            "-netdev",
+            f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-device",
+            "virtio-net-pci,netdev=n0",
             # Entropy for early-boot getrandom() (sshd) under slow TCG.
-            "-device", "virtio-rng-pci",
-            "-serial", f"file:{self.console_log}",
+            "-device",
+            "virtio-rng-pci",
+            "-serial",
+            f"file:{self.console_log}",
             *self.qemu_args,
         ]
         with open(self.qemu_log, "w") as log:
-            self.proc = subprocess.Popen(list(map(str, cmd)), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                list(map(str, cmd)), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -369,37 +454,78 @@ class Guest:
     def _check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             qemu = self.qemu_log.read_text(errors="replace") if self.qemu_log.exists() else ""
-            raise GuestError(f"qemu is not running (exit {self.proc and self.proc.returncode})"
-                             f"\n{qemu}\n--- console ---\n{self.console_tail()}")
+            raise GuestError(
+                f"qemu is not running (exit {self.proc and self.proc.returncode})"
+                f"\n{qemu}\n--- console ---\n{self.console_tail()}"
+            )
 
     # -- ssh ---------------------------------------------------------------
 
     def _ssh_opts(self, key: Path | str | None = None) -> list[str]:
-        return ["-F", "/dev/null", "-i", str(key or self.image.key), "-o", "IdentitiesOnly=yes",
-                "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=15"]
+        return [
+            "-F",
+            "/dev/null",
+            "-i",
+            str(key or self.image.key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ServerAliveInterval=15",
+        ]
 
-    def ssh(self, cmd: str | list[str], user: str = "root", check: bool = True,
-            timeout: float = 300, input: str | None = None,
-            key: Path | str | None = None) -> subprocess.CompletedProcess:
+    def ssh(
+        self,
+        cmd: str | list[str],
+        user: str = "root",
+        check: bool = True,
+        timeout: float = 300,
+        input: str | None = None,
+        key: Path | str | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run cmd (a shell string, or an argv that gets quoted) in the guest.
         Text output is captured; check=True raises GuestError on non-zero.
         key: a private key other than the image's (e.g. a test user's own)."""
         if not isinstance(cmd, str):
             cmd = shlex.join(cmd)
         argv = ["ssh", *self._ssh_opts(key), "-p", str(self.port), f"{user}@127.0.0.1", cmd]
-        r = subprocess.run(argv, input=input, capture_output=True, text=True,
-                           timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+        r = subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
         if check and r.returncode != 0:
-            raise GuestError(f"guest command {cmd!r} as {user} exited {r.returncode}:\n"
-                             f"stdout: {r.stdout}\nstderr: {r.stderr}")
+            raise GuestError(
+                f"guest command {cmd!r} as {user} exited {r.returncode}:\n"
+                f"stdout: {r.stdout}\nstderr: {r.stderr}"
+            )
         return r
 
     def copy_to(self, local: Path | str, remote: str, user: str = "root") -> None:
         """scp a file or directory (recursively) into the guest."""
-        _run(["scp", *self._ssh_opts(), "-r", "-P", str(self.port), local,
-              f"{user}@127.0.0.1:{remote}"])
+        _run(
+            [
+                "scp",
+                *self._ssh_opts(),
+                "-r",
+                "-P",
+                str(self.port),
+                local,
+                f"{user}@127.0.0.1:{remote}",
+            ]
+        )
 
     def _boot_id(self) -> str | None:
         """The guest's boot id, or None if ssh doesn't answer (yet)."""
@@ -419,8 +545,10 @@ class Guest:
             if boot and boot != not_boot:
                 return boot
             time.sleep(1)
-        raise GuestError(f"no ssh on port {self.port} after {timeout or self.boot_timeout:.0f}s;"
-                         f" console ({self.console_log}):\n{self.console_tail()}")
+        raise GuestError(
+            f"no ssh on port {self.port} after {timeout or self.boot_timeout:.0f}s;"
+            f" console ({self.console_log}):\n{self.console_tail()}"
+        )
 
     def reboot(self, timeout: float | None = None) -> None:
         """`systemctl reboot` in the guest; qemu resets the VM (same kernel and
@@ -446,4 +574,6 @@ class Guest:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise GuestError(f"guest did not power off in {timeout}s:\n{self.console_tail()}")
+            raise GuestError(
+                f"guest did not power off in {timeout}s:\n{self.console_tail()}"
+            ) from None

@@ -24,7 +24,10 @@ def etc(tmp_path: Path, codename: str = "bookworm", **files: str) -> Path:
 
 
 def test_deb822_with_comments_inline_key_and_disabled_stanza(tmp_path):
-    root = etc(tmp_path, **{"sources.list.d__debian.sources": """\
+    root = etc(
+        tmp_path,
+        **{
+            "sources.list.d__debian.sources": """\
 # a disabled proxy first: apt skips it, so must we
 Types: deb
 URIs: http://disabled.invalid/debian
@@ -46,40 +49,58 @@ Types: deb
 URIs: http://proxy.invalid:3142/debian-security
 Suites: bookworm-security
 Components: main
-""", "sources.list.d__other.sources.disabled": "Types: deb\nURIs: http://x.invalid\n"
-         "Suites: bookworm-security\n"})
+""",
+            "sources.list.d__other.sources.disabled": "Types: deb\nURIs: http://x.invalid\n"
+            "Suites: bookworm-security\n",
+        },
+    )
     assert aptsources.archive_uri(root) == "http://proxy.invalid:3142/debian"
     assert aptsources.security_uri(root) == "http://proxy.invalid:3142/debian-security"
     assert aptsources.lines("deb-src", "bullseye", root) == [
         "deb-src http://proxy.invalid:3142/debian bullseye main",
         "deb-src http://proxy.invalid:3142/debian-security bullseye-security main",
-        "deb-src http://proxy.invalid:3142/debian bullseye-updates main"]
+        "deb-src http://proxy.invalid:3142/debian bullseye-updates main",
+    ]
 
 
 def test_one_line_format_with_options(tmp_path):
-    root = etc(tmp_path, codename="trixie", **{
-        "sources.list": "# deb http://commented.invalid/debian trixie main\n"
-                        "deb [ arch=amd64 signed-by=/k.gpg ] https://m.invalid/debian trixie main\n",
-        "sources.list.d__sec.list": "deb [arch=amd64] https://m.invalid/debian-security"
-                                    " trixie-security main # trailing comment\n",
-        "sources.list.d__vendor.list": "deb https://vendor.invalid/apt stable main\n"})
+    root = etc(
+        tmp_path,
+        codename="trixie",
+        **{
+            "sources.list": "# deb http://commented.invalid/debian trixie main\n"
+            "deb [ arch=amd64 signed-by=/k.gpg ] https://m.invalid/debian trixie main\n",
+            "sources.list.d__sec.list": "deb [arch=amd64] https://m.invalid/debian-security"
+            " trixie-security main # trailing comment\n",
+            "sources.list.d__vendor.list": "deb https://vendor.invalid/apt stable main\n",
+        },
+    )
     assert aptsources.archive_uri(root) == "https://m.invalid/debian"
     assert aptsources.security_uri(root) == "https://m.invalid/debian-security"
 
 
 def test_no_debian_source_is_a_clear_error(tmp_path):
-    root = etc(tmp_path, **{"sources.list.d__vendor.list": "deb https://vendor.invalid/apt stable main\n"})
+    root = etc(
+        tmp_path, **{"sources.list.d__vendor.list": "deb https://vendor.invalid/apt stable main\n"}
+    )
     with pytest.raises(aptsources.AptSourcesError, match="no apt source for suite 'bookworm'"):
         aptsources.archive_uri(root)
 
 
 def test_cli_prints_deb_src_lines_for_this_host():
-    r = subprocess.run(["/usr/bin/python3", str(HERE / "aptsources.py"), "deb-src", "bookworm"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["/usr/bin/python3", str(HERE / "aptsources.py"), "deb-src", "bookworm"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     kinds_and_suites = [line.split()[0::2] for line in r.stdout.splitlines()]
-    assert kinds_and_suites == [["deb-src", "bookworm"], ["deb-src", "bookworm-security"],
-                                ["deb-src", "bookworm-updates"]]
-    bad = subprocess.run(["/usr/bin/python3", str(HERE / "aptsources.py"), "deb"],
-                         capture_output=True, text=True)
+    assert kinds_and_suites == [
+        ["deb-src", "bookworm"],
+        ["deb-src", "bookworm-security"],
+        ["deb-src", "bookworm-updates"],
+    ]
+    bad = subprocess.run(
+        ["/usr/bin/python3", str(HERE / "aptsources.py"), "deb"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "usage" in bad.stderr

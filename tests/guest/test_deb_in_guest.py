@@ -40,10 +40,12 @@ def vm(tmp_path_factory):
 def user_key(vm, tmp_path_factory):
     key = tmp_path_factory.mktemp("keys") / "id_alice"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
-    vm.ssh(f"useradd -m -s /bin/bash {USER}"
-           f" && install -d -m 700 -o {USER} -g {USER} ~{USER}/.ssh"
-           f" && install -m 600 -o {USER} -g {USER} /dev/stdin ~{USER}/.ssh/authorized_keys",
-           input=key.with_suffix(".pub").read_text())
+    vm.ssh(
+        f"useradd -m -s /bin/bash {USER}"
+        f" && install -d -m 700 -o {USER} -g {USER} ~{USER}/.ssh"
+        f" && install -m 600 -o {USER} -g {USER} /dev/stdin ~{USER}/.ssh/authorized_keys",
+        input=key.with_suffix(".pub").read_text(),
+    )
     return key
 
 
@@ -55,9 +57,12 @@ def sessions(vm) -> list[dict]:
 def login_and_work(vm, key, marker: str) -> dict:
     """ssh in as the user, do some work, and return the session it made."""
     before = {s["sid"] for s in sessions(vm)}
-    vm.ssh(f"ls / >/dev/null; cat /etc/hostname; touch /tmp/{marker};"
-           " python3 -c \"import socket; socket.socket().connect_ex(('127.0.0.1', 22))\"",
-           user=USER, key=key)
+    vm.ssh(
+        f"ls / >/dev/null; cat /etc/hostname; touch /tmp/{marker};"
+        " python3 -c \"import socket; socket.socket().connect_ex(('127.0.0.1', 22))\"",
+        user=USER,
+        key=key,
+    )
     for _ in range(100):
         new = [s for s in sessions(vm) if s["sid"] not in before and s["state"] == "closed"]
         if new:
@@ -67,7 +72,39 @@ def login_and_work(vm, key, marker: str) -> dict:
 
 
 def events(vm, sid: str) -> list[dict]:
-    return [json.loads(l) for l in vm.ssh(f"esr show {sid}").stdout.splitlines()]
+    return [json.loads(line) for line in vm.ssh(f"esr show {sid}").stdout.splitlines()]
+
+
+# Fetches a page of esr ui in the guest, with the token of the address the
+# service wrote, until it holds the text asked for (the index is built in
+# the background after start).
+FETCH = """
+import sys, time, urllib.request
+base, token = open("/run/esr-ui/url").read().strip().split("?token=")
+for _ in range(100):
+    auth = {"Authorization": "Bearer " + token}
+    page = urllib.request.urlopen(urllib.request.Request(base + sys.argv[1], headers=auth))
+    page = page.read().decode()
+    if sys.argv[2] in page:
+        break
+    time.sleep(0.2)
+print(page)
+"""
+
+
+def check_ui(vm, sid: str) -> None:
+    """esr-ui.service ships disabled; started, its hardened unit reads the
+    recordings and serves them."""
+    assert vm.ssh("systemctl is-enabled esr-ui", check=False).stdout.strip() == "disabled"
+    vm.ssh(
+        "systemctl start esr-ui && for i in $(seq 100); do test -s /run/esr-ui/url && break;"
+        " sleep 0.1; done"
+    )
+    assert sid in vm.ssh(["python3", "-c", FETCH, "", sid]).stdout
+    found = vm.ssh(["python3", "-c", FETCH, "search?q=hostname", "/etc/<mark>"]).stdout
+    assert "/usr/bin/cat /etc/<mark>hostname</mark>" in found
+    assert vm.ssh("stat -c %a /var/cache/esr /run/esr-ui").stdout.split() == ["700", "700"]
+    assert vm.ssh("systemctl is-active esr-ui").stdout.strip() == "active"
 
 
 def test_install_enable_record_reboot_purge(vm, user_key):
@@ -92,32 +129,49 @@ def test_install_enable_record_reboot_purge(vm, user_key):
     recorded = events(vm, session["sid"])
     start = recorded[0]
     assert start["event"] == "session.start" and start["addr.remote"] == "10.0.2.2"
-    commands = {(e["path"], tuple(e["argv"])) for e in recorded
-                if e["event"] == "session.command" and e["return_code"] == 0}
+    commands = {
+        (e["path"], tuple(e["argv"]))
+        for e in recorded
+        if e["event"] == "session.command" and e["return_code"] == 0
+    }
     assert ("/usr/bin/ls", ("/",)) in commands and ("/usr/bin/cat", ("/etc/hostname",)) in commands
-    assert [e for e in recorded if e["event"] == "session.disk"
-            and e["path"] == "/tmp/before-reboot"]
+    assert [
+        e for e in recorded if e["event"] == "session.disk" and e["path"] == "/tmp/before-reboot"
+    ]
     [net] = [e for e in recorded if e["event"] == "session.network"]
     assert (net["dst_addr"], net["dst_port"], net["return_code"]) == ("127.0.0.1", 22, 0)
     assert recorded[-1]["event"] == "session.end" and recorded[-1]["enhanced_recording"] is True
-    audit = vm.ssh(f"grep -c '\"sid\":\"{session['sid']}\"' /var/lib/esr/log/events.log").stdout
+    audit = vm.ssh(f'grep -c \'"sid":"{session["sid"]}"\' /var/lib/esr/log/events.log').stdout
     assert int(audit) >= 4
     assert "intact" in vm.ssh(f"esr verify {session['sid']}").stdout
+    check_ui(vm, session["sid"])
 
     vm.reboot()
     assert vm.ssh("systemctl is-active esr", check=False).stdout.strip() == "active"
     session = login_and_work(vm, user_key, "after-reboot")
-    assert [e for e in events(vm, session["sid"]) if e["event"] == "session.disk"
-            and e["path"] == "/tmp/after-reboot"]
+    assert [
+        e
+        for e in events(vm, session["sid"])
+        if e["event"] == "session.disk" and e["path"] == "/tmp/after-reboot"
+    ]
 
     out = vm.ssh("apt-get purge -y esr", timeout=600)
     assert "purged" in out.stdout + out.stderr
-    left = vm.ssh("ls -d /etc/esr /var/lib/esr /run/esr /usr/lib/esr /usr/bin/esr "
-                  "/lib/systemd/system/esr.service /usr/share/pam-configs/esr "
-                  "/etc/systemd/system/multi-user.target.wants/esr.service 2>/dev/null; "
-                  "grep -l esr /etc/pam.d/* 2>/dev/null; true").stdout
+    left = vm.ssh(
+        "ls -d /etc/esr /var/lib/esr /run/esr /usr/lib/esr /usr/bin/esr "
+        "/lib/systemd/system/esr.service /usr/share/pam-configs/esr "
+        "/lib/systemd/system/esr-ui.service /var/cache/esr /run/esr-ui "
+        "/etc/systemd/system/multi-user.target.wants/esr.service 2>/dev/null; "
+        "grep -l esr /etc/pam.d/* 2>/dev/null; true"
+    ).stdout
     assert left.strip() == ""
-    assert vm.ssh("dpkg-query -W -f='${db:Status-Status}' esr", check=False).stdout in ("", "not-installed")
-    assert vm.ssh("systemctl list-unit-files esr.service --no-legend", check=False).stdout.strip() == ""
+    assert vm.ssh("dpkg-query -W -f='${db:Status-Status}' esr", check=False).stdout in (
+        "",
+        "not-installed",
+    )
+    assert (
+        vm.ssh("systemctl list-unit-files esr.service --no-legend", check=False).stdout.strip()
+        == ""
+    )
     # Logins still work without it.
     assert vm.ssh("id -un", user=USER, key=user_key).stdout.strip() == USER

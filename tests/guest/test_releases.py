@@ -18,17 +18,22 @@ pytestmark = pytest.mark.slow
 
 KERNELS = {"bullseye": "5.10.", "bookworm": "6.1.", "trixie": "6.12."}
 
-BULLSEYE = pytest.mark.xfail(strict=True, reason=(
-    "esr does not run on Debian 11 yet. (1) The binary is built on bookworm and needs glibc"
-    " 2.35 (bullseye has 2.31): \"version `GLIBC_2.35' not found (required by"
-    " /opt/esr/_internal/libpython3.11.so.1.0)\". (2) Kernel 5.10 rejects exec_enter and"
-    " execat_enter: their bpf_loop callback is a BPF_PSEUDO_FUNC reference (kernel 5.13) and"
-    " bpf_loop itself needs 5.17, so the load fails with \"number of funcs in func_info"
-    " doesn't match number of subprogs\"."))
+BULLSEYE = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "esr does not run on Debian 11 yet. (1) The binary is built on bookworm and needs glibc"
+        " 2.35 (bullseye has 2.31): \"version `GLIBC_2.35' not found (required by"
+        ' /opt/esr/_internal/libpython3.11.so.1.0)". (2) Kernel 5.10 rejects exec_enter and'
+        " execat_enter: their bpf_loop callback is a BPF_PSEUDO_FUNC reference (kernel 5.13) and"
+        ' bpf_loop itself needs 5.17, so the load fails with "number of funcs in func_info'
+        " doesn't match number of subprogs\"."
+    ),
+)
 
 
-@pytest.mark.parametrize("release", [pytest.param("bullseye", marks=BULLSEYE),
-                                     "bookworm", "trixie"])
+@pytest.mark.parametrize(
+    "release", [pytest.param("bullseye", marks=BULLSEYE), "bookworm", "trixie"]
+)
 def test_esr_check_loads_and_records(release, tmp_path):
     reason = guest.unavailable(release=release)
     if reason:

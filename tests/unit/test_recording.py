@@ -3,6 +3,7 @@ kind of damage is told apart from an intact file."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -112,6 +113,21 @@ def test_a_recording_renamed_to_another_session_fails(path):
     with pytest.raises(Damage) as err:
         recording.verify(str(path), "another-session")
     assert err.value.frame == 0 and "checksum mismatch" in err.value.reason
+
+
+def test_reading_resumes_where_an_earlier_reading_stopped(path):
+    whole = recording.verify(str(path), SID)
+    first = recording.Reader(str(path), SID)
+    for frame in first:
+        if frame.index == 2:
+            break
+    rest = recording.Reader(str(path), SID, after=first.summary)
+    assert [f.index for f in rest] == [3, 4]
+    assert rest.summary == whole
+    assert first.summary.frames == 3  # the earlier reading's summary is left as it was
+    tampered = dataclasses.replace(first.summary, digest=bytes(16))
+    with pytest.raises(Damage, match=r"frame 3 .*checksum mismatch"):
+        list(recording.Reader(str(path), SID, after=tampered))
 
 
 def test_headers_only_scan_counts_without_reading_payloads(path):
