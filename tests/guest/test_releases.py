@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest
-from conftest import REQUIRE_BPF, ROOT, sid_from_stderr
+
+from helpers import REQUIRE_BPF, ROOT, sid_from_stderr
 
 pytestmark = pytest.mark.slow
 
