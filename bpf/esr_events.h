@@ -12,8 +12,13 @@
 #define ESR_PATH_MAX 4096
 /* The argv block is argv[0] plus at least 16 KiB of arguments. */
 #define ESR_ARGV_MAX 20480
-/* A failed exec's argv is walked pointer by pointer at syscall entry. */
+/* An exec's arguments are counted, and a failed exec's read, pointer by
+ * pointer: up to this many. */
 #define ESR_ARGS_MAX 512
+/* The binary that runs, as the kernel found it: its path's components,
+ * from the file up to the root, at most this deep and this long. */
+#define ESR_EXE_DEPTH 32
+#define ESR_EXE_MAX 1024
 
 /* The perf buffers, the one place that names them. A buffer's name also
  * names its BPF map (<name>_events), its config key (<name>_buffer_size)
@@ -55,10 +60,12 @@ struct esr_event_header {
 };
 
 /* struct esr_command_event.flags */
-#define ESR_ARGV_FROM_ENTRY	0x1	/* failed exec: argv read at syscall entry */
+#define ESR_ARGV_FROM_ENTRY	0x1	/* failed exec: argv read at syscall exit, from the caller */
 #define ESR_ARGV_INCOMPLETE	0x2	/* failed exec: more than ESR_ARGS_MAX pointers, or a string cut */
 #define ESR_ARGV_UNREADABLE	0x4	/* the argv memory could not be read */
 #define ESR_COMMAND_TTY		0x8	/* the process has a controlling terminal */
+#define ESR_COMMAND_MEMFD	0x10	/* the binary is a memfd: exe is its name */
+#define ESR_EXE_INCOMPLETE	0x20	/* exe: deeper or longer than recorded */
 
 struct esr_command_event {
 	struct esr_event_header hdr;
@@ -71,8 +78,18 @@ struct esr_command_event {
 	__u32 argv_len;		/* bytes of it copied to data[] */
 	__u16 path_len;		/* bytes of path copied after the argv block, NUL included */
 	__u16 flags;
-	/* argv block (NUL-separated, argv[0] first), then the executed path */
-	char data[ESR_ARGV_MAX + ESR_PATH_MAX];
+	/* A script: the first strings of argv the kernel put there, the
+	 * interpreter and its argument, before the script's path; after them,
+	 * argv is the caller's from its argv[1]. */
+	__u16 interpreter_args;
+	__u16 exe_len;		/* bytes of exe after the path */
+	__u32 reserved;
+	__u64 exe_dev;		/* the binary that runs (a script's interpreter), */
+	__u64 exe_ino;		/* as the kernel encodes its device */
+	/* argv block (NUL-separated, argv[0] first), the path as called, then
+	 * exe: the binary's path components NUL-separated from the file up to
+	 * the root (or a memfd's name) */
+	char data[ESR_ARGV_MAX + ESR_PATH_MAX + ESR_EXE_MAX];
 };
 
 struct esr_disk_event {

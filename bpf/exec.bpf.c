@@ -4,8 +4,14 @@
  * A successful exec is reported from sched_process_exec, with argv read
  * from the new image (mm->arg_start..arg_end), which the kernel has just
  * written: it is complete even when the caller's argv pages were never
- * faulted in. A failed exec leaves no image, so its argv is read at syscall
- * entry, stashed per thread, and reported at syscall exit with the errno.
+ * faulted in. The binary that runs is named as the kernel found it (the
+ * target of a symlink, the interpreter of a script, a memfd), by device,
+ * inode and path. A failed exec leaves no image: its argv is read at the
+ * syscall's exit from the caller's memory, which is as it was at entry.
+ *
+ * The entry only notes where the caller's argv and path are, and counts
+ * the arguments: for a script, the kernel puts the interpreter before the
+ * caller's arguments, and the difference says how many strings it put.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -49,13 +55,34 @@ struct {
 	__type(value, struct argv_scratch);
 } argv_scratch SEC(".maps");
 
-/* Entry-time records of execs in flight, by thread id. LRU: a thread killed
- * mid-exec never reaches the exit that would delete its entry. */
+/* The binary's path, assembled apart: twice its budget, as argv's. */
+struct exe_scratch {
+	char data[2 * ESR_EXE_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct exe_scratch);
+} exe_scratch SEC(".maps");
+
+/* An exec between its entry and its exit or its new image. */
+struct exec_call {
+	__u64 session;
+	const char *filename;
+	const char *const *argv;
+	__u32 argc;		/* the caller's, argv[0] included */
+	__u16 flags;		/* ESR_ARGV_INCOMPLETE: more than ESR_ARGS_MAX */
+};
+
+/* Execs in flight, by thread id; sized like tracked_tasks. LRU: a thread
+ * killed mid-exec never reaches the exit that would delete its entry. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 128);
+	__uint(max_entries, 65536);
 	__type(key, __u32);
-	__type(value, struct esr_command_event);
+	__type(value, struct exec_call);
 } exec_in_flight SEC(".maps");
 
 static __always_inline struct esr_command_event *scratch_record(void)
@@ -79,100 +106,123 @@ static __always_inline void fill_identity(struct esr_command_event *e)
 
 static __always_inline __u64 record_size(const struct esr_command_event *e)
 {
-	__u64 used = (__u64)e->argv_len + e->path_len;
+	__u64 used = (__u64)e->argv_len + e->path_len + e->exe_len;
 
 	if (used > sizeof(e->data))
 		used = sizeof(e->data);
 	return offsetof(struct esr_command_event, data) + used;
 }
 
-struct argv_walk {
-	const char *const *argv;
-	struct argv_scratch *buf;
-	__u64 off;
-	__u32 argc;
-	__u16 flags;
-};
+/* Pointers read at once when counting arguments: one read for most execs. */
+#define ARGV_BLOCK 8
 
-/* bpf_loop callback: copy argv[i] after the strings already copied. */
-static long walk_arg(__u32 i, struct argv_walk *walk)
+/* How many pointers argv holds before its NULL, up to ESR_ARGS_MAX. */
+static __always_inline __u32 count_args(const char *const *argv, __u16 *flags)
 {
-	const char *arg = NULL;
-	__u64 off = walk->off;
-	long n;
+	const char *block[ARGV_BLOCK];
+	__u32 argc = 0;
+	int i, j;
 
-	if (bpf_probe_read_user(&arg, sizeof(arg), &walk->argv[i])) {
-		walk->flags |= ESR_ARGV_UNREADABLE;
-		return 1;
+	for (i = 0; i < ESR_ARGS_MAX / ARGV_BLOCK; i++) {
+		/* A block may run past the end of the caller's mapping: then
+		 * one pointer at a time. */
+		if (bpf_probe_read_user(block, sizeof(block), argv + i * ARGV_BLOCK)) {
+			for (j = 0; j < ARGV_BLOCK; j++)
+				if (bpf_probe_read_user(&block[j], sizeof(block[j]),
+							argv + i * ARGV_BLOCK + j))
+					block[j] = NULL;
+		}
+		for (j = 0; j < ARGV_BLOCK; j++) {
+			if (!block[j])
+				return argc;
+			argc++;
+		}
 	}
-	if (!arg)
-		return 1;
-	walk->argc++;
-	if (off >= ESR_ARGV_MAX) {
-		walk->flags |= ESR_ARGV_INCOMPLETE;
+	*flags |= ESR_ARGV_INCOMPLETE;
+	return argc;
+}
+
+static __always_inline int enter_exec(const char *filename, const char *const *argv)
+{
+	struct exec_call call = { .filename = filename, .argv = argv };
+	__u32 tid = current_tid();
+
+	call.session = recorded_session();
+	if (!call.session)
 		return 0;
-	}
-	n = bpf_probe_read_user_str(&walk->buf->data[off], ESR_ARGV_MAX - off, arg);
-	if (n <= 0) {
-		walk->flags |= ESR_ARGV_UNREADABLE;
-		return 1;
-	}
-	if (n == ESR_ARGV_MAX - off)
-		walk->flags |= ESR_ARGV_INCOMPLETE;
-	walk->off = off + n;
+	call.argc = count_args(argv, &call.flags);
+	bpf_map_update_elem(&exec_in_flight, &tid, &call, BPF_ANY);
 	return 0;
 }
 
-static __always_inline int stash_exec(const char *filename, const char *const *argv)
+/* The caller's argv strings, after a failed exec: into e->data. */
+static __always_inline void read_caller_argv(struct esr_command_event *e, struct exec_call *call)
 {
-	__u64 session = recorded_session();
-	__u32 cpu = bpf_get_smp_processor_id(), tid = current_tid();
-	struct argv_walk walk = { .argv = argv, .flags = ESR_ARGV_FROM_ENTRY };
-	struct esr_command_event *e;
-	__u64 off;
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct argv_scratch *buf = bpf_map_lookup_elem(&argv_scratch, &cpu);
+	const char *arg;
+	__u64 off = 0;
 	long n;
+	int i;
 
-	if (!session)
-		return 0;
-	e = scratch_record();
-	walk.buf = bpf_map_lookup_elem(&argv_scratch, &cpu);
-	if (!e || !walk.buf)
-		return 0;
-	if (bpf_loop(ESR_ARGS_MAX, walk_arg, &walk, 0) == ESR_ARGS_MAX)
-		walk.flags |= ESR_ARGV_INCOMPLETE;
-	off = walk.off;
-	/* Never taken (each read is bounded by what is left), but it tells
-	 * the verifier where the path may start. */
+	if (!buf)
+		return;
+	for (i = 0; i < ESR_ARGS_MAX; i++) {
+		if (bpf_probe_read_user(&arg, sizeof(arg), &call->argv[i])) {
+			e->flags |= ESR_ARGV_UNREADABLE;
+			break;
+		}
+		if (!arg)
+			break;
+		/* Stop at the budget (argc was counted at entry): going on
+		 * would only make the verifier's work grow. */
+		if (off >= ESR_ARGV_MAX) {
+			e->flags |= ESR_ARGV_INCOMPLETE;
+			break;
+		}
+		n = bpf_probe_read_user_str(&buf->data[off], ESR_ARGV_MAX - off, arg);
+		if (n <= 0) {
+			e->flags |= ESR_ARGV_UNREADABLE;
+			break;
+		}
+		if (n == ESR_ARGV_MAX - off)
+			e->flags |= ESR_ARGV_INCOMPLETE;
+		off += n;
+	}
+	/* Never taken (each read is bounded by what is left), but it tells the
+	 * verifier where the path may start. */
 	if (off > ESR_ARGV_MAX)
-		return 0;
-
-	e->argc = walk.argc;
-	e->argv_size = off;
-	e->argv_len = off;
-	bpf_probe_read_kernel(e->data, ESR_ARGV_MAX, walk.buf->data);
-	n = bpf_probe_read_user_str(&e->data[off], ESR_PATH_MAX, filename);
-	e->path_len = n > 0 ? n : 0;
-	e->flags = walk.flags;
-	e->hdr.session = session;
-	bpf_map_update_elem(&exec_in_flight, &tid, e, BPF_ANY);
-	return 0;
+		return;
+	e->argv_size = e->argv_len = off;
+	bpf_probe_read_kernel(e->data, ESR_ARGV_MAX, buf->data);
 }
 
 static __always_inline int report_failed_exec(void *ctx, long ret)
 {
 	__u32 tid = current_tid();
-	struct esr_command_event *e = bpf_map_lookup_elem(&exec_in_flight, &tid);
-	__u64 session;
+	struct exec_call *call = bpf_map_lookup_elem(&exec_in_flight, &tid);
+	struct esr_command_event *e;
+	long n;
 
-	if (!e)
+	if (!call)
 		return 0;
 	/* Success was reported by sched_process_exec. */
-	if (ret < 0) {
-		session = e->hdr.session;
-		fill_header(&e->hdr, session, ESR_EVENT_COMMAND);
+	if (ret < 0 && (e = scratch_record())) {
+		fill_header(&e->hdr, call->session, ESR_EVENT_COMMAND);
+		e->flags = ESR_ARGV_FROM_ENTRY | call->flags;
 		fill_identity(e);
 		e->return_code = ret;
-		emit(ctx, &command_events, ESR_BUF_COMMAND, session, e, record_size(e));
+		e->argc = call->argc;
+		e->argv_size = e->argv_len = 0;
+		e->interpreter_args = 0;
+		e->exe_len = 0;
+		e->exe_dev = e->exe_ino = 0;
+		read_caller_argv(e, call);
+		if (e->argv_len <= ESR_ARGV_MAX) {
+			n = bpf_probe_read_user_str(&e->data[e->argv_len], ESR_PATH_MAX, call->filename);
+			e->path_len = n > 0 ? n : 0;
+			emit(ctx, &command_events, ESR_BUF_COMMAND, call->session, e, record_size(e));
+		}
 	}
 	bpf_map_delete_elem(&exec_in_flight, &tid);
 	return 0;
@@ -181,13 +231,13 @@ static __always_inline int report_failed_exec(void *ctx, long ret)
 SEC("tp/syscalls/sys_enter_execve")
 int exec_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	return stash_exec((const char *)ctx->args[0], (const char *const *)ctx->args[1]);
+	return enter_exec((const char *)ctx->args[0], (const char *const *)ctx->args[1]);
 }
 
 SEC("tp/syscalls/sys_enter_execveat")
 int execat_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	return stash_exec((const char *)ctx->args[1], (const char *const *)ctx->args[2]);
+	return enter_exec((const char *)ctx->args[1], (const char *const *)ctx->args[2]);
 }
 
 SEC("tp/syscalls/sys_exit_execve")
@@ -210,6 +260,87 @@ static __always_inline bool is_recorder_exe(struct task_struct *task)
 	       BPF_CORE_READ(inode, i_sb, s_dev) == recorder_exe_dev;
 }
 
+/* What memfd_create names its files: "memfd:NAME". */
+static __always_inline bool is_memfd_name(const char name[6])
+{
+	return name[0] == 'm' && name[1] == 'e' && name[2] == 'm' && name[3] == 'f' &&
+	       name[4] == 'd' && name[5] == ':';
+}
+
+/* The binary that runs: device, inode, and its path as the kernel found it,
+ * each component from the file up to the root, crossing mounts; for a
+ * memfd, its name. Written at data[at..]. */
+static __always_inline void describe_exe(struct esr_command_event *e, struct task_struct *task,
+					 __u64 at)
+{
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct inode *inode = BPF_CORE_READ(exe, f_inode);
+	struct dentry *dentry = BPF_CORE_READ(exe, f_path.dentry), *parent, *root;
+	struct vfsmount *vfsmnt = BPF_CORE_READ(exe, f_path.mnt);
+	struct mount *mnt = (void *)vfsmnt - bpf_core_field_offset(struct mount, mnt), *up;
+	char prefix[7] = {};
+	const unsigned char *name;
+	struct exe_scratch *buf;
+	__u32 zero = 0;
+	__u64 off = 0;
+	long n;
+	int i;
+
+	e->exe_dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	e->exe_ino = BPF_CORE_READ(inode, i_ino);
+	e->exe_len = 0;
+	buf = bpf_map_lookup_elem(&exe_scratch, &zero);
+	if (!buf || at > ESR_ARGV_MAX + ESR_PATH_MAX)
+		return;
+	for (i = 0; i < ESR_EXE_DEPTH; i++) {
+		parent = BPF_CORE_READ(dentry, d_parent);
+		root = BPF_CORE_READ(vfsmnt, mnt_root);
+		if (dentry == root) {
+			/* The top of a mount: go on from where it is mounted. */
+			up = BPF_CORE_READ(mnt, mnt_parent);
+			if (up == mnt)
+				break;
+			dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = up;
+			vfsmnt = (void *)mnt + bpf_core_field_offset(struct mount, mnt);
+			continue;
+		}
+		name = BPF_CORE_READ(dentry, d_name.name);
+		if (i == 0 && dentry == parent) {
+			/* No directory: a file of an internal mount, as a memfd's is. */
+			bpf_probe_read_kernel_str(prefix, sizeof(prefix), name);
+			if (is_memfd_name(prefix))
+				e->flags |= ESR_COMMAND_MEMFD;
+		}
+		if (off >= ESR_EXE_MAX) {
+			e->flags |= ESR_EXE_INCOMPLETE;
+			break;
+		}
+		n = bpf_probe_read_kernel_str(&buf->data[off], ESR_EXE_MAX - off, name);
+		if (n <= 0)
+			break;
+		off += n;
+		if (dentry == parent)
+			break;
+		dentry = parent;
+	}
+	if (i == ESR_EXE_DEPTH)
+		e->flags |= ESR_EXE_INCOMPLETE;
+	if (off > ESR_EXE_MAX)	/* never: it tells the verifier */
+		return;
+	bpf_probe_read_kernel(&e->data[at], off, buf->data);
+	e->exe_len = off;
+}
+
+/* How many strings the kernel put before the caller's arguments: the
+ * interpreter (and its argument) of a script, each level of scripts. */
+static __always_inline __u16 interpreter_args(struct exec_call *call, __u64 argc)
+{
+	if (!call || (call->flags & ESR_ARGV_INCOMPLETE) || argc <= call->argc)
+		return 0;
+	return argc - call->argc <= 2 * 4 ? argc - call->argc : 0;	/* 4 levels at most */
+}
+
 SEC("tp/sched/sched_process_exec")
 int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 {
@@ -217,6 +348,7 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	struct esr_task *tracked = task_after_exec(old_tid, new_tid);
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct esr_command_event *e;
+	struct exec_call *call;
 	unsigned long arg_start, arg_end, start_stack;
 	__u64 argc = 0, size, len, copied, session;
 	long n;
@@ -233,8 +365,6 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	if (tracked->flags & ESR_TASK_ANCHOR)
 		return 0;
 	session = tracked->session;
-	/* The exec succeeded: its entry-time record is not needed. */
-	bpf_map_delete_elem(&exec_in_flight, &old_tid);
 	e = scratch_record();
 	if (!e)
 		return 0;
@@ -249,6 +379,9 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	/* The new stack starts with argc, then the argv pointers. */
 	bpf_probe_read_user(&argc, sizeof(argc), (void *)start_stack);
 	e->argc = argc;
+	call = bpf_map_lookup_elem(&exec_in_flight, &old_tid);
+	e->interpreter_args = interpreter_args(call, argc);
+	bpf_map_delete_elem(&exec_in_flight, &old_tid);
 
 	size = arg_end > arg_start ? arg_end - arg_start : 0;
 	len = size;
@@ -265,6 +398,7 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	n = bpf_probe_read_kernel_str(&e->data[copied], ESR_PATH_MAX,
 				      (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
 	e->path_len = n > 0 ? n : 0;
+	describe_exe(e, task, copied + e->path_len);
 	emit(ctx, &command_events, ESR_BUF_COMMAND, session, e, record_size(e));
 	return 0;
 }

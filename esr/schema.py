@@ -152,6 +152,17 @@ class Command(Record, tag=1):
     argv_truncated: bool = False
     argv_cut_args: int = 0
     argv_cut_bytes: int = 0
+    # A script's interpreter, as the kernel found it in its #! line (and its
+    # argument): it runs the script, argv is what the script's caller passed.
+    interpreter: list[bytes] = []
+    # The binary that runs, as the kernel found it: the target of a symlink,
+    # a script's interpreter; a memfd's name for a memfd.
+    exe: bytes = b""
+    exe_dev: int = 0  # as the kernel encodes it: major << 20 | minor
+    exe_ino: int = 0
+    memfd: bool = False
+    # Deeper or longer than the kernel side keeps: exe is its tail after "...".
+    exe_truncated: bool = False
 
     name = "session.command"
     code = "T4000I"
@@ -165,6 +176,15 @@ class Command(Record, tag=1):
         put_text(out, "path", self.path)
         put_text(out, "argv", self.argv)
         out.update(return_code=self.return_code, unix_uid=self.unix_uid, unix_gid=self.unix_gid)
+        if self.interpreter:
+            put_text(out, "interpreter", self.interpreter)
+        if self.exe:
+            put_text(out, "exe", self.exe)
+            out.update(exe_dev=self.exe_dev, exe_ino=self.exe_ino)
+            if self.memfd:
+                out["memfd"] = True
+            if self.exe_truncated:
+                out["exe_truncated"] = True
         if self.argv_truncated:
             out.update(
                 argv_truncated=True,
@@ -180,9 +200,16 @@ class Command(Record, tag=1):
             if self.argv_truncated
             else ""
         )
+        runs = ""
+        if self.interpreter:
+            runs = f" [run by {' '.join(printable(a) for a in self.interpreter)}]"
+        elif self.memfd:
+            runs = f" [memfd {printable(self.exe)}]"
+        elif self.exe and self.exe != self.path:
+            runs = f" [{printable(self.exe)}]"
         return (
             f"pid={self.pid} ppid={self.ppid} uid={self.unix_uid} rc={self.return_code} "
-            f"{printable(self.path)} {argv}{cut}"
+            f"{printable(self.path)} {argv}{cut}{runs}"
         )
 
 

@@ -72,7 +72,14 @@ struct command_event {
     u32 argv_len;
     u16 path_len;
     u16 flags;
-    char data[ESR_ARGV_MAX + ESR_PATH_MAX];
+    /* esr's names the binary that runs, and a script's interpreter; the
+     * peer leaves them 0: what a bcc tool would record. */
+    u16 interpreter_args;
+    u16 exe_len;
+    u32 reserved2;
+    u64 exe_dev;
+    u64 exe_ino;
+    char data[ESR_ARGV_MAX + ESR_PATH_MAX + ESR_EXE_MAX];
 };
 
 struct disk_event {
@@ -143,6 +150,11 @@ SAME_FIELD(command_event, argv_size, esr_command_event, argv_size);
 SAME_FIELD(command_event, argv_len, esr_command_event, argv_len);
 SAME_FIELD(command_event, path_len, esr_command_event, path_len);
 SAME_FIELD(command_event, flags, esr_command_event, flags);
+SAME_FIELD(command_event, interpreter_args, esr_command_event, interpreter_args);
+SAME_FIELD(command_event, exe_len, esr_command_event, exe_len);
+SAME_FIELD(command_event, reserved2, esr_command_event, reserved);
+SAME_FIELD(command_event, exe_dev, esr_command_event, exe_dev);
+SAME_FIELD(command_event, exe_ino, esr_command_event, exe_ino);
 SAME_FIELD(command_event, data, esr_command_event, data);
 SAME_SIZE(command_event, esr_command_event);
 

@@ -155,24 +155,26 @@ cdef inline Py_ssize_t cstr_len(const char *s, Py_ssize_t n_with_nul):
     return strnlen(s, n_with_nul)
 
 
-cdef object split_argv(const char *block, uint32_t n, uint32_t *strings):
-    """The arguments after argv[0] in a NUL-separated block."""
+cdef list split_strings(const char *block, uint32_t n):
+    """The strings of a NUL-separated block."""
     cdef const char *p = block
     cdef const char *end = block + n
     cdef const char *nul
-    cdef list args = []
-    cdef bint first = True
-    strings[0] = 0
+    cdef list strings = []
     while p < end:
         nul = <const char *>memchr(p, 0, end - p)
         if nul == NULL:
             nul = end
-        if not first:
-            args.append(PyBytes_FromStringAndSize(p, nul - p))
-        first = False
-        strings[0] += 1
+        strings.append(PyBytes_FromStringAndSize(p, nul - p))
         p = nul + 1
-    return args
+    return strings
+
+
+cdef bytes exe_path(const char *components, uint32_t n):
+    """A path from its components, listed from the file up to the root."""
+    parts = split_strings(components, n)
+    parts.reverse()
+    return b"/" + b"/".join(parts)
 
 
 cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, event):
@@ -187,18 +189,19 @@ cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, ev
 
 cdef uint64_t command_size(const esr_event_header *hdr):
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    return COMMAND_FIXED + <uint64_t>e.argv_len + e.path_len
+    return COMMAND_FIXED + <uint64_t>e.argv_len + e.path_len + e.exe_len
 
 
 cdef object decode_command(SessionEvents target, const esr_event_header *hdr, int64_t time,
                            uint64_t ei):
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    cdef uint32_t strings = 0
     cdef uint32_t argv_len = e.argv_len if e.argv_len <= ESR_ARGV_MAX else ESR_ARGV_MAX
-    cdef object argv = split_argv(e.data, argv_len, &strings)
+    cdef list strings = split_strings(e.data, argv_len)
     cdef const char *path = e.data + argv_len
-    cdef int64_t cut_args = <int64_t>e.argc - strings
+    cdef const char *exe_at = path + e.path_len
+    cdef int64_t cut_args = <int64_t>e.argc - len(strings)
     cdef int64_t cut_bytes = <int64_t>e.argv_size - argv_len
+    cdef uint16_t kernel = e.interpreter_args
     if cut_args < 0:
         cut_args = 0
     if cut_bytes < 0:
@@ -206,18 +209,39 @@ cdef object decode_command(SessionEvents target, const esr_event_header *hdr, in
     if e.flags & ESR_COMMAND_TTY:
         target.interactive = True
     truncated = cut_args > 0 or cut_bytes > 0 or (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
+    # A script: the kernel put its interpreter first, then the script's
+    # path where the caller's argv[0] was.
+    if kernel and len(strings) > kernel:
+        interpreter, argv = strings[:kernel], strings[kernel + 1:]
+    else:
+        interpreter, argv = [], strings[1:]
+    if not e.exe_len:
+        binary = b""
+    elif e.flags & ESR_COMMAND_MEMFD:
+        binary = PyBytes_FromStringAndSize(exe_at, cstr_len(exe_at, e.exe_len))
+    elif e.flags & ESR_EXE_INCOMPLETE:
+        binary = b"..." + exe_path(exe_at, e.exe_len)
+    else:
+        binary = exe_path(exe_at, e.exe_len)
     return _Command(
         ei, time, _pid.get(e.hdr.pid), e.ppid, _cgroup.get(e.hdr.cgroup_id),
         comm_obj(e.hdr.comm),
         PyBytes_FromStringAndSize(path, cstr_len(path, e.path_len)),
         argv, e.return_code, e.uid, e.gid, (e.flags & ESR_COMMAND_TTY) != 0,
-        truncated, cut_args, cut_bytes)
+        truncated, cut_args, cut_bytes, interpreter, binary, e.exe_dev, e.exe_ino,
+        (e.flags & ESR_COMMAND_MEMFD) != 0, (e.flags & ESR_EXE_INCOMPLETE) != 0)
 
 
 cdef bytes encode_command(event, uint64_t session):
-    argv = b"\0".join([event.program, *event.argv]) + b"\0"
+    first = [*event.interpreter, event.path] if event.interpreter else [event.program]
+    argv = b"\0".join([*first, *event.argv]) + b"\0"
     path = event.path + b"\0"
-    cdef bytes raw = bytes(COMMAND_FIXED + len(argv) + len(path))
+    if event.memfd:
+        exe = event.exe + b"\0"
+    else:
+        exe = b"".join(part + b"\0" for part in reversed(event.exe.split(b"/")[1:]))
+    exe_flags = ESR_EXE_INCOMPLETE if event.exe_truncated else 0
+    cdef bytes raw = bytes(COMMAND_FIXED + len(argv) + len(path) + len(exe))
     cdef esr_command_event *e = <esr_command_event *>PyBytes_AS_STRING(raw)
     fill_header(&e.hdr, ESR_EVENT_COMMAND, session, event)
     e.hdr.pid = event.pid
@@ -226,12 +250,17 @@ cdef bytes encode_command(event, uint64_t session):
     e.uid = event.unix_uid
     e.gid = event.unix_gid
     e.return_code = event.return_code
-    e.argc = 1 + len(event.argv)
+    e.argc = len(first) + len(event.argv)
     e.argv_size = e.argv_len = len(argv)
     e.path_len = len(path)
-    e.flags = ESR_COMMAND_TTY if event.has_tty else 0
+    e.exe_len = len(exe)
+    e.exe_dev = event.exe_dev
+    e.exe_ino = event.exe_ino
+    e.interpreter_args = len(event.interpreter)
+    e.flags = (ESR_COMMAND_TTY if event.has_tty else 0) | (ESR_COMMAND_MEMFD if event.memfd else 0) | exe_flags
     memcpy(e.data, <const char *>argv, len(argv))
     memcpy(e.data + len(argv), <const char *>path, len(path))
+    memcpy(e.data + len(argv) + len(path), <const char *>exe, len(exe))
     return raw
 
 

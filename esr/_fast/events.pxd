@@ -24,6 +24,8 @@ cdef extern from "esr_events.h":
         ESR_ARGV_INCOMPLETE
         ESR_ARGV_UNREADABLE
         ESR_COMMAND_TTY
+        ESR_COMMAND_MEMFD
+        ESR_EXE_INCOMPLETE
         ESR_TASK_ANCHOR
         ESR_TASK_TERMINAL
 
@@ -46,6 +48,10 @@ cdef extern from "esr_events.h":
         uint32_t argv_len
         uint16_t path_len
         uint16_t flags
+        uint16_t interpreter_args
+        uint16_t exe_len
+        uint64_t exe_dev
+        uint64_t exe_ino
         char data[1]
 
     struct esr_disk_event:

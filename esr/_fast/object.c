@@ -100,7 +100,7 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 {
 	struct bpf_map *per_thread[] = { skel->maps.tracked_tasks, skel->maps.open_in_flight,
 					 skel->maps.connect_attempts, skel->maps.connect_in_flight,
-					 skel->maps.terminal_in_flight };
+					 skel->maps.terminal_in_flight, skel->maps.exec_in_flight };
 	int cpus = libbpf_num_possible_cpus();
 	size_t i;
 	int err;
