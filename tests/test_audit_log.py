@@ -153,24 +153,23 @@ def test_every_line_of_a_real_session_decodes_strictly_as_teleports_events(esr, 
         ]
     )
 
-    # The script: recorded, its interpreter run, its argument passed on. What
-    # argv holds is test_a_scripts_argv_is_what_its_caller_passed's.
+    # The script: recorded as its caller ran it, its interpreter apart.
     [run] = [c for c in commands(events) if c["path"] == script]
-    assert run["return_code"] == 0 and run["argv"][-1] == "--prod"
+    assert run["return_code"] == 0 and run["argv"] == ["--prod"]
+    assert run["interpreter"] == ["/usr/bin/env", "bash"]
     assert [c for c in commands(events) if c["path"] == "/usr/bin/id" and c["argv"] == ["-un"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending the interpreter field: argv still starts with the interpreter's arguments",
-)
 def test_a_scripts_argv_is_what_its_caller_passed(esr, tmp_path):
     script = _script(tmp_path)
     sid = esr.record(PY, "-c", f"import subprocess; subprocess.run([{script!r}, '--prod'])")
     [run] = [c for c in commands(esr.events(sid)) if c["path"] == script]
     # As Teleport logs it: ./deploy.sh --prod is ["--prod"]. The interpreter
-    # (/usr/bin/env bash) goes in a field of its own.
+    # (/usr/bin/env bash) goes in a field of its own, and the binary the
+    # kernel ran is named too.
     assert run["argv"] == ["--prod"]
+    assert run["interpreter"] == ["/usr/bin/env", "bash"]
+    assert run["exe"] == os.path.realpath("/usr/bin/env") and run["exe_ino"] > 0
 
 
 def test_failed_connects_stay_out_of_the_audit_log_when_asked(esr, tmp_path):

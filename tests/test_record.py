@@ -117,9 +117,42 @@ def test_every_command_of_a_script_is_recorded(esr, tmp_path):
     assert ["/usr/bin/id", "-u"] in run
     assert ["/usr/bin/uname", "-r"] in run
     assert ["/usr/bin/head", "-c1", "/etc/hostname"] in run
-    # The script itself, as the kernel ran it: through its interpreter.
+    # The script itself, as its caller ran it, and what the kernel ran for it.
     [first] = [c for c in commands(events) if c["path"] == str(script)]
-    assert first["argv"] == [str(script)] and first["return_code"] == 0
+    assert first["argv"] == [] and first["return_code"] == 0
+    assert first["interpreter"] == ["/bin/sh"] and first["exe"] == os.path.realpath("/bin/sh")
+
+
+def test_an_exec_names_the_binary_that_runs_behind_a_symlink_or_a_memfd(esr, tmp_path):
+    link = tmp_path / "innocent"
+    link.symlink_to("/usr/bin/id")
+    fileless = tmp_path / "fileless.py"
+    fileless.write_text(
+        "import os\n"
+        "fd = os.memfd_create('sneaky')\n"
+        "os.write(fd, open('/usr/bin/true', 'rb').read())\n"
+        "os.execv(f'/proc/self/fd/{fd}', ['true'])\n"
+    )
+    events = esr.events(esr.record("sh", "-c", f"{link} -u; {PY} {fileless}"))
+    [id_] = [c for c in commands(events) if c["path"] == str(link)]
+    assert id_["exe"] == "/usr/bin/id" and id_["exe_ino"] == os.stat("/usr/bin/id").st_ino
+    [memfd] = [c for c in commands(events) if c["path"].startswith("/proc/self/fd/")]
+    assert memfd["memfd"] is True and memfd["exe"] == "memfd:sneaky"
+    assert memfd["return_code"] == 0
+    text = esr("show", events[0]["sid"], "--format", "text").stdout.decode()
+    assert "[/usr/bin/id]" in text and "[memfd memfd:sneaky]" in text
+
+
+def test_a_binary_deeper_than_kept_is_named_by_its_tail(esr, tmp_path):
+    deep = tmp_path.joinpath(*["d"] * 40)
+    deep.mkdir(parents=True)
+    binary = deep / "tool"
+    shutil.copy("/usr/bin/true", binary)
+    events = esr.events(esr.record(str(binary)))
+    [run] = [c for c in commands(events) if c["path"] == str(binary)]
+    assert run["return_code"] == 0 and run["exe_truncated"] is True
+    assert run["exe"].startswith(".../d/") and run["exe"].endswith("/d/d/tool")
+    assert str(binary).endswith(run["exe"][3:])
 
 
 def test_failed_exec_of_a_missing_program(esr):
