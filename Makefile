@@ -40,9 +40,9 @@ $(BUILD)/.deps: Makefile
 # Python extension: build the same Debian source here, position-independent.
 $(LIBBPF)/lib/libbpf.a: $(BUILD)/.deps
 	rm -rf $(BUILD)/libbpf-src && mkdir -p $(BUILD)/libbpf-src/lists/partial
-	printf 'deb-src http://deb.debian.org/debian bookworm main\ndeb-src http://deb.debian.org/debian-security bookworm-security main\ndeb-src http://deb.debian.org/debian bookworm-updates main\n' > $(BUILD)/libbpf-src/sources.list
+	/usr/bin/python3 packaging/aptsources.py deb-src $$(. /etc/os-release && echo $$VERSION_CODENAME) > $(BUILD)/libbpf-src/sources.list
 	cd $(BUILD)/libbpf-src && APT="-q -o Dir::Etc::SourceList=$$PWD/sources.list -o Dir::Etc::SourceParts=/nonexistent -o Dir::State::Lists=$$PWD/lists -o APT::Sandbox::User=root" && \
-		apt-get $$APT update >/dev/null && apt-get $$APT source libbpf >/dev/null 2>&1
+		apt-get $$APT update >/dev/null && apt-get $$APT source libbpf >/dev/null
 	mkdir -p $(BUILD)/libbpf-src/obj
 	$(MAKE) -s -C $$(ls -d $(BUILD)/libbpf-src/libbpf-*/src) BUILD_STATIC_ONLY=1 \
 		EXTRA_CFLAGS="-fPIC -O2" OBJDIR=$(CURDIR)/$(BUILD)/libbpf-src/obj \
@@ -71,8 +71,8 @@ run: build
 # minute. Caches go to /tmp so that any user can run it in a root-built tree.
 CHECK_CACHE := /tmp/esr-check-$(shell id -u)
 check: build
-	$(VENV)/bin/ruff check --no-cache esr tests bench
-	$(VENV)/bin/ruff format --no-cache --check esr tests bench
+	$(VENV)/bin/ruff check --no-cache esr tests bench packaging
+	$(VENV)/bin/ruff format --no-cache --check esr tests bench packaging
 	$(VENV)/bin/mypy --cache-dir $(CHECK_CACHE)/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 

@@ -22,11 +22,14 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# The build's own reading of apt's sources, shared with the Makefile.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packaging"))
 import aptsources
 
 # Bump when the build steps change in a way the hash below can't see.

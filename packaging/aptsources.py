@@ -2,10 +2,11 @@
 build fetches from the mirror or proxy configured on the host and no host
 name is written into the repository.
 
-    python3 tests/guest/aptsources.py deb-src bookworm   # sources.list lines
-    python3 tests/guest/aptsources.py mirror              # the archive URI
+    python3 packaging/aptsources.py deb-src bookworm   # sources.list lines
+    python3 packaging/aptsources.py mirror              # the archive URI
 
-Stdlib only, for Debian's /usr/bin/python3 (a Makefile can call it). Reads
+Stdlib only, for Debian's /usr/bin/python3: the Makefile fetches libbpf's
+source with it, the guest harness its Debian releases. Reads
 /etc/apt/sources.list and sources.list.d/*.list (one-line format) and
 sources.list.d/*.sources (deb822). The archive is the source that lists the
 host's own release (VERSION_CODENAME in os-release), the security archive the

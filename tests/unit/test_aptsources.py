@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packaging"))
 import aptsources
 
-HERE = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve().parents[2] / "packaging/aptsources.py"
 
 
 def etc(tmp_path: Path, codename: str = "bookworm", **files: str) -> Path:
@@ -89,7 +89,7 @@ def test_no_debian_source_is_a_clear_error(tmp_path):
 
 def test_cli_prints_deb_src_lines_for_this_host():
     r = subprocess.run(
-        ["/usr/bin/python3", str(HERE / "aptsources.py"), "deb-src", "bookworm"],
+        ["/usr/bin/python3", str(SCRIPT), "deb-src", "bookworm"],
         capture_output=True,
         text=True,
     )
@@ -100,7 +100,5 @@ def test_cli_prints_deb_src_lines_for_this_host():
         ["deb-src", "bookworm-security"],
         ["deb-src", "bookworm-updates"],
     ]
-    bad = subprocess.run(
-        ["/usr/bin/python3", str(HERE / "aptsources.py"), "deb"], capture_output=True, text=True
-    )
+    bad = subprocess.run(["/usr/bin/python3", str(SCRIPT), "deb"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
