@@ -11,7 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ESR, SSHD, Daemon, Esr, SshServer, free_port, require_bpf, wait_port
+from helpers import (
+    ESR,
+    SSHD,
+    Daemon,
+    Esr,
+    SshServer,
+    Terminal,
+    free_port,
+    require_bpf,
+    wait_port,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_left():
+    yield
+    Terminal.end_all()
 
 
 @pytest.fixture

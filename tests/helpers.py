@@ -19,6 +19,7 @@ import termios
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -259,13 +260,27 @@ class Terminal:
     """A program run on a pseudo-terminal of a given size, typed at as a
     user would."""
 
+    # Still running: a test that failed half-way leaves its program here, and
+    # the conftest ends it rather than leave it behind the test run.
+    running: ClassVar[set[Terminal]] = set()
+
     def __init__(self, argv: list[str], env: dict | None = None, rows: int = 24, cols: int = 80):
 
         self.output = b""
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
             os.execvpe(argv[0], argv, env or dict(os.environ))
+        Terminal.running.add(self)
         self.resize(rows, cols)
+
+    @classmethod
+    def end_all(cls) -> None:
+        """Kill what is still running, and reap it."""
+        for term in list(cls.running):
+            os.kill(term.pid, signal.SIGKILL)
+            os.waitpid(term.pid, 0)
+            os.close(term.fd)
+        cls.running.clear()
 
     def resize(self, rows: int, cols: int) -> None:
         """As a terminal window does: the kernel sends the program SIGWINCH."""
@@ -299,6 +314,7 @@ class Terminal:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
                 if pid:
                     os.close(self.fd)
+                    Terminal.running.discard(self)
                     return os.waitstatus_to_exitcode(status)
                 continue
             try:
@@ -308,9 +324,10 @@ class Terminal:
             if not chunk:
                 _, status = os.waitpid(self.pid, 0)
                 os.close(self.fd)
+                Terminal.running.discard(self)
                 return os.waitstatus_to_exitcode(status)
             self.output += chunk
-        os.kill(self.pid, signal.SIGKILL)
+        Terminal.end_all()
         raise AssertionError(f"the program did not end:\n{self.output[-2000:]!r}")
 
 
