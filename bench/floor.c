@@ -49,9 +49,11 @@
 /* Counted by on_record(). */
 static unsigned long long records[ESR_BUF_COUNT], lost_notified;
 
-/* The session: slot 0 of the mapped session_states, and the tracked_tasks map. */
+/* The session: slot 0 of the mapped session_states, and the object whose
+ * tracked_tasks it adds to. */
 static struct esr_session_state *states;
-static int tracked_fd, tracking;
+static struct esr_object obj;
+static int tracking;
 static struct rusage start;	/* CPU at the first "track" */
 
 /* One line on stderr, with a reason when given, and exit 1. */
@@ -162,12 +164,12 @@ static void track(const char *arg)
 		memset(&states[0], 0, sizeof(states[0]));
 		__atomic_store_n(&states[0].session, COOKIE, __ATOMIC_RELEASE);
 	}
-	if (bpf_map_update_elem(tracked_fd, &tid, &task, BPF_ANY))
+	if (esr_object_track(&obj, tid, &task))
 		die(strerror(errno), "cannot track pid %u", tid);
 	__sync_fetch_and_add(&states[0].live_tasks, 1);
 	if (*rest) {
 		terminal_tid = pid_of(rest + 1, &rest);
-		if (*rest || bpf_map_update_elem(tracked_fd, &terminal_tid, &terminal, BPF_ANY))
+		if (*rest || esr_object_track(&obj, terminal_tid, &terminal))
 			die(strerror(errno), "cannot track the terminal's pid %u", terminal_tid);
 	}
 	if (!tracking) {
@@ -250,7 +252,6 @@ int main(int argc, char **argv)
 {
 	struct esr_object_settings settings = { .max_sessions = MAX_SESSIONS,
 						.max_tasks = MAX_TASKS };
-	struct esr_object obj;
 	struct esr_buffers buffers;
 	struct epoll_event event, events[ESR_BUF_COUNT + 1];
 	struct rusage end;
@@ -290,7 +291,6 @@ int main(int argc, char **argv)
 	image = read_file(argv[1], &image_size);
 	if ((err = esr_object_open(&obj, image, image_size, &settings, &step)))
 		die(esr_libbpf_reason()[0] ? esr_libbpf_reason() : strerror(-err), "%s", step);
-	tracked_fd = obj.tracked_tasks_fd;
 	states_size = MAX_SESSIONS * sizeof(*states);
 	states = mmap(NULL, states_size, PROT_READ | PROT_WRITE, MAP_SHARED,
 		      obj.session_states_fd, 0);

@@ -200,7 +200,7 @@ static __always_inline void read_caller_argv(struct esr_command_event *e, struct
 static __always_inline int report_failed_exec(void *ctx, long ret)
 {
 	__u32 tid = current_tid();
-	struct exec_call *call = bpf_map_lookup_elem(&exec_in_flight, &tid);
+	struct exec_call *call = in_flight(&exec_in_flight, &tid);
 	struct esr_command_event *e;
 	long n;
 

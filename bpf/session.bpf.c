@@ -7,11 +7,13 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+const volatile __u32 tid_marks_size = 0;
+
 SEC("tp/sched/sched_process_fork")
 int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 {
 	__u32 parent_tid = current_tid();
-	struct esr_task *parent = bpf_map_lookup_elem(&tracked_tasks, &parent_tid);
+	struct esr_task *parent = tracked_task(parent_tid);
 	struct esr_session_state *state;
 	struct esr_task child = {};
 	__u32 child_tid;
@@ -26,7 +28,7 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	 * relays the user's terminal. */
 	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL : 0;
 	child_tid = ctx->child_pid;
-	if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_ANY)) {
+	if (track(child_tid, &child)) {
 		__sync_fetch_and_add(&state->untracked_forks, 1);
 		return 0;
 	}
@@ -38,7 +40,7 @@ SEC("tp/sched/sched_process_exit")
 int untrack_exit(void *ctx)
 {
 	__u32 tid = current_tid();
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+	struct esr_task *task = tracked_task(tid);
 
 	if (task)
 		untrack(tid, task);

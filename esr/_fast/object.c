@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include "object.h"
 #include "feature_probe.subskel.h"
@@ -95,6 +97,25 @@ static int fail(struct esr_object *o, const char **step, const char *what, int e
 	return err ? err : -EINVAL;
 }
 
+/* A byte per thread id up to pid_max, a page at least; the kernel's own
+ * limit (PID_MAX_LIMIT) at most, were pid_max unreadable. */
+static __u32 marks_size(void)
+{
+	static __u32 size;
+	unsigned long pid_max = 0;
+	FILE *f;
+
+	if (size)
+		return size;
+	f = fopen("/proc/sys/kernel/pid_max", "r");
+	if (!f || fscanf(f, "%lu", &pid_max) != 1 || pid_max > ESR_TID_MARKS_MAX)
+		pid_max = ESR_TID_MARKS_MAX;
+	if (f)
+		fclose(f);
+	size = pid_max < 4096 ? 4096 : pid_max;
+	return size;
+}
+
 static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *settings,
 		     const char **step)
 {
@@ -118,6 +139,11 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 		*step = "cannot count the possible CPUs";
 		return cpus ? cpus : -EINVAL;
 	}
+	if ((err = bpf_map__set_value_size(skel->maps.tid_marks, marks_size()))) {
+		*step = "cannot size tid_marks";
+		return err;
+	}
+	*skel->rodata.tid_marks_size = marks_size();
 	/* One argv scratch entry per CPU: per-CPU values are capped at 32 KiB. */
 	if ((err = bpf_map__set_max_entries(skel->maps.argv_scratch, cpus))) {
 		*step = "cannot size argv_scratch";
@@ -160,6 +186,13 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	o->tracked_tasks_fd = bpf_map__fd(skel->maps.tracked_tasks);
 	o->session_states_fd = bpf_map__fd(skel->maps.session_states);
 	o->buffer_lost_fd = bpf_map__fd(skel->maps.buffer_lost);
+	o->tid_marks_size = marks_size();
+	o->tid_marks = mmap(NULL, o->tid_marks_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+			    bpf_map__fd(skel->maps.tid_marks), 0);
+	if (o->tid_marks == MAP_FAILED) {
+		o->tid_marks = NULL;
+		return fail(o, step, "cannot map tid_marks", -errno);
+	}
 	bpf_object__for_each_program(prog, o->obj) {
 		if (o->nlinks == ESR_MAX_LINKS)
 			return fail(o, step, "more BPF programs than ESR_MAX_LINKS", -E2BIG);
@@ -177,12 +210,39 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 
 void esr_object_close(struct esr_object *o)
 {
+	if (o->tid_marks)
+		munmap(o->tid_marks, o->tid_marks_size);
+	o->tid_marks = NULL;
 	while (o->nlinks)
 		bpf_link__destroy(o->links[--o->nlinks]);
 	esr_bpf__destroy(o->skel);
 	o->skel = NULL;
 	bpf_object__close(o->obj);
 	o->obj = NULL;
+}
+
+/* As session.bpf.h's track() and untrack(): the mark is set before the
+ * thread enters tracked_tasks and cleared after it leaves, so that a hook
+ * never misses a tracked thread. */
+int esr_object_track(struct esr_object *o, __u32 tid, const struct esr_task *task)
+{
+	int err;
+
+	if (tid < o->tid_marks_size)
+		o->tid_marks[tid] = 1;
+	err = bpf_map_update_elem(o->tracked_tasks_fd, &tid, task, BPF_ANY);
+	if (err && tid < o->tid_marks_size)
+		o->tid_marks[tid] = 0;
+	return err;
+}
+
+int esr_object_untrack(struct esr_object *o, __u32 tid)
+{
+	int err = bpf_map_delete_elem(o->tracked_tasks_fd, &tid);
+
+	if (tid < o->tid_marks_size)
+		o->tid_marks[tid] = 0;
+	return err;
 }
 
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer)

@@ -39,7 +39,13 @@ struct esr_object {
 	int tracked_tasks_fd;
 	int session_states_fd;
 	int buffer_lost_fd;
+	/* tid_marks, mapped: see session.bpf.h. */
+	__u8 *tid_marks;
+	__u32 tid_marks_size;
 };
+
+/* PID_MAX_LIMIT on 64-bit: no thread id reaches it. */
+#define ESR_TID_MARKS_MAX (4U << 20)
 
 /* Open an image of esr.bpf.o, size its maps, set its load-time settings,
  * load it and attach every program. Returns 0, or -errno with what failed
@@ -50,6 +56,11 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 
 /* Detach every program and free the object; safe to call twice. */
 void esr_object_close(struct esr_object *o);
+
+/* Add a thread to tracked_tasks, or remove it, with its mark: 0 or -1
+ * with errno set, as libbpf's map calls. */
+int esr_object_track(struct esr_object *o, __u32 tid, const struct esr_task *task);
+int esr_object_untrack(struct esr_object *o, __u32 tid);
 
 /* The perf event array of a buffer. */
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);

@@ -65,6 +65,8 @@ cdef extern from "object.h":
     int esr_object_open(esr_object *o, const void *image, size_t size,
                         const esr_object_settings *settings, const char **step)
     void esr_object_close(esr_object *o)
+    int esr_object_track(esr_object *o, uint32_t tid, const esr_task *task)
+    int esr_object_untrack(esr_object *o, uint32_t tid)
     int esr_try_hook(const void *image, size_t size, esr_hook hook, const char **step)
     const char *esr_libbpf_reason()
 
@@ -265,7 +267,7 @@ cdef class Probe:
                 if bpf_map_get_next_key(fd, &key, &next_key) != 0:
                     break
         for key in stale:
-            bpf_map_delete_elem(fd, &key)
+            esr_object_untrack(&self.obj, key)
 
     def session_counters(self, uint32_t slot):
         """(live tasks, lost per buffer (a tuple), untracked forks, terminal
@@ -284,7 +286,7 @@ cdef class Probe:
         task.session = cookie
         task.flags = (ESR_TASK_ANCHOR if anchor else 0) | (ESR_TASK_TERMINAL if terminal else 0)
         task.reserved = 0
-        if bpf_map_update_elem(self.obj.tracked_tasks_fd, &tid, &task, BPF_ANY) != 0:
+        if esr_object_track(&self.obj, tid, &task) != 0:
             raise OSError(errno, f"cannot track pid {tid}: {strerror(errno).decode()}")
         if not anchor:
             esr_atomic_add(<long long *>&state.live_tasks, 1)
@@ -294,7 +296,7 @@ cdef class Probe:
         cdef esr_session_state *state
         if bpf_map_lookup_elem(self.obj.tracked_tasks_fd, &tid, &task) != 0:
             return
-        bpf_map_delete_elem(self.obj.tracked_tasks_fd, &tid)
+        esr_object_untrack(&self.obj, tid)
         if not (task.flags & ESR_TASK_ANCHOR):
             state = self._state(<uint32_t>task.session)
             if state.session == task.session:
