@@ -251,7 +251,8 @@ static void print_counts(const char *name, const unsigned long long counts[ESR_B
 int main(int argc, char **argv)
 {
 	struct esr_object_settings settings = { .max_sessions = MAX_SESSIONS,
-						.max_tasks = MAX_TASKS };
+						.max_tasks = MAX_TASKS,
+						.tasks_per_session = MAX_TASKS };
 	struct esr_buffers buffers;
 	struct epoll_event event, events[ESR_BUF_COUNT + 1];
 	struct rusage end;

@@ -8,6 +8,9 @@
 char LICENSE[] SEC("license") = "GPL";
 
 const volatile __u32 tid_marks_size = 0;
+/* The most threads one session may have tracked at once (a share of
+ * tracked_tasks): a session forking without end cannot take the whole map. */
+const volatile __s64 tasks_per_session = 0;
 
 SEC("tp/sched/sched_process_fork")
 int track_fork(struct trace_event_raw_sched_process_fork *ctx)
@@ -28,7 +31,7 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	 * relays the user's terminal. */
 	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL : 0;
 	child_tid = ctx->child_pid;
-	if (track(child_tid, &child)) {
+	if (state->live_tasks >= tasks_per_session || track(child_tid, &child)) {
 		__sync_fetch_and_add(&state->untracked_forks, 1);
 		return 0;
 	}

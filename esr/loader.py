@@ -56,6 +56,7 @@ def load(config: Config, recorder_exe: str | None = None):
             config.buffer_pages(),
             config.max_sessions,
             config.max_tracked_tasks,
+            tasks_per_session=config.tasks_per_session(),
             recorder_exe_dev=kernel_dev(exe.st_dev) if exe else 0,
             recorder_exe_ino=exe.st_ino if exe else 0,
             record_input=config.terminal.record_input,

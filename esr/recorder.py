@@ -381,24 +381,20 @@ class Recorder:
 
     def _reports(self, session: Session) -> tuple[list[int], int]:
         """Add to the session's pending events a session.lost for each kind
-        of loss since the last report: records the kernel could not deliver,
-        and events the recorder could not write. Returns the records they
-        report per buffer, and the frame flag that declares a gap."""
+        of loss since the last report: records the kernel could not deliver
+        and processes it could not follow, and events the recorder could not
+        write. Returns what they report lost (schema.LOST_KINDS), and the
+        frame flag that declares a gap."""
         pending = session.pending
-        lost = [0] * len(schema.BUFFERS)
+        lost = [0] * len(schema.LOST_KINDS)
         if self.probe is not None:
             _live, kernel, untracked, session.terminal = self.probe.session_counters(session.slot)
             kernel = list(kernel)
             if kernel != session.lost or untracked != session.untracked_forks:
-                lost = [now - before for now, before in zip(kernel, session.lost)]
-                pending.add(
-                    schema.Lost(
-                        pending.next_ei,
-                        time.time_ns(),
-                        lost,
-                        untracked - session.untracked_forks,
-                    )
-                )
+                records = [now - before for now, before in zip(kernel, session.lost)]
+                forks = untracked - session.untracked_forks
+                pending.add(schema.Lost(pending.next_ei, time.time_ns(), records, forks))
+                lost = [*records, forks]
                 session.lost = kernel
                 session.untracked_forks = untracked
         gap = session.gap
@@ -414,7 +410,7 @@ class Recorder:
                 [gap.first_ei, gap.last_ei],
             )
         )
-        return [a + b for a, b in zip(lost, gap.records)], FLAG_GAP
+        return [a + b for a, b in zip(lost, [*gap.records, 0])], FLAG_GAP
 
     def _flush_session(self, session: Session) -> None:
         """Write what the session has pending."""
@@ -673,8 +669,8 @@ def _recover(
         enhanced_recording=start.enhanced_recording,
         interactive=interactive,
         records=summary.records,
-        lost=summary.lost,
-        untracked_forks=0,
+        lost=summary.lost[: len(schema.BUFFERS)],
+        untracked_forks=summary.lost[len(schema.BUFFERS)],
     )
     try:
         writer.append(KIND_END, [end], flags=FLAG_INTERACTIVE if interactive else 0, reserved=True)

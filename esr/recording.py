@@ -77,10 +77,10 @@ def _digest(prev: bytes, head: bytes, payload: bytes) -> bytes:
     return h.digest()
 
 
-def _slots(counts) -> tuple[int, ...]:
-    """Per-buffer counts, as many as there are buffers."""
-    counts = tuple(counts)[: len(schema.BUFFERS)]
-    return counts + (0,) * (len(schema.BUFFERS) - len(counts))
+def _slots(counts, names: tuple[str, ...]) -> tuple[int, ...]:
+    """One count per name."""
+    counts = tuple(counts)[: len(names)]
+    return counts + (0,) * (len(names) - len(counts))
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Frame:
     first_ei: int
     last_ei: int
     records: tuple[int, ...]  # kernel records in the payload, per buffer
-    lost: tuple[int, ...]  # records lost per buffer, as its Lost events report
+    lost: tuple[int, ...]  # what its Lost events report lost, per schema.LOST_KINDS
     digest: bytes
     payload: bytes | None  # None when only headers were read
 
@@ -116,8 +116,8 @@ class Frame:
             count,
             first_ei,
             last_ei,
-            _slots(rest[:slots]),
-            _slots(rest[slots : 2 * slots]),
+            _slots(rest[:slots], schema.BUFFERS),
+            _slots(rest[slots : 2 * slots], schema.LOST_KINDS),
             rest[-1],
             payload,
         )
@@ -142,7 +142,7 @@ class Summary:
     frames: int = 0
     last_ei: int = -1
     records: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
-    lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
+    lost: list[int] = field(default_factory=lambda: [0] * len(schema.LOST_KINDS))
     closed: bool = False
     interactive: bool = False
     sealed: bool = False  # frames say a seal file vouches for them
@@ -395,8 +395,8 @@ class Writer:
         self, kind: int, events: list, records=(), lost=(), flags: int = 0, reserved: bool = False
     ) -> int:
         """Write events (consecutive ei) as one frame. records: how many of
-        them each buffer delivered; lost: the records their Lost events
-        report, per buffer. Only a frame that must be written (reserved: a
+        them each buffer delivered; lost: what their Lost events report lost,
+        per schema.LOST_KINDS. Only a frame that must be written (reserved: a
         session's end) may use the reserve; any other raises NoRoom, an
         OSError, without writing anything. Returns bytes written."""
         schema.encode_events_into(events, self._encoded)

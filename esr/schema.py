@@ -596,9 +596,20 @@ RECORDS: tuple[type[Record], ...] = (
 BUFFERS: tuple[str, ...] = tuple(dict.fromkeys(r.buffer for r in RECORDS))
 
 
+# What a session can lose, as its frame headers count it: each buffer's
+# records, then the processes it could not follow (forks beyond its share
+# of the task table, which session.lost reports as untracked_forks).
+LOST_KINDS: tuple[str, ...] = (*BUFFERS, "processes")
+
+
 def by_buffer(counts: list[int]) -> dict[str, int]:
     """Counts by buffer name; a buffer a recording predates counted 0."""
     return {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(BUFFERS)}
+
+
+def by_lost_kind(counts: list[int]) -> dict[str, int]:
+    """Losses by LOST_KINDS name; a kind a recording predates counted 0."""
+    return {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(LOST_KINDS)}
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -353,6 +353,7 @@ class Session:
         self.pending: list = []
         self.records = [0, 0, 0]
         self.lost = [0, 0, 0]
+        self.untracked = 0
 
     def _add(self, make, buffer: int | None, dt: float):
         self.time += int(dt * 1e9)
@@ -390,19 +391,22 @@ class Session:
     def lose(self, counts: list[int], untracked: int = 0, dt=0.01):
         for i, n in enumerate(counts):
             self.lost[i] += n
+        self.untracked += untracked
         return self._add(lambda ei, t: self.schema.Lost(ei, t, counts, untracked), None, dt)
 
     def flush(self) -> Session:
         from esr.recording import KIND_EVENTS
 
         if self.pending:
-            lost = [e.lost for e in self.pending if type(e) is self.schema.Lost]
-            self.writer.append(
-                KIND_EVENTS,
-                self.pending,
-                records=self.records,
-                lost=[sum(x) for x in zip(*lost)] if lost else (),
-            )
+            # As the recorder counts them: per buffer, then untracked forks.
+            kinds = len(self.schema.LOST_KINDS)
+            lost = [0] * kinds
+            for e in self.pending:
+                if type(e) is self.schema.Lost:
+                    for i, n in enumerate([*e.lost, *[0] * (kinds - 1 - len(e.lost))]):
+                        lost[i] += n
+                    lost[-1] += e.untracked_forks
+            self.writer.append(KIND_EVENTS, self.pending, records=self.records, lost=lost)
         self.pending, self.records = [], [0, 0, 0]
         return self
 
@@ -412,7 +416,7 @@ class Session:
         self.flush()
         self.time += int(dt * 1e9)
         end = self.schema.SessionEnd(
-            self.ei, self.time, "exited", True, False, [0, 0, 0], self.lost, 0
+            self.ei, self.time, "exited", True, False, [0, 0, 0], self.lost, self.untracked
         )
         self.writer.append(KIND_END, [end])
         self.writer.close()

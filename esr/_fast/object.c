@@ -172,6 +172,7 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 		esr_object_close(o);
 		return err;
 	}
+	*skel->rodata.tasks_per_session = settings->tasks_per_session;
 	*skel->rodata.recorder_exe_dev = settings->recorder_exe_dev;
 	*skel->rodata.recorder_exe_ino = settings->recorder_exe_ino;
 	*skel->rodata.record_input = settings->record_input;

@@ -22,6 +22,7 @@
 struct esr_object_settings {
 	__u32 max_sessions;	/* entries of session_states */
 	__u32 max_tasks;	/* entries of every map with one entry per thread */
+	__u32 tasks_per_session;	/* of those, the most one session may hold */
 	__u64 recorder_exe_dev;	/* the esr executable, or 0: see exec.bpf.c */
 	__u64 recorder_exe_ino;
 	/* The terminal stream: see terminal.bpf.c. */

@@ -13,6 +13,7 @@ class Probe:
         buffer_pages: tuple[int, ...],
         max_sessions: int,
         max_tasks: int,
+        tasks_per_session: int = 0,
         recorder_exe_dev: int = 0,
         recorder_exe_ino: int = 0,
         record_input: bool = False,

@@ -49,6 +49,7 @@ cdef extern from "object.h":
     struct esr_object_settings:
         uint32_t max_sessions
         uint32_t max_tasks
+        uint32_t tasks_per_session
         uint64_t recorder_exe_dev
         uint64_t recorder_exe_ino
         uint8_t record_input
@@ -137,14 +138,16 @@ cdef class Probe:
         self.states = NULL
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
-                 uint32_t max_sessions, uint32_t max_tasks, uint64_t recorder_exe_dev=0,
+                 uint32_t max_sessions, uint32_t max_tasks, uint32_t tasks_per_session=0,
+                 uint64_t recorder_exe_dev=0,
                  uint64_t recorder_exe_ino=0, bint record_input=False,
                  uint64_t terminal_rate=0, uint64_t terminal_burst=0,
                  size_t batch_limit=64 << 20, unsigned long long ready_at=4096):
         """Load and attach the programs of an esr.bpf.o image.
 
         buffer_pages: per-CPU pages of each buffer (BUFFERS order), powers of
-        two, applied as given. recorder_exe_*: the esr executable (kernel dev
+        two, applied as given. tasks_per_session: the threads one session
+        may have tracked at once (0: max_tasks). recorder_exe_*: the esr executable (kernel dev
         encoding, inode), whose run by a session's anchor is the PAM hook,
         not the user. record_input, terminal_rate, terminal_burst: the
         terminal stream's keystrokes and budget (terminal.bpf.c).
@@ -164,6 +167,7 @@ cdef class Probe:
         self.ncpus = libbpf_num_possible_cpus()
         settings.max_sessions = max_sessions
         settings.max_tasks = max_tasks
+        settings.tasks_per_session = tasks_per_session or max_tasks
         settings.recorder_exe_dev = recorder_exe_dev
         settings.recorder_exe_ino = recorder_exe_ino
         settings.record_input = record_input
