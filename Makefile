@@ -9,11 +9,12 @@ LIBBPF := $(BUILD)/libbpf/usr
 # sshd for the login tests, lintian and systemd-analyze for the package, qemu
 # and debootstrap for the systemd guest, bcc with the nearest kernel headers
 # for the benchmark's bcc peer, asciinema, the reference player the terminal
-# tests check exports with, and chromium for the web UI's tests.
+# tests check exports with, chromium for the web UI's tests, and gdb to
+# inject code into a process from a session, as an attacker would.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
 	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
-	python3-bpfcc linux-headers-amd64 asciinema chromium
+	python3-bpfcc linux-headers-amd64 asciinema chromium gdb
 
 # pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
 # the version): read them from there.

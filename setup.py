@@ -14,7 +14,14 @@ from setuptools.extension import Extension
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_DIR = os.path.join(HERE, "bpf")
 # The recorder's programs, statically linked into one object...
-RECORDER_SOURCES = ["session.bpf.c", "exec.bpf.c", "open.bpf.c", "connect.bpf.c", "terminal.bpf.c"]
+RECORDER_SOURCES = [
+    "session.bpf.c",
+    "exec.bpf.c",
+    "open.bpf.c",
+    "connect.bpf.c",
+    "terminal.bpf.c",
+    "ptrace.bpf.c",
+]
 # ...and the probes `esr check` loads one by one.
 FEATURE_PROBE_SOURCE = "feature_probe.bpf.c"
 PACKAGE_BPF_DIR = os.path.join(HERE, "esr", "bpf")

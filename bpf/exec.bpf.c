@@ -20,11 +20,12 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* Shared with ptrace.bpf.c, which defines it the same way. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u32));
-} command_events SEC(".maps");
+} command_events __weak SEC(".maps");
 
 /* The esr executable, set before load (0 when unknown). A session's anchor
  * (sshd's monitor, su) runs the PAM hook as a direct child: that child

@@ -31,8 +31,10 @@ struct {
 	__uint(map_flags, BPF_F_MMAPABLE);
 } tid_marks __weak SEC(".maps");
 
-/* tid_marks' value size, set before load (session.bpf.c). */
+/* Set before load (session.bpf.c): tid_marks' value size, and the most
+ * threads one session may have tracked at once. */
 extern const volatile __u32 tid_marks_size;
+extern const volatile __s64 tasks_per_session;
 
 /* Slot -> session state; mapped by user space, which reads the counters in place. */
 struct {

@@ -297,6 +297,61 @@ class Network(Record, tag=3):
         )
 
 
+class Ptrace(Record, tag=9):
+    """A session process reached into another one: attached to it with
+    ptrace (as a debugger does, to read or change it), detached, or wrote
+    its memory with process_vm_writev."""
+
+    pid: int
+    cgroup_id: int
+    program: bytes
+    request: str  # "attach", "seize", "detach" or "process_vm_writev"
+    target_pid: int  # the thread attached to or detached from, or the process written
+    target_tgid: int  # its process, after an attach; else 0
+    target_program: bytes  # its name, after an attach; else b""
+    return_code: int  # 0 or -errno; bytes written for process_vm_writev
+    followed: bool = False  # the target is recorded in this session from now on
+    left: bool = False  # the detach took it out of this session again
+    # target_pid is the number the caller passed, in its own pid namespace.
+    pid_as_named: bool = False
+
+    name = "session.ptrace"
+    code = "E4400W"
+    buffer = "command"
+    audited = True
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        out.update(request=self.request, target_pid=self.target_pid)
+        if self.target_tgid:
+            out["target_tgid"] = self.target_tgid
+        if self.target_program:
+            put_text(out, "target_program", self.target_program)
+        out["return_code"] = self.return_code
+        if self.followed:
+            out["followed"] = True
+        if self.left:
+            out["left"] = True
+        if self.pid_as_named:
+            out["pid_as_named"] = True
+        return out
+
+    def describe(self) -> str:
+        target = f"{self.target_pid}"
+        if self.target_program:
+            target += f" ({printable(self.target_program)})"
+        then = ""
+        if self.followed:
+            then = " [now recorded here]"
+        elif self.left:
+            then = " [left the session]"
+        return (
+            f"pid={self.pid} {printable(self.program)} {self.request} {target} "
+            f"rc={self.return_code}{then}"
+        )
+
+
 class TerminalOutput(Record, tag=5):
     """What the terminal showed: bytes the pty master's owner read from it,
     echo included."""
@@ -575,6 +630,7 @@ Events = (
     | TerminalInput
     | TerminalWrite
     | TerminalResize
+    | Ptrace
     | Lost
     | SessionStart
     | SessionLeave
@@ -590,6 +646,7 @@ RECORDS: tuple[type[Record], ...] = (
     TerminalInput,
     TerminalWrite,
     TerminalResize,
+    Ptrace,
 )
 # The buffers in index order, as bpf/esr_events.h names them (esr._fast.decode
 # refuses to load if the two disagree).

@@ -40,6 +40,7 @@ cdef extern from "<stddef.h>":
     const size_t TERMINAL_DATA_FIXED "offsetof(struct esr_terminal_data_event, data)"
     const size_t TERMINAL_WRITE_SIZE "sizeof(struct esr_terminal_write_event)"
     const size_t TERMINAL_RESIZE_SIZE "sizeof(struct esr_terminal_resize_event)"
+    const size_t PTRACE_SIZE "sizeof(struct esr_ptrace_event)"
 
 BUFFERS = tuple(esr_buffer_names[i].decode() for i in range(ESR_BUF_COUNT))
 if BUFFERS != schema.BUFFERS:
@@ -47,6 +48,9 @@ if BUFFERS != schema.BUFFERS:
                       f"{schema.BUFFERS}: rebuild, or bring the two together")
 
 cdef object _Command = schema.Command
+cdef object _Ptrace = schema.Ptrace
+# enum esr_ptrace_request, by value.
+cdef list _PTRACE_REQUESTS = [None, "attach", "seize", "detach", "process_vm_writev"]
 cdef object _Disk = schema.Disk
 cdef object _Network = schema.Network
 cdef object _TerminalOutput = schema.TerminalOutput
@@ -419,6 +423,44 @@ cdef bytes encode_terminal_resize(event, uint64_t session):
     return raw
 
 
+# session.ptrace -------------------------------------------------------------------------
+
+
+cdef uint64_t ptrace_size(const esr_event_header *hdr):
+    return PTRACE_SIZE
+
+
+cdef object decode_ptrace(
+    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
+):
+    cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
+    return _Ptrace(
+        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id), comm_obj(e.hdr.comm),
+        _PTRACE_REQUESTS[e.request] if 0 < e.request < len(_PTRACE_REQUESTS) else str(e.request),
+        e.target_pid, e.target_tgid,
+        PyBytes_FromStringAndSize(e.target_comm, cstr_len(e.target_comm, 16)),
+        e.return_code, (e.flags & ESR_PTRACE_FOLLOWED) != 0, (e.flags & ESR_PTRACE_LEFT) != 0,
+        (e.flags & ESR_PTRACE_AS_NAMED) != 0,
+    )
+
+
+cdef bytes encode_ptrace(event, uint64_t session):
+    cdef bytes raw = bytes(PTRACE_SIZE)
+    cdef esr_ptrace_event *e = <esr_ptrace_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_PTRACE, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.return_code = event.return_code
+    e.request = _PTRACE_REQUESTS.index(event.request)
+    e.target_pid = event.target_pid
+    e.target_tgid = event.target_tgid
+    memcpy(e.target_comm, <const char *>event.target_program, min(len(event.target_program), 15))
+    e.flags = ((ESR_PTRACE_FOLLOWED if event.followed else 0)
+               | (ESR_PTRACE_LEFT if event.left else 0)
+               | (ESR_PTRACE_AS_NAMED if event.pid_as_named else 0))
+    return raw
+
+
 # The table ------------------------------------------------------------------------------
 
 ctypedef uint64_t (*size_fn)(const esr_event_header *hdr)
@@ -457,6 +499,8 @@ RECORD_TYPES[ESR_EVENT_TERMINAL_RESIZE] = record_type(
     TERMINAL_RESIZE_SIZE, terminal_resize_size, decode_terminal_resize, encode_terminal_resize,
     ESR_BUF_TERMINAL
 )
+RECORD_TYPES[ESR_EVENT_PTRACE] = record_type(PTRACE_SIZE, ptrace_size, decode_ptrace,
+                                             encode_ptrace, ESR_BUF_COMMAND)
 
 
 cdef inline const record_type *known(uint16_t kind):

@@ -20,6 +20,10 @@ cdef extern from "esr_events.h":
         ESR_EVENT_TERMINAL_INPUT
         ESR_EVENT_TERMINAL_WRITE
         ESR_EVENT_TERMINAL_RESIZE
+        ESR_EVENT_PTRACE
+        ESR_PTRACE_FOLLOWED
+        ESR_PTRACE_LEFT
+        ESR_PTRACE_AS_NAMED
         ESR_TERMINAL_CHUNK
         ESR_ARGV_INCOMPLETE
         ESR_ARGV_UNREADABLE
@@ -89,6 +93,15 @@ cdef extern from "esr_events.h":
         uint32_t tty
         uint16_t rows
         uint16_t cols
+
+    struct esr_ptrace_event:
+        esr_event_header hdr
+        int64_t return_code
+        uint32_t target_pid
+        uint32_t target_tgid
+        uint16_t request
+        uint16_t flags
+        char target_comm[16]
 
     struct esr_terminal_counts:
         uint64_t recorded

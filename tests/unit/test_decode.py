@@ -29,6 +29,9 @@ EVERY_TYPE = [
     schema.TerminalInput(0, 70, 41, 3, b"ls\r"),
     schema.TerminalWrite(0, 80, 42, b"bash", 3, 136, 12),
     schema.TerminalResize(0, 90, 3, 40, 120),
+    schema.Ptrace(0, 100, 42, 7, b"gdb", "attach", 99, 99, b"victim", 0, followed=True),
+    schema.Ptrace(0, 110, 42, 7, b"gdb", "detach", 99, 0, b"", 0, left=True),
+    schema.Ptrace(0, 120, 42, 7, b"inj", "process_vm_writev", 98, 0, b"", 16, pid_as_named=True),
 ]
 
 
@@ -47,7 +50,7 @@ def test_every_record_type_round_trips():
     for i, event in enumerate(expect):
         event.ei = i + 1
     assert events == expect and audited == expect
-    assert records == [2, 1, 2, 4]
+    assert records == [5, 1, 2, 4]
     assert sink.interactive  # a command ran with a terminal
 
 
