@@ -337,7 +337,8 @@ class Ptrace(Record, tag=9):
             out["pid_as_named"] = True
         return out
 
-    def describe(self) -> str:
+    def action(self) -> str:
+        """What was done to whom, without who did it."""
         target = f"{self.target_pid}"
         if self.target_program:
             target += f" ({printable(self.target_program)})"
@@ -346,10 +347,10 @@ class Ptrace(Record, tag=9):
             then = " [now recorded here]"
         elif self.left:
             then = " [left the session]"
-        return (
-            f"pid={self.pid} {printable(self.program)} {self.request} {target} "
-            f"rc={self.return_code}{then}"
-        )
+        return f"{self.request} {target} rc={self.return_code}{then}"
+
+    def describe(self) -> str:
+        return f"pid={self.pid} {printable(self.program)} {self.action()}"
 
 
 class TerminalOutput(Record, tag=5):
