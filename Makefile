@@ -9,12 +9,13 @@ LIBBPF := $(BUILD)/libbpf/usr
 # sshd for the login tests, lintian and systemd-analyze for the package, qemu
 # and debootstrap for the systemd guest, bcc with the nearest kernel headers
 # for the benchmark's bcc peer, asciinema, the reference player the terminal
-# tests check exports with, chromium for the web UI's tests, and gdb to
-# inject code into a process from a session, as an attacker would.
+# tests check exports with, chromium for the web UI's tests, gdb to inject
+# code into a process from a session, as an attacker would, and liburing for
+# a test program that opens and connects through io_uring.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
 	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
-	python3-bpfcc linux-headers-amd64 asciinema chromium gdb
+	python3-bpfcc linux-headers-amd64 asciinema chromium gdb liburing-dev
 
 # pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
 # the version): read them from there.

@@ -21,6 +21,7 @@ RECORDER_SOURCES = [
     "connect.bpf.c",
     "terminal.bpf.c",
     "ptrace.bpf.c",
+    "io_uring.bpf.c",
 ]
 # ...and the probes `esr check` loads one by one.
 FEATURE_PROBE_SOURCE = "feature_probe.bpf.c"

@@ -47,6 +47,7 @@ enum esr_event_type {
 	ESR_EVENT_TERMINAL_WRITE = 7,	/* struct esr_terminal_write_event */
 	ESR_EVENT_TERMINAL_RESIZE = 8,	/* struct esr_terminal_resize_event */
 	ESR_EVENT_PTRACE = 9,		/* struct esr_ptrace_event */
+	ESR_EVENT_IO_URING = 15,	/* struct esr_io_uring_event */
 	ESR_EVENT_TYPE_END
 };
 
@@ -168,6 +169,21 @@ struct esr_ptrace_event {
 	__u16 flags;
 	__u32 reserved;
 	char target_comm[ESR_COMM_LEN];	/* when the kernel says (attach) */
+};
+
+/* A recorded process set up an io_uring, or one of its rings took an
+ * operation of a kind it had not taken before. io_uring's opens, connects
+ * and the rest bypass the syscalls the other records come from: this says
+ * which kinds of operation a session's rings ran, not what on. */
+struct esr_io_uring_event {
+	struct esr_event_header hdr;
+	__u32 ring_fd;		/* the ring, as io_uring_setup returned it */
+	__u32 ring_pid;		/* to the process that set it up */
+	__u32 sq_entries;	/* setup: the ring's size */
+	__u32 setup_flags;	/* setup: IORING_SETUP_* */
+	__u8 setup;		/* 1: the ring was set up; 0: opcode was first submitted */
+	__u8 opcode;		/* IORING_OP_* */
+	__u8 reserved[6];
 };
 
 /* Terminal output of a session, in bytes: what its programs wrote is

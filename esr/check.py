@@ -86,4 +86,11 @@ def check(config: Config):
         f"(pages): {pages}",
         True,
     )
+    hook = probe.io_uring_hook
+    yield (
+        f"io_uring: rings and the kinds of operation they run, through {hook}"
+        if hook
+        else "io_uring: not in this kernel",
+        True,
+    )
     probe.close()

@@ -353,6 +353,65 @@ class Ptrace(Record, tag=9):
         return f"pid={self.pid} {printable(self.program)} {self.action()}"
 
 
+# enum io_uring_op, by value (include/uapi/linux/io_uring.h); a newer
+# kernel's opcodes beyond it are named by number.
+IO_URING_OPERATIONS: tuple[str, ...] = (
+    "nop", "readv", "writev", "fsync", "read_fixed", "write_fixed", "poll_add", "poll_remove",
+    "sync_file_range", "sendmsg", "recvmsg", "timeout", "timeout_remove", "accept",
+    "async_cancel", "link_timeout", "connect", "fallocate", "openat", "close", "files_update",
+    "statx", "read", "write", "fadvise", "madvise", "send", "recv", "openat2", "epoll_ctl",
+    "splice", "provide_buffers", "remove_buffers", "tee", "shutdown", "renameat", "unlinkat",
+    "mkdirat", "symlinkat", "linkat", "msg_ring", "fsetxattr", "setxattr", "fgetxattr",
+    "getxattr", "socket", "uring_cmd", "send_zc", "sendmsg_zc", "read_multishot", "waitid",
+    "futex_wait", "futex_wake", "futex_waitv", "fixed_fd_install", "ftruncate", "bind", "listen",
+    "recv_zc", "epoll_wait", "readv_fixed", "writev_fixed", "pipe",
+)  # fmt: skip
+
+
+def io_uring_operation(opcode: int) -> str:
+    if opcode < len(IO_URING_OPERATIONS):
+        return IO_URING_OPERATIONS[opcode]
+    return f"opcode_{opcode}"
+
+
+class IoUring(Record, tag=15):
+    """A session process set up an io_uring, or one of its rings took a kind
+    of operation for the first time. What the operations act on (the files
+    an openat opens, the addresses a connect reaches) is not recorded: they
+    bypass the syscalls the other records come from."""
+
+    pid: int  # the process that set the ring up, or submitted to it
+    cgroup_id: int
+    program: bytes
+    operation: str  # "setup", or the kind submitted ("openat", "connect", ...)
+    opcode: int  # IORING_OP_*; 0 for setup
+    ring_fd: int  # the ring, as io_uring_setup returned it to...
+    ring_pid: int  # ...this process
+    sq_entries: int = 0  # setup: the ring's size
+    setup_flags: int = 0  # setup: IORING_SETUP_*
+
+    name = "session.io_uring"
+    code = "E4401I"
+    buffer = "command"
+    audited = True
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        out.update(operation=self.operation, ring_fd=self.ring_fd, ring_pid=self.ring_pid)
+        if self.operation == "setup":
+            out.update(sq_entries=self.sq_entries, setup_flags=self.setup_flags)
+        else:
+            out["opcode"] = self.opcode
+        return out
+
+    def describe(self) -> str:
+        ring = f"ring fd {self.ring_fd} of pid {self.ring_pid}"
+        if self.operation == "setup":
+            return f"pid={self.pid} {printable(self.program)} io_uring setup: {ring}"
+        return f"pid={self.pid} {printable(self.program)} io_uring {self.operation} on {ring}"
+
+
 class TerminalOutput(Record, tag=5):
     """What the terminal showed: bytes the pty master's owner read from it,
     echo included."""
@@ -632,6 +691,7 @@ Events = (
     | TerminalWrite
     | TerminalResize
     | Ptrace
+    | IoUring
     | Lost
     | SessionStart
     | SessionLeave
@@ -648,6 +708,7 @@ RECORDS: tuple[type[Record], ...] = (
     TerminalWrite,
     TerminalResize,
     Ptrace,
+    IoUring,
 )
 # The buffers in index order, as bpf/esr_events.h names them (esr._fast.decode
 # refuses to load if the two disagree).

@@ -1,15 +1,17 @@
 """The ways out of a recorded session that esr closes: filling the task
 table for everyone, reaching into a process outside the session (ptrace,
-process_vm_writev), and the records a session leaves behind saying so."""
+process_vm_writev), working through io_uring instead of syscalls, and the
+records a session leaves behind saying so."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from helpers import ESR, Daemon, commands, require_bpf, sid_from_stderr
+from helpers import ESR, Daemon, commands, listener, require_bpf, sid_from_stderr
 
 
 @pytest.fixture
@@ -129,3 +131,32 @@ def test_a_process_written_with_process_vm_writev_is_recorded(esr, victim):
     [write] = [e for e in events if e["event"] == "session.ptrace"]
     assert write["request"] == "process_vm_writev" and write["target_pid"] == victim.pid
     assert write["return_code"] == 1 and write["followed"] is True
+
+
+@pytest.fixture(scope="module")
+def uring_ops(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uring") / "uring_ops"
+    source = Path(__file__).parent / "programs" / "uring_ops.c"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(source), "-luring"], check=True)
+    return out
+
+
+@pytest.mark.parametrize("sqpoll", [False, True])
+def test_io_uring_rings_and_what_they_run_are_recorded(esr, uring_ops, sqpoll):
+    srv = listener()
+    port = srv.getsockname()[1]
+    sid = esr.record(str(uring_ops), "/etc/hostname", str(port), *(["sqpoll"] if sqpoll else []))
+    srv.close()
+    events = esr.events(sid)
+    rings = [e for e in events if e["event"] == "session.io_uring"]
+    [setup] = [e for e in rings if e["operation"] == "setup"]
+    [me] = [c for c in commands(events) if c["path"] == str(uring_ops)]
+    assert setup["pid"] == setup["ring_pid"] == me["pid"] and setup["sq_entries"] == 8
+    assert bool(setup["setup_flags"] & 0x2) == sqpoll  # IORING_SETUP_SQPOLL
+    ran = {e["operation"]: e for e in rings if e["operation"] != "setup"}
+    assert {"openat", "connect"} <= set(ran) and ran["openat"]["opcode"] == 18
+    assert all(e["ring_fd"] == setup["ring_fd"] for e in ran.values())
+    # Neither went through the syscalls: io_uring is the only trace of them.
+    assert not [e for e in esr.events(sid, "disk") if e["path"] == "/etc/hostname"]
+    text = esr("show", sid, "--format", "text").stdout.decode()
+    assert "io_uring openat on ring fd" in text

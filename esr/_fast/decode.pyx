@@ -41,6 +41,7 @@ cdef extern from "<stddef.h>":
     const size_t TERMINAL_WRITE_SIZE "sizeof(struct esr_terminal_write_event)"
     const size_t TERMINAL_RESIZE_SIZE "sizeof(struct esr_terminal_resize_event)"
     const size_t PTRACE_SIZE "sizeof(struct esr_ptrace_event)"
+    const size_t IO_URING_SIZE "sizeof(struct esr_io_uring_event)"
 
 BUFFERS = tuple(esr_buffer_names[i].decode() for i in range(ESR_BUF_COUNT))
 if BUFFERS != schema.BUFFERS:
@@ -49,6 +50,7 @@ if BUFFERS != schema.BUFFERS:
 
 cdef object _Command = schema.Command
 cdef object _Ptrace = schema.Ptrace
+cdef object _IoUring = schema.IoUring
 # enum esr_ptrace_request, by value.
 cdef list _PTRACE_REQUESTS = [None, "attach", "seize", "detach", "process_vm_writev"]
 cdef object _Disk = schema.Disk
@@ -461,6 +463,39 @@ cdef bytes encode_ptrace(event, uint64_t session):
     return raw
 
 
+# session.io_uring -----------------------------------------------------------------------
+
+
+cdef uint64_t io_uring_size(const esr_event_header *hdr):
+    return IO_URING_SIZE
+
+
+cdef object decode_io_uring(
+    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
+):
+    cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
+    return _IoUring(
+        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id), comm_obj(e.hdr.comm),
+        "setup" if e.setup else schema.io_uring_operation(e.opcode), e.opcode, e.ring_fd,
+        e.ring_pid, e.sq_entries, e.setup_flags,
+    )
+
+
+cdef bytes encode_io_uring(event, uint64_t session):
+    cdef bytes raw = bytes(IO_URING_SIZE)
+    cdef esr_io_uring_event *e = <esr_io_uring_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_IO_URING, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.ring_fd = event.ring_fd
+    e.ring_pid = event.ring_pid
+    e.sq_entries = event.sq_entries
+    e.setup_flags = event.setup_flags
+    e.setup = event.operation == "setup"
+    e.opcode = event.opcode
+    return raw
+
+
 # The table ------------------------------------------------------------------------------
 
 ctypedef uint64_t (*size_fn)(const esr_event_header *hdr)
@@ -501,6 +536,8 @@ RECORD_TYPES[ESR_EVENT_TERMINAL_RESIZE] = record_type(
 )
 RECORD_TYPES[ESR_EVENT_PTRACE] = record_type(PTRACE_SIZE, ptrace_size, decode_ptrace,
                                              encode_ptrace, ESR_BUF_COMMAND)
+RECORD_TYPES[ESR_EVENT_IO_URING] = record_type(IO_URING_SIZE, io_uring_size, decode_io_uring,
+                                               encode_io_uring, ESR_BUF_COMMAND)
 
 
 cdef inline const record_type *known(uint16_t kind):

@@ -21,6 +21,7 @@ cdef extern from "esr_events.h":
         ESR_EVENT_TERMINAL_WRITE
         ESR_EVENT_TERMINAL_RESIZE
         ESR_EVENT_PTRACE
+        ESR_EVENT_IO_URING
         ESR_PTRACE_FOLLOWED
         ESR_PTRACE_LEFT
         ESR_PTRACE_AS_NAMED
@@ -102,6 +103,15 @@ cdef extern from "esr_events.h":
         uint16_t request
         uint16_t flags
         char target_comm[16]
+
+    struct esr_io_uring_event:
+        esr_event_header hdr
+        uint32_t ring_fd
+        uint32_t ring_pid
+        uint32_t sq_entries
+        uint32_t setup_flags
+        uint8_t setup
+        uint8_t opcode
 
     struct esr_terminal_counts:
         uint64_t recorded

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 #include "object.h"
 #include "feature_probe.subskel.h"
@@ -152,6 +153,34 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 	return 0;
 }
 
+/* io_uring's tracepoints vary with the kernel (io_uring.bpf.c): keep the
+ * programs of those this one has, as its BTF lists their records. */
+static int choose_io_uring_hooks(struct esr_object *o, const char **step)
+{
+	struct esr_bpf *skel = o->skel;
+	struct btf *vmlinux = btf__load_vmlinux_btf();
+	int create, req, sqe, err = 0;
+
+	if (!vmlinux) {
+		*step = "cannot read the kernel's BTF";
+		return -errno;
+	}
+#define HAS(name) (btf__find_by_name_kind(vmlinux, "trace_event_raw_" name, BTF_KIND_STRUCT) > 0)
+	create = HAS("io_uring_create");
+	req = create && HAS("io_uring_submit_req");
+	sqe = create && !req && HAS("io_uring_submit_sqe");
+#undef HAS
+	btf__free(vmlinux);
+	o->io_uring_hook = req ? "io_uring_submit_req" : sqe ? "io_uring_submit_sqe" : NULL;
+	if (bpf_program__set_autoload(skel->progs.io_uring_created, create) ||
+	    bpf_program__set_autoload(skel->progs.io_uring_submit_req, req) ||
+	    bpf_program__set_autoload(skel->progs.io_uring_submit_sqe, sqe)) {
+		*step = "cannot choose the io_uring programs";
+		err = -EINVAL;
+	}
+	return err;
+}
+
 int esr_object_open(struct esr_object *o, const void *image, size_t size,
 		    const struct esr_object_settings *settings, const char **step)
 {
@@ -168,7 +197,7 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	o->skel = skel = esr_bpf__open(o->obj);
 	if (!skel)
 		return fail(o, step, "the BPF object is not esr.bpf.o", -errno);
-	if ((err = size_maps(skel, settings, step))) {
+	if ((err = size_maps(skel, settings, step)) || (err = choose_io_uring_hooks(o, step))) {
 		esr_object_close(o);
 		return err;
 	}
@@ -195,6 +224,8 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 		return fail(o, step, "cannot map tid_marks", -errno);
 	}
 	bpf_object__for_each_program(prog, o->obj) {
+		if (!bpf_program__autoload(prog))
+			continue;
 		if (o->nlinks == ESR_MAX_LINKS)
 			return fail(o, step, "more BPF programs than ESR_MAX_LINKS", -E2BIG);
 		o->links[o->nlinks] = bpf_program__attach(prog);

@@ -40,6 +40,8 @@ struct esr_object {
 	int tracked_tasks_fd;
 	int session_states_fd;
 	int buffer_lost_fd;
+	/* The io_uring submit tracepoint attached, or NULL: io_uring.bpf.c. */
+	const char *io_uring_hook;
 	/* tid_marks, mapped: see session.bpf.h. */
 	__u8 *tid_marks;
 	__u32 tid_marks_size;

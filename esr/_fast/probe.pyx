@@ -60,6 +60,7 @@ cdef extern from "object.h":
         int tracked_tasks_fd
         int session_states_fd
         int buffer_lost_fd
+        const char *io_uring_hook
     enum esr_hook:
         ESR_HOOK_KPROBE
         ESR_HOOK_FENTRY
@@ -195,6 +196,12 @@ cdef class Probe:
     def programs(self):
         """How many BPF programs are attached."""
         return self.obj.nlinks
+
+    @property
+    def io_uring_hook(self):
+        """The io_uring tracepoint submissions are seen through, or None
+        where the kernel has no io_uring."""
+        return self.obj.io_uring_hook.decode() if self.obj.io_uring_hook != NULL else None
 
     def fileno(self):
         """Readable once the drain holds ready_at records: time to take them."""

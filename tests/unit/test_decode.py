@@ -32,6 +32,8 @@ EVERY_TYPE = [
     schema.Ptrace(0, 100, 42, 7, b"gdb", "attach", 99, 99, b"victim", 0, followed=True),
     schema.Ptrace(0, 110, 42, 7, b"gdb", "detach", 99, 0, b"", 0, left=True),
     schema.Ptrace(0, 120, 42, 7, b"inj", "process_vm_writev", 98, 0, b"", 16, pid_as_named=True),
+    schema.IoUring(0, 130, 42, 7, b"fio", "setup", 0, 5, 42, 8, 0x2),
+    schema.IoUring(0, 140, 43, 7, b"iou-sqp-42", "openat", 18, 5, 42),
 ]
 
 
@@ -50,7 +52,7 @@ def test_every_record_type_round_trips():
     for i, event in enumerate(expect):
         event.ei = i + 1
     assert events == expect and audited == expect
-    assert records == [5, 1, 2, 4]
+    assert records == [7, 1, 2, 4]
     assert sink.interactive  # a command ran with a terminal
 
 
