@@ -388,6 +388,16 @@ class Session:
             dt,
         )
 
+    def ptrace(self, pid: int, request: str, target: int, target_program: bytes, dt=0.01):
+        """pid attached to target (or wrote to it), which joined the session."""
+        return self._add(
+            lambda ei, t: self.schema.Ptrace(
+                ei, t, pid, 7, b"gdb", request, target, target, target_program, 0, True
+            ),
+            0,
+            dt,
+        )
+
     def lose(self, counts: list[int], untracked: int = 0, dt=0.01):
         for i, n in enumerate(counts):
             self.lost[i] += n
