@@ -26,9 +26,19 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	 * relays the user's terminal. */
 	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL : 0;
 	child_tid = ctx->child_pid;
-	if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_ANY)) {
-		__sync_fetch_and_add(&state->untracked_forks, 1);
-		return 0;
+	/* While an upgrade replaces the programs, the old and the new
+	 * track_fork both run for a moment: the second must not count the
+	 * child again. An entry of another session is a thread whose exit was
+	 * missed, whose id is reused: replaced. */
+	if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_NOEXIST)) {
+		struct esr_task *known = bpf_map_lookup_elem(&tracked_tasks, &child_tid);
+
+		if (known && known->session == child.session)
+			return 0;
+		if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_ANY)) {
+			__sync_fetch_and_add(&state->untracked_forks, 1);
+			return 0;
+		}
 	}
 	__sync_fetch_and_add(&state->live_tasks, 1);
 	return 0;
