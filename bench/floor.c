@@ -258,6 +258,7 @@ int main(int argc, char **argv)
 	size_t pages[ESR_BUF_COUNT] = { 0 }, states_size, image_size;
 	const char *step = "";
 	void *image;
+	int map_fds[ESR_BUF_COUNT];
 	int cpu = 0, i, n, err, stopping = 0;
 	char *rest;
 
@@ -296,11 +297,13 @@ int main(int argc, char **argv)
 		      obj.session_states_fd, 0);
 	if (states == MAP_FAILED)
 		die(strerror(errno), "cannot map session_states");
-	if ((err = esr_buffers_open(&buffers, &obj, pages, on_record, NULL, &step)))
+	for (i = 0; i < ESR_BUF_COUNT; i++)
+		map_fds[i] = esr_object_buffer_fd(&obj, i);
+	if ((err = esr_buffers_open(&buffers, map_fds, pages, NULL, on_record, NULL, &step)))
 		die(strerror(-err), "%s", step);
 	memset(&event, 0, sizeof(event));
 	event.events = EPOLLIN;
-	event.data.fd = 0;
+	event.data.ptr = &stopping;
 	if (epoll_ctl(buffers.epfd, EPOLL_CTL_ADD, 0, &event))
 		die(strerror(errno), "epoll_ctl stdin");
 	printf("ready\n");
@@ -315,7 +318,7 @@ int main(int argc, char **argv)
 			die(strerror(errno), "epoll_wait");
 		esr_buffers_consume(&buffers);
 		for (n = 0; n < ready; n++)
-			if (events[n].data.fd == 0)
+			if (events[n].data.ptr == &stopping)
 				stopping = read_commands();
 	}
 	if (!tracking)

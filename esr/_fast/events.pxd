@@ -25,6 +25,7 @@ cdef extern from "esr_events.h":
         ESR_ARGV_UNREADABLE
         ESR_COMMAND_TTY
         ESR_TASK_ANCHOR
+        ESR_TASK_ANCHOR_CHILD
         ESR_TASK_TERMINAL
 
     struct esr_event_header:

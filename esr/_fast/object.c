@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <linux/bpf.h>
 #include <bpf/libbpf.h>
 #include "object.h"
 #include "feature_probe.subskel.h"
@@ -126,11 +128,10 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 	return 0;
 }
 
-int esr_object_open(struct esr_object *o, const void *image, size_t size,
-		    const struct esr_object_settings *settings, const char **step)
+int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
+		       const struct esr_object_settings *settings, const char **step)
 {
 	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
-	struct bpf_program *prog;
 	struct esr_bpf *skel;
 	int err;
 
@@ -154,12 +155,28 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	if (settings->terminal_rate)
 		*skel->rodata.budget_fill_ns = settings->terminal_burst * 1000000000ULL /
 					       settings->terminal_rate;
+	return 0;
+}
 
+int esr_object_load(struct esr_object *o, const char **step)
+{
+	struct esr_bpf *skel = o->skel;
+	int err;
+
+	capture_reasons();
 	if ((err = bpf_object__load(o->obj)))
 		return fail(o, step, "cannot load the BPF programs", err);
 	o->tracked_tasks_fd = bpf_map__fd(skel->maps.tracked_tasks);
 	o->session_states_fd = bpf_map__fd(skel->maps.session_states);
 	o->buffer_lost_fd = bpf_map__fd(skel->maps.buffer_lost);
+	return 0;
+}
+
+int esr_object_attach(struct esr_object *o, const char **step)
+{
+	struct bpf_program *prog;
+	int err;
+
 	bpf_object__for_each_program(prog, o->obj) {
 		if (o->nlinks == ESR_MAX_LINKS)
 			return fail(o, step, "more BPF programs than ESR_MAX_LINKS", -E2BIG);
@@ -170,9 +187,20 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 				 strerror(-err));
 			return fail(o, step, "cannot attach a BPF program", err);
 		}
-		o->nlinks++;
+		o->linked[o->nlinks++] = prog;
 	}
 	return 0;
+}
+
+int esr_object_open(struct esr_object *o, const void *image, size_t size,
+		    const struct esr_object_settings *settings, const char **step)
+{
+	int err;
+
+	if ((err = esr_object_prepare(o, image, size, settings, step)) ||
+	    (err = esr_object_load(o, step)))
+		return err;
+	return esr_object_attach(o, step);
 }
 
 void esr_object_close(struct esr_object *o)
@@ -183,6 +211,22 @@ void esr_object_close(struct esr_object *o)
 	o->skel = NULL;
 	bpf_object__close(o->obj);
 	o->obj = NULL;
+}
+
+void esr_object_release(struct esr_object *o)
+{
+	/* Destroying a link detaches it, and a perf event link disables its
+	 * event first, which a pin does not undo: only close the descriptor.
+	 * (A perf event link's own perf event descriptor stays open until the
+	 * process exits, which is what a recorder handing over does next.) */
+	while (o->nlinks) {
+		struct bpf_link *link = o->links[--o->nlinks];
+
+		bpf_link__disconnect(link);
+		close(bpf_link__fd(link));
+		bpf_link__destroy(link);
+	}
+	esr_object_close(o);
 }
 
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer)
@@ -238,4 +282,57 @@ out:
 	feature_probe_bpf__destroy(skel);
 	bpf_object__close(obj);
 	return err;
+}
+
+/* --- what the kernel lacks ----------------------------------------------------- */
+
+#define HELPER_NAME(name) "bpf_" #name
+static const char *const helper_names[] = { __BPF_FUNC_MAPPER(HELPER_NAME) };
+#undef HELPER_NAME
+
+int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
+	/* Each helper is probed once per program type: a probe is a load. */
+	enum { UNKNOWN, HAS, LACKS };
+	unsigned char known[sizeof(helper_names) / sizeof(helper_names[0])];
+	enum bpf_prog_type known_for = BPF_PROG_TYPE_UNSPEC;
+	struct bpf_object *obj;
+	struct bpf_program *prog;
+	int found = 0;
+
+	capture_reasons();
+	obj = bpf_object__open_mem(image, size, &opts);
+	if (!obj)
+		return -errno;
+	bpf_object__for_each_program(prog, obj) {
+		const struct bpf_insn *insn = bpf_program__insns(prog);
+		size_t i, n = bpf_program__insn_cnt(prog);
+
+		if (bpf_program__type(prog) != known_for) {
+			known_for = bpf_program__type(prog);
+			memset(known, UNKNOWN, sizeof(known));
+		}
+		for (i = 0; i < n && !found; i++) {
+			__s32 id = insn[i].imm;
+
+			if (insn[i].code != (BPF_JMP | BPF_CALL) || insn[i].src_reg != 0)
+				continue;
+			if (id <= 0 || (size_t)id >= sizeof(known)) {
+				snprintf(out, out_size, "helper #%d (%s)", id, bpf_program__name(prog));
+				found = 1;
+				break;
+			}
+			if (known[id] == UNKNOWN)
+				known[id] = libbpf_probe_bpf_helper(known_for, id, NULL) == 0 ? LACKS : HAS;
+			if (known[id] == HAS)
+				continue;
+			snprintf(out, out_size, "%s (%s)", helper_names[id], bpf_program__name(prog));
+			found = 1;
+		}
+		if (found)
+			break;
+	}
+	bpf_object__close(obj);
+	return found;
 }

@@ -34,6 +34,7 @@ struct esr_object {
 	struct bpf_object *obj;
 	struct esr_bpf *skel;
 	struct bpf_link *links[ESR_MAX_LINKS];
+	struct bpf_program *linked[ESR_MAX_LINKS];	/* the program of each link */
 	int nlinks;
 	/* The maps user space reads and writes, once loaded. */
 	int tracked_tasks_fd;
@@ -48,8 +49,22 @@ struct esr_object {
 int esr_object_open(struct esr_object *o, const void *image, size_t size,
 		    const struct esr_object_settings *settings, const char **step);
 
+/* The same in three steps, so that maps of a previous load can be reused
+ * (bpf_map__reuse_fd) before the load, and programs attached when the
+ * caller decides: open, size and set; load; attach. Each returns 0, or
+ * -errno with *step, and closes the object on failure. */
+int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
+		       const struct esr_object_settings *settings, const char **step);
+int esr_object_load(struct esr_object *o, const char **step);
+int esr_object_attach(struct esr_object *o, const char **step);
+
 /* Detach every program and free the object; safe to call twice. */
 void esr_object_close(struct esr_object *o);
+
+/* Free the object, leaving attached the programs whose links are pinned or
+ * held by another process, and the maps they use: what a recorder handing
+ * over to the next one does. */
+void esr_object_release(struct esr_object *o);
 
 /* The perf event array of a buffer. */
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
@@ -58,6 +73,11 @@ int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
  * hooks: 0, or -errno with the step that failed in *step. */
 enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY };
 int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step);
+
+/* A BPF helper that some program of the image calls and this kernel lacks:
+ * writes "bpf_NAME (PROGRAM)" into out and returns 1; 0 when it has them
+ * all, -errno when the image cannot be read. */
+int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size);
 
 /* libbpf reports why a load failed through its print callback: the last
  * line it printed, or "" (captured from the first esr_object_open on). */
