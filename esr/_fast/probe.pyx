@@ -85,6 +85,9 @@ cdef extern from "<bpf/libbpf.h>":
     bpf_program *bpf_object__next_program(const bpf_object *obj, bpf_program *prog)
     const char *bpf_map__name(const bpf_map *map)
     const char *bpf_program__name(const bpf_program *prog)
+    const char *bpf_program__section_name(const bpf_program *prog)
+    bpf_object *bpf_object__open_mem(const void *buf, size_t sz, const void *opts)
+    void bpf_object__close(bpf_object *obj)
     int bpf_map__fd(const bpf_map *map)
     bint bpf_map__is_internal(const bpf_map *map)
     int bpf_map__type(const bpf_map *map)
@@ -235,6 +238,25 @@ def missing_helper(bytes image not None):
     if found < 0:
         raise ProbeError(-found, f"cannot read the BPF object: {strerror(-found).decode()}")
     return out.decode() if found else None
+
+
+def tracepoints(bytes image not None):
+    """The tracepoints the programs of image attach to: "category/name"."""
+    cdef bpf_object *obj = bpf_object__open_mem(<const char *>image, len(image), NULL)
+    cdef bpf_program *prog = NULL
+    if obj == NULL:
+        raise ProbeError(errno, oserror("cannot read the BPF object"))
+    found = set()
+    try:
+        prog = bpf_object__next_program(obj, NULL)
+        while prog != NULL:
+            section = bpf_program__section_name(prog).decode()
+            if section.startswith(("tp/", "tracepoint/")):
+                found.add(section.split("/", 1)[1])
+            prog = bpf_object__next_program(obj, prog)
+    finally:
+        bpf_object__close(obj)
+    return sorted(found)
 
 
 def ring_name(str buffer, int cpu):
