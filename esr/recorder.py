@@ -362,8 +362,12 @@ class Recorder:
         meanwhile. rings_kept: the buffers' rings are in systemd's store, and
         go on filling for the next recorder; otherwise they go with this
         process, and the programs count what they can no longer send."""
-        if self.probe is not None and not rings_kept:
-            self.probe.unplug()
+        if self.probe is not None:
+            if not rings_kept:
+                self.probe.unplug()
+            # What the last flush takes is all that is read: the rest stays
+            # in the rings, unread and uncounted, for the next recorder.
+            self.probe.stop_draining()
         self.flush()
         self._sealed_at = 0.0
         self._seal()

@@ -372,10 +372,9 @@ fail:
 	return err;
 }
 
-void esr_drain_close(struct esr_drain *d)
+void esr_drain_stop(struct esr_drain *d)
 {
 	uint64_t one = 1;
-	int i;
 
 	if (d->running) {
 		if (write(d->stop_fd, &one, sizeof(one)) < 0) {
@@ -384,6 +383,13 @@ void esr_drain_close(struct esr_drain *d)
 		pthread_join(d->thread, NULL);
 		d->running = 0;
 	}
+}
+
+void esr_drain_close(struct esr_drain *d)
+{
+	int i;
+
+	esr_drain_stop(d);
 	esr_buffers_close(&d->buffers);
 	for (i = 0; i < 2; i++) {
 		free(d->batches[i].buf);

@@ -136,6 +136,9 @@ void esr_drain_init(struct esr_drain *d);
 int esr_drain_start(struct esr_drain *d, const int map_fds[ESR_BUF_COUNT],
 		    const size_t pages[ESR_BUF_COUNT], const int *ring_fds, size_t limit,
 		    unsigned long long ready_at, const char **step);
+/* Stop the thread: from now on the rings are read only by esr_drain_take,
+ * and what it leaves there stays. */
+void esr_drain_stop(struct esr_drain *d);
 /* Stop the thread and free everything; safe on a drain that never started. */
 void esr_drain_close(struct esr_drain *d);
 /* Drain once more, then hand the filling batch over and fill the other;

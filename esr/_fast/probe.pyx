@@ -185,6 +185,7 @@ cdef extern from "drain.h":
     int esr_drain_start(esr_drain *d, const int *map_fds, const size_t *pages,
                         const int *ring_fds, size_t limit, unsigned long long ready_at,
                         const char **step)
+    void esr_drain_stop(esr_drain *d) nogil
     void esr_drain_close(esr_drain *d) nogil
     esr_batch *esr_drain_take(esr_drain *d) nogil
     int esr_buffers_ring_fd(const esr_buffers *b, int buffer, int cpu)
@@ -386,6 +387,7 @@ cdef class Probe:
     cdef dict unpinned      # name -> fd of links only a descriptor store can keep
     cdef list retired       # names of the store's descriptors that are gone
     cdef int keeper_pid, keeper_w
+    cdef list taken_over    # the ledger's sessions as the previous recorder left them
 
     def __cinit__(self):
         memset(&self.obj, 0, sizeof(self.obj))
@@ -400,6 +402,7 @@ cdef class Probe:
         self.own_fds, self.retired = [], []
         self.adopted = None
         self.keeper_pid, self.keeper_w = 0, -1
+        self.taken_over = []
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
                  uint32_t max_sessions, uint32_t max_tasks, uint64_t recorder_exe_dev=0,
@@ -495,6 +498,8 @@ cdef class Probe:
             self._map_states()
             if previous is not None and self.adopted.get("maps_changed"):
                 self.adopted["reconciled"] = self._reconcile()
+            # Before the drain reads on and counts what it reads.
+            self.taken_over = self._ledger()
             self.drain.ledger = self.ledger
             self.drain.ledger_slots = self.nslots
             given, ring_fds = ring_fds, NULL  # the drain's from now on, whatever happens
@@ -878,8 +883,12 @@ cdef class Probe:
         return self.header.generation if self.header != NULL else 0
 
     def pinned_sessions(self):
-        """The sessions the ledger holds: (slot, cookie, sid, anchor_pid,
-        terminal_pid, leader_gone, drained per buffer)."""
+        """The sessions the previous recorder left in the ledger, as it left
+        them: (slot, cookie, sid, anchor_pid, terminal_pid, leader_gone,
+        drained per buffer)."""
+        return list(self.taken_over)
+
+    cdef list _ledger(self):
         cdef uint32_t slot
         cdef esr_ledger *e
         out = []
@@ -1074,10 +1083,17 @@ cdef class Probe:
             for cpu in range(<uint32_t>self.ncpus):
                 bpf_map_delete_elem(self.perf_fds[i], &cpu)
 
+    def stop_draining(self):
+        """Stop the drain's thread: take_batch() still reads the rings, and
+        what arrives after the last one stays there, for the next recorder."""
+        with nogil:
+            esr_drain_stop(&self.drain)
+
     def release(self):
         """Leave the kernel side to the next recorder: the programs stay
         attached and the maps as they are; the header says everything read
-        was written. The caller has written what it took last."""
+        was written. The caller has stopped the drain and written what it
+        took last."""
         if self.released or self.header == NULL:
             return
         self.header.flags |= ESR_HANDED_OVER
