@@ -403,6 +403,7 @@ cdef class Probe:
         self.adopted = None
         self.keeper_pid, self.keeper_w = 0, -1
         self.taken_over = []
+        memset(self.perf_fds, 0, sizeof(self.perf_fds))
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
                  uint32_t max_sessions, uint32_t max_tasks, uint64_t recorder_exe_dev=0,
@@ -462,21 +463,10 @@ cdef class Probe:
             if previous is None:
                 self._load(image, &settings)
                 self._create_own(max_sessions)
-            elif self._same_programs(previous, fingerprint, image, &settings, handed):
-                self.adopted["replaced"] = False
-            else:
-                self._replace(image, &settings, previous, handed)
-                self.adopted["replaced"] = True
-            if pin_dir:
-                self._pin()
-            self.tracked_tasks_fd = self.maps[TRACKED_TASKS]
-            self.session_states_fd = self.maps[SESSION_STATES]
-            self.buffer_lost_fd = self.maps[BUFFER_LOST]
-            for i in range(ESR_BUF_COUNT):
-                self.perf_fds[i] = self.maps[f"{BUFFERS[i]}_events"]
-
+            self._note_named()
             # The rings a previous recorder stored are read on with their
-            # size; through the file they hang from, when it came too.
+            # size, through the file they hang from when it came too, and
+            # first: loading programs takes a while, and they may fill.
             if previous is not None and any(n.startswith("ring.") for n in handed):
                 buffer_pages = tuple(self.header.pages[i] for i in range(ESR_BUF_COUNT))
                 ring_fds = <int *>malloc(ESR_BUF_COUNT * self.ncpus * sizeof(int))
@@ -495,9 +485,6 @@ cdef class Probe:
                 pages[i] = buffer_pages[i]
                 self.header.pages[i] = buffer_pages[i]
             self.buffer_pages = buffer_pages
-            self._map_states()
-            if previous is not None and self.adopted.get("maps_changed"):
-                self.adopted["reconciled"] = self._reconcile()
             # Before the drain reads on and counts what it reads.
             self.taken_over = self._ledger()
             self.drain.ledger = self.ledger
@@ -521,6 +508,20 @@ cdef class Probe:
                 self.keeper_pid = err
                 self.header.keeper_pid = err
                 self.header.keeper_start = _started(err) or 0
+
+            if previous is None:
+                pass
+            elif self._same_programs(previous, fingerprint, image, &settings, handed):
+                self.adopted["replaced"] = False
+            else:
+                self._replace(image, &settings, previous, handed)
+                self.adopted["replaced"] = True
+                self._note_named()
+            if pin_dir:
+                self._pin()
+            self._map_states()
+            if previous is not None and self.adopted.get("maps_changed"):
+                self.adopted["reconciled"] = self._reconcile()
             self.header.version = ESR_HANDOVER_VERSION
             self.header.flags = 0
             self.header.max_tasks = max_tasks
@@ -625,6 +626,26 @@ cdef class Probe:
             self.loaded = False
             raise ProbeError(-err, why(err, step))
         self._note_maps()
+
+    cdef _note_named(self):
+        """The descriptors of the maps the recorder uses itself. A buffer's
+        perf event array that is not the one its rings are in (the programs
+        replaced it) gets them now."""
+        cdef int i, cpu, fd, ring
+        cdef uint32_t key
+        self.tracked_tasks_fd = self.maps[TRACKED_TASKS]
+        self.session_states_fd = self.maps[SESSION_STATES]
+        self.buffer_lost_fd = self.maps[BUFFER_LOST]
+        for i in range(ESR_BUF_COUNT):
+            fd = self.maps[f"{BUFFERS[i]}_events"]
+            if self.perf_fds[i] > 0 and _map_id(self.perf_fds[i]) == _map_id(fd):
+                continue
+            self.perf_fds[i] = fd
+            for cpu in range(self.ncpus):
+                ring = esr_buffers_ring_fd(&self.drain.buffers, i, cpu)
+                key = cpu
+                if ring >= 0 and bpf_map_update_elem(fd, &key, &ring, BPF_ANY) != 0:
+                    raise ProbeError(errno, oserror("cannot put a ring into its perf event array"))
 
     cdef _note_maps(self):
         cdef bpf_map *m = bpf_object__next_map(self.obj.obj, NULL)
