@@ -20,7 +20,7 @@ APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev mak
 PY_DEPS := $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' esr/__init__.py)
 
-.PHONY: all deps build run check test player binary deb upgrade-deb clean
+.PHONY: all deps build run check test test-kernels player binary deb upgrade-deb clean
 DEB := $(BUILD)/esr_$(VERSION)_amd64.deb
 UPGRADE_DEB := $(BUILD)/upgrade/esr_$(VERSION)+upgrade_amd64.deb
 
@@ -77,8 +77,13 @@ check: build
 	$(VENV)/bin/mypy --cache-dir $(CHECK_CACHE)/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 
-test: check deb
+test: check deb upgrade-deb
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+# The kernel matrix alone: Debian 11's, 12's and 13's kernels under qemu,
+# each running esr check and the kernel test table (make test runs it too).
+test-kernels: binary
+	$(VENV)/bin/pytest -q -p no:cacheprovider -s tests/guest/test_kernels.py
 
 # The web UI's player, at the version package-lock.json pins, installed by
 # npm into build/ and copied into the UI's static files: nothing is fetched
