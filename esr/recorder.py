@@ -455,7 +455,7 @@ class Recorder:
         ]
         resume = schema.Resume(
             ei=summary.last_ei + 1,
-            time=time.time_ns(),
+            time=adopted["reading_ns"],
             stopped=adopted["alive_ns"],
             cause="restart" if adopted["handed_over"] else "crash",
             programs="replaced" if adopted["replaced"] else "kept",

@@ -399,10 +399,11 @@ class Lost(Event, tag=14):
 
 class Resume(Event, tag=15):
     """A recorder took the session over from the one before it, which was
-    restarted, upgraded or crashed: the same recording goes on. The kernel
-    followed the session all along; what it could not deliver meanwhile,
-    and what the previous recorder read and never wrote (a crash), is
-    counted here."""
+    restarted, upgraded or crashed: the same recording goes on. Its time is
+    when this recorder began to read (the end of the gap). The kernel
+    followed the session all along and its records of the gap follow;
+    what it could not deliver meanwhile, and what the previous recorder
+    read and never wrote (a crash), is counted here."""
 
     stopped: int  # ns since the epoch: the previous recorder's last flush
     cause: str  # "restart": it handed over; "crash": it did not

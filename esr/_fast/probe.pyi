@@ -14,8 +14,9 @@ class Probe:
     buffer_pages: tuple[int, ...]
     pin_dir: str | None
     # What a previous recorder left, when this Probe took it over: version,
-    # handed_over, alive_ns, replaced, rings, and when programs were
-    # replaced, switch_ns, maps_changed, reconciled, not_carried.
+    # handed_over, alive_ns, reading_ns (when this one read on), replaced,
+    # rings, and when programs were replaced, switch_ns, maps_changed,
+    # reconciled, not_carried.
     adopted: dict[str, Any] | None
     def __init__(
         self,

@@ -495,6 +495,8 @@ cdef class Probe:
             free(given)
             if err:
                 raise ProbeError(-err, why(err, step))
+            if previous is not None:
+                self.adopted["reading_ns"] = time.time_ns()
             # The rings are mapped here now: the previous keeper can go.
             if previous is not None and _started(self.header.keeper_pid) == self.header.keeper_start:
                 os.kill(self.header.keeper_pid, signal.SIGTERM)
