@@ -40,7 +40,7 @@ def check(config: Config):
     minimum = ".".join(map(str, MINIMUM))
     yield (
         f"kernel: {release}" + (f" (esr needs {minimum} or later)" if old else ""),
-        f"it is too old: Linux {release}, and esr needs {minimum} or later" if old else None,
+        f"Linux {release} is too old: esr needs {minimum} or later" if old else None,
     )
     btf = os.path.exists(BTF)
     yield (
@@ -60,17 +60,17 @@ def check(config: Config):
         present = tracefs and os.path.exists(os.path.join(loader.TRACEFS, "events", tp, "id"))
         yield (
             f"tracepoint {tp}: {'yes' if present else 'missing'}",
-            None if present or not tracefs else f"a tracepoint: {tp}",
+            None if present or not tracefs else f"no tracepoint {tp}",
         )
 
     perf = map_type_supported("perf")
-    yield f"perf buffer: {'yes' if perf else 'no'}", None if perf else "perf event array maps"
+    yield f"perf buffer: {'yes' if perf else 'no'}", None if perf else "no perf event array maps"
     yield f"ring buffer: {'yes' if map_type_supported('ringbuf') else 'no'} (not used)", None
 
     helper = missing_helper(image)
     yield (
         f"BPF helpers: {'all there' if helper is None else f'missing {helper}'}",
-        None if helper is None else f"a BPF helper: {helper}",
+        None if helper is None else f"no BPF helper {helper}",
     )
 
     probes = loader.bpf_image("feature_probe.bpf.o")

@@ -319,7 +319,7 @@ int esr_missing_helper(const void *image, size_t size, char *out, size_t out_siz
 			if (insn[i].code != (BPF_JMP | BPF_CALL) || insn[i].src_reg != 0)
 				continue;
 			if (id <= 0 || (size_t)id >= sizeof(known)) {
-				snprintf(out, out_size, "helper #%d (%s)", id, bpf_program__name(prog));
+				snprintf(out, out_size, "#%d (used by %s)", id, bpf_program__name(prog));
 				found = 1;
 				break;
 			}
@@ -327,7 +327,8 @@ int esr_missing_helper(const void *image, size_t size, char *out, size_t out_siz
 				known[id] = libbpf_probe_bpf_helper(known_for, id, NULL) == 0 ? LACKS : HAS;
 			if (known[id] == HAS)
 				continue;
-			snprintf(out, out_size, "%s (%s)", helper_names[id], bpf_program__name(prog));
+			snprintf(out, out_size, "%s (used by %s)", helper_names[id],
+				 bpf_program__name(prog));
 			found = 1;
 		}
 		if (found)

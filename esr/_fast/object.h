@@ -75,8 +75,8 @@ enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY };
 int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step);
 
 /* A BPF helper that some program of the image calls and this kernel lacks:
- * writes "bpf_NAME (PROGRAM)" into out and returns 1; 0 when it has them
- * all, -errno when the image cannot be read. */
+ * writes "bpf_NAME (used by PROGRAM)" into out and returns 1; 0 when it has
+ * them all, -errno when the image cannot be read. */
 int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size);
 
 /* libbpf reports why a load failed through its print callback: the last

@@ -233,7 +233,7 @@ def try_hook(bytes image not None, str hook):
 
 def missing_helper(bytes image not None):
     """A BPF helper the programs of image call and this kernel lacks, as
-    "bpf_NAME (PROGRAM)", or None."""
+    "bpf_NAME (used by PROGRAM)", or None."""
     cdef char out[256]
     cdef int found = esr_missing_helper(<const char *>image, len(image), out, sizeof(out))
     if found < 0:

@@ -54,7 +54,7 @@ ROWS = [
 # Until exec.bpf.c walks argv without bpf_loop, the programs do not load on 5.10.
 NO_BPF_LOOP = (
     "Linux 5.10 lacks bpf_loop (5.17) and callbacks (5.13): exec_enter and execat_enter do"
-    " not load (esr check: lacks a BPF helper: bpf_loop (exec_enter))"
+    " not load (esr check: no BPF helper bpf_loop (used by exec_enter))"
 )
 
 
@@ -84,6 +84,7 @@ def booted(request, tmp_path_factory):
         g.copy_to(Path(__file__).parent / "kernel_table.py", "/opt/kernel_table.py")
         uname = g.ssh("uname -r").stdout.strip()
         check = g.ssh("/opt/esr/esr check", check=False)
+        print(f"\n{request.param}: esr check exits {check.returncode} {check.stderr.strip()}")
         t1 = time.monotonic()
         table = json.loads(
             g.ssh("python3 /opt/kernel_table.py /opt/esr/esr /opt/gen", timeout=1200).stdout

@@ -17,7 +17,7 @@ def test_release_versions(release, version):
 
 def test_what_the_kernel_lacks_first_is_said_in_one_line(monkeypatch, capsys):
     def lines(_config):
-        yield "kernel: 4.19.0 (esr needs 5.10 or later)", "it is too old: Linux 4.19.0"
+        yield "kernel: 4.19.0 (esr needs 5.10 or later)", "Linux 4.19.0 is too old"
         yield "BTF: missing (/sys/kernel/btf/vmlinux)", "no BTF (/sys/kernel/btf/vmlinux)"
         yield "perf buffer: yes", None
 
@@ -25,4 +25,4 @@ def test_what_the_kernel_lacks_first_is_said_in_one_line(monkeypatch, capsys):
     assert cli.main(["check", "--config", "/dev/null"]) == 1
     out, err = capsys.readouterr()
     assert out.splitlines()[-1] == "perf buffer: yes"
-    assert err == "esr: cannot record on this kernel: it is too old: Linux 4.19.0\n"
+    assert err == "esr: cannot record on this kernel: Linux 4.19.0 is too old\n"
