@@ -18,7 +18,7 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	__u32 parent_tid = current_tid();
 	struct esr_task *parent = tracked_task(parent_tid);
 	struct esr_session_state *state;
-	struct esr_task child = {};
+	struct esr_task child = {}, *known;
 	__u32 child_tid;
 
 	if (!parent)
@@ -31,6 +31,13 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	 * relays the user's terminal. */
 	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL : 0;
 	child_tid = ctx->child_pid;
+	/* While an upgrade replaces the programs, the old and the new
+	 * track_fork both run, one after the other, on the fork: the second
+	 * must not count the child again. An entry of another session is a
+	 * thread whose exit was missed, whose id is reused: replaced. */
+	known = bpf_map_lookup_elem(&tracked_tasks, &child_tid);
+	if (known && known->session == child.session)
+		return 0;
 	if (state->live_tasks >= tasks_per_session || track(child_tid, &child)) {
 		__sync_fetch_and_add(&state->untracked_forks, 1);
 		return 0;

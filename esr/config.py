@@ -63,6 +63,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     terminal: Terminal = msgspec.field(default_factory=Terminal)
     data_dir: str = "/var/lib/esr"
     control_socket: str = "/run/esr/esr.sock"
+    # Where the daemon pins its programs and maps in bpffs, so that recording
+    # goes on across a restart; "": a restart ends the sessions.
+    pin_dir: str = "/sys/fs/bpf/esr"
     # Sessions recorded at once, and threads they may have alive at once.
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
     max_tracked_tasks: Annotated[int, msgspec.Meta(ge=64, le=4194304)] = 65536
@@ -121,6 +124,7 @@ def _check(config: Config) -> None:
     paths = {
         "data_dir": config.data_dir,
         "control_socket": config.control_socket,
+        "pin_dir": config.pin_dir,
         "enhanced_recording.cgroup_path": r.cgroup_path,
         "enhanced_recording.root_path": r.root_path,
     }
@@ -130,6 +134,8 @@ def _check(config: Config) -> None:
     for key in ("data_dir", "control_socket"):
         if not os.path.isabs(getattr(config, key)):
             raise ConfigError(f"{key}: must be an absolute path")
+    if config.pin_dir and not os.path.isabs(config.pin_dir):
+        raise ConfigError("pin_dir: must be an absolute path (or empty)")
     if r.cgroup_path and not os.path.isabs(r.cgroup_path):
         raise ConfigError("enhanced_recording.cgroup_path: must be an absolute path")
     if (config.max_tasks_per_session or 0) > config.max_tracked_tasks:

@@ -539,6 +539,52 @@ class Lost(Event, tag=14):
         return f"LOST {lost}{forks}"
 
 
+class Resume(Event, tag=17):
+    """A recorder took the session over from the one before it, which was
+    restarted, upgraded or crashed: the same recording goes on. Its time is
+    when this recorder began to read (the end of the gap). The kernel
+    followed the session all along and its records of the gap follow;
+    what it could not deliver meanwhile, and what the previous recorder
+    read and never wrote (a crash), is counted here."""
+
+    stopped: int  # ns since the epoch: the previous recorder's last flush
+    cause: str  # "restart": it handed over; "crash": it did not
+    programs: str  # "kept" attached, or "replaced" by this recorder's
+    previous_version: str
+    version: str
+    lost: list[int]  # per buffer, since the last report, for any reason
+    unwritten: list[int]  # per buffer, of lost: read by the previous recorder, never written
+    untracked_forks: int  # in the session so far, as the kernel counts them
+
+    name = "session.resume"
+    code = "E4101W"
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {
+            "stopped": rfc3339(self.stopped),
+            "gap_ms": max(self.time - self.stopped, 0) // 1_000_000,
+            "cause": self.cause,
+            "programs": self.programs,
+            "previous_version": self.previous_version,
+            "lost": by_buffer(self.lost),
+        }
+        if any(self.unwritten):
+            out["unwritten"] = by_buffer(self.unwritten)
+        if self.untracked_forks:
+            out["untracked_forks"] = self.untracked_forks
+        return out
+
+    def describe(self) -> str:
+        gap = max(self.time - self.stopped, 0) / 1e9
+        lost = " ".join(f"{k}={v}" for k, v in by_buffer(self.lost).items())
+        unwritten = f" not_written={sum(self.unwritten)}" if any(self.unwritten) else ""
+        return (
+            f"RESUMED after {gap:.3f} s ({printable_str(self.cause)}, programs "
+            f"{printable_str(self.programs)}, esr {printable_str(self.previous_version)} -> "
+            f"{printable_str(self.version)}) lost {lost}{unwritten}"
+        )
+
+
 class SessionStart(Event, tag=10):
     sid: str
     server_id: str
@@ -693,6 +739,7 @@ Events = (
     | Ptrace
     | IoUring
     | Lost
+    | Resume
     | SessionStart
     | SessionLeave
     | SessionEnd

@@ -32,6 +32,7 @@ cdef extern from "esr_events.h":
         ESR_COMMAND_MEMFD
         ESR_EXE_INCOMPLETE
         ESR_TASK_ANCHOR
+        ESR_TASK_ANCHOR_CHILD
         ESR_TASK_TERMINAL
 
     struct esr_event_header:

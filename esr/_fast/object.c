@@ -3,7 +3,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/mman.h>
+#include <linux/bpf.h>
 #include <bpf/bpf.h>
 #include <bpf/btf.h>
 #include <bpf/libbpf.h>
@@ -181,11 +183,10 @@ static int choose_io_uring_hooks(struct esr_object *o, const char **step)
 	return err;
 }
 
-int esr_object_open(struct esr_object *o, const void *image, size_t size,
-		    const struct esr_object_settings *settings, const char **step)
+int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
+		       const struct esr_object_settings *settings, const char **step)
 {
 	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
-	struct bpf_program *prog;
 	struct esr_bpf *skel;
 	int err;
 
@@ -210,19 +211,28 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	if (settings->terminal_rate)
 		*skel->rodata.budget_fill_ns = settings->terminal_burst * 1000000000ULL /
 					       settings->terminal_rate;
+	return 0;
+}
 
+int esr_object_load(struct esr_object *o, const char **step)
+{
+	struct esr_bpf *skel = o->skel;
+	int err;
+
+	capture_reasons();
 	if ((err = bpf_object__load(o->obj)))
 		return fail(o, step, "cannot load the BPF programs", err);
 	o->tracked_tasks_fd = bpf_map__fd(skel->maps.tracked_tasks);
 	o->session_states_fd = bpf_map__fd(skel->maps.session_states);
 	o->buffer_lost_fd = bpf_map__fd(skel->maps.buffer_lost);
-	o->tid_marks_size = marks_size();
-	o->tid_marks = mmap(NULL, o->tid_marks_size, PROT_READ | PROT_WRITE, MAP_SHARED,
-			    bpf_map__fd(skel->maps.tid_marks), 0);
-	if (o->tid_marks == MAP_FAILED) {
-		o->tid_marks = NULL;
-		return fail(o, step, "cannot map tid_marks", -errno);
-	}
+	return 0;
+}
+
+int esr_object_attach(struct esr_object *o, const char **step)
+{
+	struct bpf_program *prog;
+	int err;
+
 	bpf_object__for_each_program(prog, o->obj) {
 		if (!bpf_program__autoload(prog))
 			continue;
@@ -235,16 +245,24 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 				 strerror(-err));
 			return fail(o, step, "cannot attach a BPF program", err);
 		}
-		o->nlinks++;
+		o->linked[o->nlinks++] = prog;
 	}
 	return 0;
 }
 
+int esr_object_open(struct esr_object *o, const void *image, size_t size,
+		    const struct esr_object_settings *settings, const char **step)
+{
+	int err;
+
+	if ((err = esr_object_prepare(o, image, size, settings, step)) ||
+	    (err = esr_object_load(o, step)))
+		return err;
+	return esr_object_attach(o, step);
+}
+
 void esr_object_close(struct esr_object *o)
 {
-	if (o->tid_marks)
-		munmap(o->tid_marks, o->tid_marks_size);
-	o->tid_marks = NULL;
 	while (o->nlinks)
 		bpf_link__destroy(o->links[--o->nlinks]);
 	esr_bpf__destroy(o->skel);
@@ -253,28 +271,70 @@ void esr_object_close(struct esr_object *o)
 	o->obj = NULL;
 }
 
+int esr_tracking_open(struct esr_tracking *t, int tracked_tasks_fd, int tid_marks_fd)
+{
+	struct bpf_map_info info = {};
+	__u32 len = sizeof(info);
+	void *marks;
+
+	if (bpf_obj_get_info_by_fd(tid_marks_fd, &info, &len))
+		return -errno;
+	marks = mmap(NULL, info.value_size, PROT_READ | PROT_WRITE, MAP_SHARED, tid_marks_fd, 0);
+	if (marks == MAP_FAILED)
+		return -errno;
+	esr_tracking_close(t);
+	t->tasks_fd = tracked_tasks_fd;
+	t->marks = marks;
+	t->size = info.value_size;
+	return 0;
+}
+
+void esr_tracking_close(struct esr_tracking *t)
+{
+	if (t->marks)
+		munmap(t->marks, t->size);
+	t->marks = NULL;
+	t->size = 0;
+}
+
 /* As session.bpf.h's track() and untrack(): the mark is set before the
  * thread enters tracked_tasks and cleared after it leaves, so that a hook
  * never misses a tracked thread. */
-int esr_object_track(struct esr_object *o, __u32 tid, const struct esr_task *task)
+int esr_track(const struct esr_tracking *t, __u32 tid, const struct esr_task *task)
 {
 	int err;
 
-	if (tid < o->tid_marks_size)
-		o->tid_marks[tid] = 1;
-	err = bpf_map_update_elem(o->tracked_tasks_fd, &tid, task, BPF_ANY);
-	if (err && tid < o->tid_marks_size)
-		o->tid_marks[tid] = 0;
+	if (tid < t->size)
+		t->marks[tid] = 1;
+	err = bpf_map_update_elem(t->tasks_fd, &tid, task, BPF_ANY);
+	if (err && tid < t->size)
+		t->marks[tid] = 0;
 	return err;
 }
 
-int esr_object_untrack(struct esr_object *o, __u32 tid)
+int esr_untrack(const struct esr_tracking *t, __u32 tid)
 {
-	int err = bpf_map_delete_elem(o->tracked_tasks_fd, &tid);
+	int err = bpf_map_delete_elem(t->tasks_fd, &tid);
 
-	if (tid < o->tid_marks_size)
-		o->tid_marks[tid] = 0;
+	if (tid < t->size)
+		t->marks[tid] = 0;
 	return err;
+}
+
+void esr_object_release(struct esr_object *o)
+{
+	/* Destroying a link detaches it, and a perf event link disables its
+	 * event first, which a pin does not undo: only close the descriptor.
+	 * (A perf event link's own perf event descriptor stays open until the
+	 * process exits, which is what a recorder handing over does next.) */
+	while (o->nlinks) {
+		struct bpf_link *link = o->links[--o->nlinks];
+
+		bpf_link__disconnect(link);
+		close(bpf_link__fd(link));
+		bpf_link__destroy(link);
+	}
+	esr_object_close(o);
 }
 
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer)
@@ -330,4 +390,58 @@ out:
 	feature_probe_bpf__destroy(skel);
 	bpf_object__close(obj);
 	return err;
+}
+
+/* --- what the kernel lacks ----------------------------------------------------- */
+
+#define HELPER_NAME(name) "bpf_" #name
+static const char *const helper_names[] = { __BPF_FUNC_MAPPER(HELPER_NAME) };
+#undef HELPER_NAME
+
+int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
+	/* Each helper is probed once per program type: a probe is a load. */
+	enum { UNKNOWN, HAS, LACKS };
+	unsigned char known[sizeof(helper_names) / sizeof(helper_names[0])];
+	enum bpf_prog_type known_for = BPF_PROG_TYPE_UNSPEC;
+	struct bpf_object *obj;
+	struct bpf_program *prog;
+	int found = 0;
+
+	capture_reasons();
+	obj = bpf_object__open_mem(image, size, &opts);
+	if (!obj)
+		return -errno;
+	bpf_object__for_each_program(prog, obj) {
+		const struct bpf_insn *insn = bpf_program__insns(prog);
+		size_t i, n = bpf_program__insn_cnt(prog);
+
+		if (bpf_program__type(prog) != known_for) {
+			known_for = bpf_program__type(prog);
+			memset(known, UNKNOWN, sizeof(known));
+		}
+		for (i = 0; i < n && !found; i++) {
+			__s32 id = insn[i].imm;
+
+			if (insn[i].code != (BPF_JMP | BPF_CALL) || insn[i].src_reg != 0)
+				continue;
+			if (id <= 0 || (size_t)id >= sizeof(known)) {
+				snprintf(out, out_size, "#%d (used by %s)", id, bpf_program__name(prog));
+				found = 1;
+				break;
+			}
+			if (known[id] == UNKNOWN)
+				known[id] = libbpf_probe_bpf_helper(known_for, id, NULL) == 0 ? LACKS : HAS;
+			if (known[id] == HAS)
+				continue;
+			snprintf(out, out_size, "%s (used by %s)", helper_names[id],
+				 bpf_program__name(prog));
+			found = 1;
+		}
+		if (found)
+			break;
+	}
+	bpf_object__close(obj);
+	return found;
 }
