@@ -56,7 +56,8 @@ def check(config: Config):
         yield f"tracefs: {err}", f"no tracefs: {err}"
         tracefs = False
     image = loader.bpf_image()
-    for tp in tracepoints(image):
+    # io_uring's programs are chosen from what the kernel has (the last line).
+    for tp in (tp for tp in tracepoints(image) if not tp.startswith("io_uring/")):
         present = tracefs and os.path.exists(os.path.join(loader.TRACEFS, "events", tp, "id"))
         yield (
             f"tracepoint {tp}: {'yes' if present else 'missing'}",
@@ -102,6 +103,6 @@ def check(config: Config):
         f"io_uring: rings and the kinds of operation they run, through {hook}"
         if hook
         else "io_uring: not in this kernel",
-        True,
+        None,
     )
     probe.close()
