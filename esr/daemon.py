@@ -341,7 +341,9 @@ class Daemon:
                 self.recorder.datadir.recording(req.sid)
             ):
                 # It ended already: its last task exited before the close came.
-                return control.Reply(ok=True, sid=req.sid)
+                return control.Reply(
+                    ok=True, sid=req.sid, unwritten=self.recorder.ended_unwritten.get(req.sid, 0)
+                )
             return control.Reply(ok=False, error=f"no open session {req.sid!r}")
         self._forget_anchor(session.sid)
         remaining = self.recorder.leave(session)

@@ -47,6 +47,8 @@ _SYNC_EACH = 4
 # Free space below which the data dir counts as full: a busy session writes
 # this much in a few seconds.
 _FULL_BELOW = 1 << 20
+# Ended sessions whose holes a late close can still be told of.
+_ENDED_KEPT = 1024
 
 
 def _boot_to_epoch_ns() -> int:
@@ -81,6 +83,9 @@ class Recorder:
         self.write_errors = 0
         self.lost_in_user_space = 0  # records not written, every session's
         self.audit_unwritten = 0  # audit log lines not written
+        # Records not written of sessions that ended with holes, by sid: an
+        # `esr run` whose close comes after its session ended still hears.
+        self.ended_unwritten: dict[str, int] = {}
         self._audit_failing = False
         self.key = HostKey.load(datadir.seal_key())  # None: seals without a key
         self.seal_errors = 0
@@ -332,6 +337,10 @@ class Recorder:
             self.log("seal.close_failed", level="error", sid=session.sid, error=err.strerror)
         self._audit_write(session.audit.line(end, extra), reserved=True)
         self.closed_bytes += session.writer.bytes_written
+        if any(session.unwritten):
+            self.ended_unwritten[session.sid] = sum(session.unwritten)
+            if len(self.ended_unwritten) > _ENDED_KEPT:
+                del self.ended_unwritten[next(iter(self.ended_unwritten))]
         self.log(
             "session.end",
             sid=session.sid,
