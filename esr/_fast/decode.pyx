@@ -74,7 +74,8 @@ cdef struct buf:
 
 
 cdef int reserve(buf *b, size_t n) except -1:
-    """Room for n more bytes."""
+    """Room for n more bytes. Each record's writers reserve what it may
+    take at most, once: the functions below then write without checking."""
     cdef size_t cap
     cdef char *grown
     if b.len + n <= b.cap:
@@ -91,133 +92,139 @@ cdef int reserve(buf *b, size_t n) except -1:
 
 
 cdef inline int put(buf *b, const void *src, size_t n) except -1:
-    if b.len + n > b.cap:
-        reserve(b, n)
+    reserve(b, n)
     memcpy(b.data + b.len, src, n)
     b.len += n
     return 0
 
 
-cdef inline int put_s(buf *b, const char *s) except -1:
-    return put(b, s, strlen(s))
+cdef inline void w(buf *b, const void *src, size_t n) noexcept:
+    memcpy(b.data + b.len, src, n)
+    b.len += n
 
 
-cdef inline void be(uint8_t *out, uint64_t v, int n):
+cdef inline void w1(buf *b, uint8_t c) noexcept:
+    b.data[b.len] = <char>c
+    b.len += 1
+
+
+cdef extern from *:
+    """
+    /* A string literal: its length folds into a constant. */
+    #define ESR_LIT(b, s) (memcpy((b)->data + (b)->len, (s), strlen(s)), (b)->len += strlen(s))
+    """
+    void lit "ESR_LIT"(buf *b, const char *s) noexcept
+
+
+cdef inline void be(buf *b, uint64_t v, int n) noexcept:
     cdef int i
     for i in range(n):
-        out[i] = <uint8_t>(v >> (8 * (n - 1 - i)))
+        b.data[b.len + i] = <char>(v >> (8 * (n - 1 - i)))
+    b.len += n
 
 
-# msgpack as msgspec writes it: the shortest form of each value.
+# msgpack as msgspec writes it: the shortest form of each value. At most 9
+# bytes each, 5 before a string's bytes.
+cdef enum:
+    MP_MAX = 9
 
-cdef int mp_head(buf *b, uint8_t fix, uint8_t fix_max, uint8_t code8, uint8_t code16,
-                 uint8_t code32, uint64_t n) except -1:
-    cdef uint8_t t[5]
-    reserve(b, 5)
+cdef inline void mp_head(buf *b, uint8_t fix, uint8_t fix_max, uint8_t code8, uint8_t code16,
+                         uint8_t code32, uint64_t n) noexcept:
     if n <= fix_max and fix_max:
-        t[0] = fix | <uint8_t>n
-        return put(b, t, 1)
-    if n < 256 and code8:
-        t[0] = code8
-        t[1] = <uint8_t>n
-        return put(b, t, 2)
-    if n < 65536:
-        t[0] = code16
-        be(t + 1, n, 2)
-        return put(b, t, 3)
-    t[0] = code32
-    be(t + 1, n, 4)
-    return put(b, t, 5)
+        w1(b, fix | <uint8_t>n)
+    elif n < 256 and code8:
+        w1(b, code8)
+        w1(b, <uint8_t>n)
+    elif n < 65536:
+        w1(b, code16)
+        be(b, n, 2)
+    else:
+        w1(b, code32)
+        be(b, n, 4)
 
 
-cdef inline int mp_array(buf *b, uint64_t n) except -1:
-    return mp_head(b, 0x90, 15, 0, 0xdc, 0xdd, n)
+cdef inline void mp_array(buf *b, uint64_t n) noexcept:
+    mp_head(b, 0x90, 15, 0, 0xdc, 0xdd, n)
 
 
-cdef inline int mp_bin(buf *b, const char *p, size_t n) except -1:
+cdef inline void mp_bin(buf *b, const char *p, size_t n) noexcept:
     mp_head(b, 0, 0, 0xc4, 0xc5, 0xc6, n)
-    return put(b, p, n)
+    w(b, p, n)
 
 
-cdef inline int mp_str(buf *b, const char *p, size_t n) except -1:
+cdef inline void mp_str(buf *b, const char *p, size_t n) noexcept:
     mp_head(b, 0xa0, 31, 0xd9, 0xda, 0xdb, n)
-    return put(b, p, n)
+    w(b, p, n)
 
 
-cdef int mp_uint(buf *b, uint64_t v) except -1:
-    cdef uint8_t t[9]
+cdef inline void mp_uint(buf *b, uint64_t v) noexcept:
     if v < 128:
-        t[0] = <uint8_t>v
-        return put(b, t, 1)
-    if v < 256:
-        t[0] = 0xcc
-        t[1] = <uint8_t>v
-        return put(b, t, 2)
-    if v < 65536:
-        t[0] = 0xcd
-        be(t + 1, v, 2)
-        return put(b, t, 3)
-    if v < 4294967296:
-        t[0] = 0xce
-        be(t + 1, v, 4)
-        return put(b, t, 5)
-    t[0] = 0xcf
-    be(t + 1, v, 8)
-    return put(b, t, 9)
+        w1(b, <uint8_t>v)
+    elif v < 256:
+        w1(b, 0xcc)
+        w1(b, <uint8_t>v)
+    elif v < 65536:
+        w1(b, 0xcd)
+        be(b, v, 2)
+    elif v < 4294967296:
+        w1(b, 0xce)
+        be(b, v, 4)
+    else:
+        w1(b, 0xcf)
+        be(b, v, 8)
 
 
-cdef int mp_int(buf *b, int64_t v) except -1:
-    cdef uint8_t t[9]
+cdef inline void mp_int(buf *b, int64_t v) noexcept:
     if v >= 0:
-        return mp_uint(b, <uint64_t>v)
-    if v >= -32:
-        t[0] = <uint8_t>v
-        return put(b, t, 1)
-    if v >= -128:
-        t[0] = 0xd0
-        t[1] = <uint8_t>v
-        return put(b, t, 2)
-    if v >= -32768:
-        t[0] = 0xd1
-        be(t + 1, <uint64_t>v, 2)
-        return put(b, t, 3)
-    if v >= -2147483648:
-        t[0] = 0xd2
-        be(t + 1, <uint64_t>v, 4)
-        return put(b, t, 5)
-    t[0] = 0xd3
-    be(t + 1, <uint64_t>v, 8)
-    return put(b, t, 9)
+        mp_uint(b, <uint64_t>v)
+    elif v >= -32:
+        w1(b, <uint8_t>v)
+    elif v >= -128:
+        w1(b, 0xd0)
+        w1(b, <uint8_t>v)
+    elif v >= -32768:
+        w1(b, 0xd1)
+        be(b, <uint64_t>v, 2)
+    elif v >= -2147483648:
+        w1(b, 0xd2)
+        be(b, <uint64_t>v, 4)
+    else:
+        w1(b, 0xd3)
+        be(b, <uint64_t>v, 8)
 
 
-cdef inline int mp_bool(buf *b, bint v) except -1:
-    cdef uint8_t t = 0xc3 if v else 0xc2
-    return put(b, &t, 1)
+cdef inline void mp_bool(buf *b, bint v) noexcept:
+    w1(b, 0xc3 if v else 0xc2)
 
 
 # JSON as msgspec writes ASCII text. Bytes that are not ASCII take
 # AuditFormat's other paths (U+FFFD and _base64, or json's \u escapes), so
-# such a line is left to it: js_str says so by returning 1.
+# such a line is left to it: js_str says so by returning 1. A string of n
+# bytes takes at most 2 + 6n, a number 20.
 
 cdef const char *HEX = b"0123456789abcdef"
 
 
-cdef int js_str(buf *b, const char *s, size_t n) except -1:
+# Bytes JSON text takes as they are.
+cdef bint PLAIN[256]
+for _c in range(256):
+    PLAIN[_c] = 0x20 <= _c < 0x80 and _c != ord('"') and _c != ord("\\")
+
+
+cdef int js_str(buf *b, const char *s, size_t n) noexcept:
     cdef size_t i
     cdef uint8_t c
-    cdef char *o
-    reserve(b, 2 + 6 * n)
-    o = b.data + b.len
+    cdef char *o = b.data + b.len
     o[0] = c'"'
     o += 1
     for i in range(n):
         c = <uint8_t>s[i]
-        if c >= 0x80:
-            return 1
-        if c >= 0x20 and c != c'"' and c != c'\\':
+        if PLAIN[c]:
             o[0] = <char>c
             o += 1
             continue
+        if c >= 0x80:
+            return 1
         o[0] = c'\\'
         if c == c'"' or c == c'\\':
             o[1] = <char>c
@@ -244,7 +251,7 @@ cdef int js_str(buf *b, const char *s, size_t n) except -1:
     return 0
 
 
-cdef int js_uint(buf *b, uint64_t v) except -1:
+cdef inline void js_uint(buf *b, uint64_t v) noexcept:
     cdef char t[20]
     cdef int i = 20
     while True:
@@ -253,17 +260,18 @@ cdef int js_uint(buf *b, uint64_t v) except -1:
         v //= 10
         if v == 0:
             break
-    return put(b, t + i, 20 - i)
+    w(b, t + i, 20 - i)
 
 
-cdef int js_int(buf *b, int64_t v) except -1:
+cdef inline void js_int(buf *b, int64_t v) noexcept:
     if v < 0:
-        put(b, b"-", 1)
-        return js_uint(b, <uint64_t>0 - <uint64_t>v)
-    return js_uint(b, <uint64_t>v)
+        w1(b, c'-')
+        js_uint(b, <uint64_t>0 - <uint64_t>v)
+    else:
+        js_uint(b, <uint64_t>v)
 
 
-cdef int js_hex12(buf *b, uint64_t v) except -1:
+cdef void js_hex12(buf *b, uint64_t v) noexcept:
     """f"{v:012x}"."""
     cdef char t[16]
     cdef int i = 16
@@ -271,7 +279,7 @@ cdef int js_hex12(buf *b, uint64_t v) except -1:
         i -= 1
         t[i] = HEX[v & 15]
         v >>= 4
-    return put(b, t + i, 16 - i)
+    w(b, t + i, 16 - i)
 
 
 # --- strings in records -----------------------------------------------------------------
@@ -283,12 +291,13 @@ cdef inline Py_ssize_t cstr_len(const char *s, Py_ssize_t n_with_nul):
     return strnlen(s, n_with_nul)
 
 
-cdef inline const char *next_string(const char *p, const char *end, size_t *n):
+cdef inline const char *next_string(const char *p, const char *end, size_t *n) noexcept:
     """The string at p of a NUL-separated block (its length in n), and where
-    the next one starts."""
-    cdef const char *nul = <const char *>memchr(p, 0, end - p)
-    if nul == NULL:
-        nul = end
+    the next one starts. Arguments and path components are short: a loop
+    beats memchr's call."""
+    cdef const char *nul = p
+    while nul < end and nul[0] != 0:
+        nul += 1
     n[0] = nul - p
     return nul + 1
 
@@ -339,21 +348,27 @@ cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, ev
     memcpy(hdr.comm, <const char *>comm, len(comm))
 
 
-cdef inline int pack_comm(buf *o, const esr_event_header *hdr) except -1:
-    return mp_bin(o, hdr.comm, strnlen(hdr.comm, 16))
+cdef inline void pack_comm(buf *o, const esr_event_header *hdr) noexcept:
+    mp_bin(o, hdr.comm, strnlen(hdr.comm, 16))
 
 
-cdef inline int render_comm(buf *o, const esr_event_header *hdr) except -1:
+cdef inline int render_comm(buf *o, const esr_event_header *hdr) noexcept:
     return js_str(o, hdr.comm, strnlen(hdr.comm, 16))
 
 
-cdef inline int pack_head(buf *o, uint64_t fields, uint16_t kind, uint64_t ei,
-                          int64_t time) except -1:
+# What a pack or a render function reserves, besides its strings: room for
+# its head and each scalar field.
+cdef enum:
+    FIXED = 1024
+
+
+cdef inline void pack_head(buf *o, uint64_t fields, uint16_t kind, uint64_t ei,
+                           int64_t time) noexcept:
     """Every Struct's first elements: its tag, ei and time."""
     mp_array(o, fields)
     mp_uint(o, kind)
     mp_uint(o, ei)
-    return mp_int(o, time)
+    mp_int(o, time)
 
 
 # --- the record types ----------------------------------------------------------------
@@ -424,7 +439,7 @@ cdef int command_view_of(const esr_command_event *e, command_view *v, buf *scrat
     return 0
 
 
-cdef int pack_strings(buf *o, const command_view *v, size_t first, size_t count) except -1:
+cdef void pack_strings(buf *o, const command_view *v, size_t first, size_t count) noexcept:
     cdef const char *p = v.argv
     cdef const char *s
     cdef size_t i = 0, n
@@ -435,41 +450,49 @@ cdef int pack_strings(buf *o, const command_view *v, size_t first, size_t count)
         if i >= first:
             mp_bin(o, s, n)
         i += 1
-    return 0
 
 
-cdef int render_strings(buf *o, const command_view *v, size_t first, size_t count) except -1:
+cdef int render_strings(buf *o, const command_view *v, size_t first, size_t count) noexcept:
     cdef const char *p = v.argv
     cdef const char *s
     cdef size_t i = 0, n
-    put(o, b"[", 1)
+    w1(o, c'[')
     while p < v.argv_end and i < first + count:
         s = p
         p = next_string(p, v.argv_end, &n)
         if i >= first:
             if i > first:
-                put(o, b",", 1)
+                w1(o, c',')
             if js_str(o, s, n):
                 return 1
         i += 1
-    return put(o, b"]", 1)
+    w1(o, c']')
+    return 0
+
+
+cdef inline size_t command_room(const command_view *v, size_t per_byte) noexcept:
+    """Bytes its fields may take at most, at per_byte for each of its strings' bytes."""
+    return FIXED + 6 * (v.skip + v.args) + \
+        per_byte * (16 + v.path_n + v.exe_n + <size_t>(v.argv_end - v.argv))
 
 
 cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time,
                       uint64_t ei) except -1:
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    cdef command_view v
+    cdef command_view *v = &s.view
     cdef buf *o = &s.body
-    command_view_of(e, &v, &s.scratch)
+    command_view_of(e, v, &s.scratch)
+    s.viewed = hdr
     if e.flags & ESR_COMMAND_TTY:
         s.interactive = True
+    reserve(o, command_room(v, 1))
     pack_head(o, 22, ESR_EVENT_COMMAND, ei, time)
     mp_uint(o, e.hdr.pid)
     mp_uint(o, e.ppid)
     mp_uint(o, e.hdr.cgroup_id)
     pack_comm(o, hdr)
     mp_bin(o, v.path, v.path_n)
-    pack_strings(o, &v, v.skip, v.args)
+    pack_strings(o, v, v.skip, v.args)
     mp_int(o, e.return_code)
     mp_uint(o, e.uid)
     mp_uint(o, e.gid)
@@ -477,59 +500,64 @@ cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time
     mp_bool(o, v.truncated)
     mp_int(o, v.cut_args)
     mp_int(o, v.cut_bytes)
-    pack_strings(o, &v, 0, v.interpreter)
+    pack_strings(o, v, 0, v.interpreter)
     mp_bin(o, v.exe, v.exe_n)
     mp_uint(o, e.exe_dev)
     mp_uint(o, e.exe_ino)
     mp_bool(o, e.flags & ESR_COMMAND_MEMFD)
-    return mp_bool(o, e.flags & ESR_EXE_INCOMPLETE)
+    mp_bool(o, e.flags & ESR_EXE_INCOMPLETE)
+    return 0
 
 
 cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    cdef command_view v
-    command_view_of(e, &v, &s.scratch)
-    put_s(o, b'"pid":')
+    cdef command_view *v = &s.view
+    # Its pack, just before, saw the same record.
+    if s.viewed != hdr:
+        command_view_of(e, v, &s.scratch)
+        s.viewed = hdr
+    reserve(o, command_room(v, 6))
+    lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
-    put_s(o, b',"ppid":')
+    lit(o, b',"ppid":')
     js_uint(o, e.ppid)
-    put_s(o, b',"cgroup_id":')
+    lit(o, b',"cgroup_id":')
     js_uint(o, e.hdr.cgroup_id)
-    put_s(o, b',"program":')
+    lit(o, b',"program":')
     if render_comm(o, hdr):
         return 1
-    put_s(o, b',"path":')
+    lit(o, b',"path":')
     if js_str(o, v.path, v.path_n):
         return 1
-    put_s(o, b',"argv":')
-    if render_strings(o, &v, v.skip, v.args):
+    lit(o, b',"argv":')
+    if render_strings(o, v, v.skip, v.args):
         return 1
-    put_s(o, b',"return_code":')
+    lit(o, b',"return_code":')
     js_int(o, e.return_code)
-    put_s(o, b',"unix_uid":')
+    lit(o, b',"unix_uid":')
     js_uint(o, e.uid)
-    put_s(o, b',"unix_gid":')
+    lit(o, b',"unix_gid":')
     js_uint(o, e.gid)
     if v.interpreter:
-        put_s(o, b',"interpreter":')
-        if render_strings(o, &v, 0, v.interpreter):
+        lit(o, b',"interpreter":')
+        if render_strings(o, v, 0, v.interpreter):
             return 1
     if v.exe_n:
-        put_s(o, b',"exe":')
+        lit(o, b',"exe":')
         if js_str(o, v.exe, v.exe_n):
             return 1
-        put_s(o, b',"exe_dev":')
+        lit(o, b',"exe_dev":')
         js_uint(o, e.exe_dev)
-        put_s(o, b',"exe_ino":')
+        lit(o, b',"exe_ino":')
         js_uint(o, e.exe_ino)
         if e.flags & ESR_COMMAND_MEMFD:
-            put_s(o, b',"memfd":true')
+            lit(o, b',"memfd":true')
         if e.flags & ESR_EXE_INCOMPLETE:
-            put_s(o, b',"exe_truncated":true')
+            lit(o, b',"exe_truncated":true')
     if v.truncated:
-        put_s(o, b',"argv_truncated":true,"argv_cut_args":')
+        lit(o, b',"argv_truncated":true,"argv_cut_args":')
         js_int(o, v.cut_args)
-        put_s(o, b',"argv_cut_bytes":')
+        lit(o, b',"argv_cut_bytes":')
         js_int(o, v.cut_bytes)
     return 0
 
@@ -580,34 +608,39 @@ cdef int pack_disk(SessionEvents s, const esr_event_header *hdr, int64_t time,
                    uint64_t ei) except -1:
     cdef const esr_disk_event *e = <const esr_disk_event *>hdr
     cdef buf *o = &s.body
+    cdef Py_ssize_t path_n = cstr_len(e.path, e.path_len)
+    reserve(o, FIXED + path_n)
     pack_head(o, 10, ESR_EVENT_DISK, ei, time)
     mp_uint(o, e.hdr.pid)
     mp_uint(o, e.hdr.cgroup_id)
     pack_comm(o, hdr)
-    mp_bin(o, e.path, cstr_len(e.path, e.path_len))
+    mp_bin(o, e.path, path_n)
     mp_int(o, e.flags)
     mp_int(o, e.return_code)
-    return mp_bool(o, e.path_truncated != 0)
+    mp_bool(o, e.path_truncated != 0)
+    return 0
 
 
 cdef int render_disk(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
     cdef const esr_disk_event *e = <const esr_disk_event *>hdr
-    put_s(o, b'"pid":')
+    cdef Py_ssize_t path_n = cstr_len(e.path, e.path_len)
+    reserve(o, FIXED + 6 * (16 + path_n))
+    lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
-    put_s(o, b',"cgroup_id":')
+    lit(o, b',"cgroup_id":')
     js_uint(o, e.hdr.cgroup_id)
-    put_s(o, b',"program":')
+    lit(o, b',"program":')
     if render_comm(o, hdr):
         return 1
-    put_s(o, b',"path":')
-    if js_str(o, e.path, cstr_len(e.path, e.path_len)):
+    lit(o, b',"path":')
+    if js_str(o, e.path, path_n):
         return 1
-    put_s(o, b',"flags":')
+    lit(o, b',"flags":')
     js_int(o, e.flags)
-    put_s(o, b',"return_code":')
+    lit(o, b',"return_code":')
     js_int(o, e.return_code)
     if e.path_truncated:
-        put_s(o, b',"path_truncated":true')
+        lit(o, b',"path_truncated":true')
     return 0
 
 
@@ -668,6 +701,7 @@ cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time
     cdef int family = AF_INET if e.family == AF_INET else AF_INET6
     cdef char text[64]
     cdef buf *o = &s.body
+    reserve(o, FIXED)
     pack_head(o, 14, ESR_EVENT_NETWORK, ei, time)
     mp_uint(o, e.hdr.pid)
     mp_uint(o, e.hdr.cgroup_id)
@@ -679,7 +713,8 @@ cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time
     mp_uint(o, e.dst_port)
     mp_int(o, e.return_code)
     mp_uint(o, 0)  # operation: connect
-    return mp_uint(o, 0)  # action: observed
+    mp_uint(o, 0)  # action: observed
+    return 0
 
 
 cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
@@ -705,25 +740,27 @@ cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) ex
         dst_at = dst + 7
         dst_n -= 7
         version = 4
-    put_s(o, b'"pid":')
+    reserve(o, FIXED + 6 * 16)
+    lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
-    put_s(o, b',"cgroup_id":')
+    lit(o, b',"cgroup_id":')
     js_uint(o, e.hdr.cgroup_id)
-    put_s(o, b',"program":')
+    lit(o, b',"program":')
     if render_comm(o, hdr):
         return 1
-    put_s(o, b',"src_addr":')
+    lit(o, b',"src_addr":')
     js_str(o, src_at, src_n)
-    put_s(o, b',"src_port":')
+    lit(o, b',"src_port":')
     js_uint(o, e.src_port)
-    put_s(o, b',"dst_addr":')
+    lit(o, b',"dst_addr":')
     js_str(o, dst_at, dst_n)
-    put_s(o, b',"dst_port":')
+    lit(o, b',"dst_port":')
     js_uint(o, e.dst_port)
-    put_s(o, b',"version":')
+    lit(o, b',"version":')
     js_uint(o, version)
-    put_s(o, b',"operation":0,"action":0,"return_code":')
-    return js_int(o, e.return_code)
+    lit(o, b',"operation":0,"action":0,"return_code":')
+    js_int(o, e.return_code)
+    return 0
 
 
 cdef int64_t network_return_code(const esr_event_header *hdr):
@@ -757,6 +794,7 @@ cdef int pack_terminal_data(SessionEvents s, const esr_event_header *hdr, int64_
     cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
     cdef bint output = hdr.type == ESR_EVENT_TERMINAL_OUTPUT
     cdef buf *o = &s.body
+    reserve(o, FIXED + e.len)
     pack_head(o, 7 if output else 6, hdr.type, ei, time)
     mp_uint(o, e.hdr.pid)
     mp_uint(o, e.tty)
@@ -768,15 +806,16 @@ cdef int pack_terminal_data(SessionEvents s, const esr_event_header *hdr, int64_
 
 cdef int render_terminal_data(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
     cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
-    put_s(o, b'"pid":')
+    reserve(o, FIXED + 6 * <size_t>e.len)
+    lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
-    put_s(o, b',"tty":')
+    lit(o, b',"tty":')
     js_uint(o, e.tty)
-    put_s(o, b',"data":')
+    lit(o, b',"data":')
     if js_str(o, e.data, e.len):
         return 1
     if hdr.type == ESR_EVENT_TERMINAL_OUTPUT:
-        put_s(o, b',"skipped":')
+        lit(o, b',"skipped":')
         js_uint(o, e.skipped)
     return 0
 
@@ -807,27 +846,31 @@ cdef int pack_terminal_write(SessionEvents s, const esr_event_header *hdr, int64
                              uint64_t ei) except -1:
     cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
     cdef buf *o = &s.body
+    reserve(o, FIXED)
     pack_head(o, 8, ESR_EVENT_TERMINAL_WRITE, ei, time)
     mp_uint(o, e.hdr.pid)
     pack_comm(o, hdr)
     mp_uint(o, e.tty)
     mp_uint(o, e.major)
-    return mp_int(o, e.bytes)
+    mp_int(o, e.bytes)
+    return 0
 
 
 cdef int render_terminal_write(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
     cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
-    put_s(o, b'"pid":')
+    reserve(o, FIXED + 6 * 16)
+    lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
-    put_s(o, b',"program":')
+    lit(o, b',"program":')
     if render_comm(o, hdr):
         return 1
-    put_s(o, b',"tty":')
+    lit(o, b',"tty":')
     js_uint(o, e.tty)
-    put_s(o, b',"major":')
+    lit(o, b',"major":')
     js_uint(o, e.major)
-    put_s(o, b',"bytes":')
-    return js_int(o, e.bytes)
+    lit(o, b',"bytes":')
+    js_int(o, e.bytes)
+    return 0
 
 
 cdef bytes encode_terminal_write(event, uint64_t session):
@@ -852,21 +895,25 @@ cdef int pack_terminal_resize(SessionEvents s, const esr_event_header *hdr, int6
                               uint64_t ei) except -1:
     cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
     cdef buf *o = &s.body
+    reserve(o, FIXED)
     pack_head(o, 6, ESR_EVENT_TERMINAL_RESIZE, ei, time)
     mp_uint(o, e.tty)
     mp_uint(o, e.rows)
-    return mp_uint(o, e.cols)
+    mp_uint(o, e.cols)
+    return 0
 
 
 cdef int render_terminal_resize(SessionEvents s, const esr_event_header *hdr,
                                 buf *o) except -1:
     cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
-    put_s(o, b'"tty":')
+    reserve(o, FIXED)
+    lit(o, b'"tty":')
     js_uint(o, e.tty)
-    put_s(o, b',"rows":')
+    lit(o, b',"rows":')
     js_uint(o, e.rows)
-    put_s(o, b',"cols":')
-    return js_uint(o, e.cols)
+    lit(o, b',"cols":')
+    js_uint(o, e.cols)
+    return 0
 
 
 cdef bytes encode_terminal_resize(event, uint64_t session):
@@ -985,6 +1032,9 @@ cdef class SessionEvents:
     cdef buf body  # the msgpack of each pending event
     cdef buf lines
     cdef buf scratch
+    # The command record last packed, and what its fields mean: for its line.
+    cdef const esr_event_header *viewed
+    cdef command_view view
     cdef public uint64_t next_ei
     cdef readonly uint64_t count
     cdef uint64_t counts[ESR_BUF_COUNT]
@@ -1049,27 +1099,17 @@ cdef class SessionEvents:
     def take(self):
         """The pending events as a Taken; pending is emptied."""
         cdef Taken taken = Taken.__new__(Taken)
-        cdef uint8_t head[5]
-        cdef size_t head_n
+        cdef char head_data[MP_MAX]
+        cdef buf head
         cdef char *payload
         cdef int i
-        # The list's header, as mp_array writes it.
-        if self.count < 16:
-            head[0] = 0x90 | <uint8_t>self.count
-            head_n = 1
-        elif self.count < 65536:
-            head[0] = 0xdc
-            be(head + 1, self.count, 2)
-            head_n = 3
-        else:
-            head[0] = 0xdd
-            be(head + 1, self.count, 4)
-            head_n = 5
-        taken.payload = PyBytes_FromStringAndSize(NULL, head_n + self.body.len)
+        head.data, head.len, head.cap = head_data, 0, MP_MAX
+        mp_array(&head, self.count)
+        taken.payload = PyBytes_FromStringAndSize(NULL, head.len + self.body.len)
         payload = PyBytes_AS_STRING(taken.payload)
-        memcpy(payload, head, head_n)
+        memcpy(payload, head.data, head.len)
         if self.body.len:
-            memcpy(payload + head_n, self.body.data, self.body.len)
+            memcpy(payload + head.len, self.body.data, self.body.len)
         taken.first_ei = self.next_ei - self.count
         taken.count = self.count
         taken.lines = PyBytes_FromStringAndSize(self.lines.data, self.lines.len)
@@ -1079,10 +1119,10 @@ cdef class SessionEvents:
         memset(self.counts, 0, sizeof(self.counts))
         return taken
 
-    cdef int time_text(self, int64_t ns) except -1:
+    cdef int time_text(self, int64_t ns) noexcept:
         """The line's time as schema.rfc3339 writes it: UTC, to the
         microsecond at most, without trailing zeros; the seconds are
-        formatted once per second."""
+        formatted once per second. 1: a time gmtime cannot take."""
         cdef buf *o = &self.lines
         cdef int64_t seconds = ns // 1000000000
         cdef int64_t micros
@@ -1100,7 +1140,7 @@ cdef class SessionEvents:
             self.second_len = strftime(self.second_text, sizeof(self.second_text),
                                        b"%Y-%m-%dT%H:%M:%S", &parts)
             self.second = seconds
-        put(o, self.second_text, self.second_len)
+        w(o, self.second_text, self.second_len)
         if micros:
             frac[0] = c'.'
             n = 6
@@ -1110,8 +1150,9 @@ cdef class SessionEvents:
             for i in range(n, 0, -1):
                 frac[i] = <char>(c'0' + micros % 10)
                 micros //= 10
-            put(o, frac, n + 1)
-        return put(o, b"Z", 1)
+            w(o, frac, n + 1)
+        w1(o, c'Z')
+        return 0
 
     cdef int line(self, const record_type *t, const esr_event_header *hdr, int64_t time,
                   uint64_t ei, size_t packed_at) except -1:
@@ -1119,18 +1160,20 @@ cdef class SessionEvents:
         this cannot, from the record's msgpack, at packed_at in body."""
         cdef buf *o = &self.lines
         cdef size_t start = o.len
-        put(o, LINE_HEAD[hdr.type], LINE_HEAD_LEN[hdr.type])
+        reserve(o, FIXED + LINE_HEAD_LEN[hdr.type] + len(self.uid_prefix) + len(self.common))
+        w(o, LINE_HEAD[hdr.type], LINE_HEAD_LEN[hdr.type])
         js_uint(o, ei)
-        put_s(o, b',"uid":"')
-        put(o, <const char *>self.uid_prefix, len(self.uid_prefix))
+        lit(o, b',"uid":"')
+        w(o, <const char *>self.uid_prefix, len(self.uid_prefix))
         js_hex12(o, ei)
-        put_s(o, b'","time":"')
+        lit(o, b'","time":"')
         if self.time_text(time) == 0:
-            put_s(o, b'",')
-            put(o, <const char *>self.common, len(self.common))
-            put(o, b",", 1)
+            lit(o, b'",')
+            w(o, <const char *>self.common, len(self.common))
+            w1(o, c',')
+            # The fields reserve their own room, and room for what ends the line.
             if t.render(self, hdr, o) == 0:
-                put(o, b"}\n", 2)
+                lit(o, b"}\n")
                 if o.len - start <= MAX_LINE:
                     return 0
         o.len = start
