@@ -197,34 +197,103 @@ cdef inline void mp_bool(buf *b, bint v) noexcept:
     w1(b, 0xc3 if v else 0xc2)
 
 
-# JSON as msgspec writes ASCII text. Bytes that are not ASCII take
-# AuditFormat's other paths (U+FFFD and _base64, or json's \u escapes), so
-# such a line is left to it: js_str says so by returning 1. A string of n
-# bytes takes at most 2 + 6n, a number 20.
+# JSON text as AuditFormat writes it. Fields of ASCII text are msgspec's;
+# once any is not ASCII, the whole object is json.dumps(ensure_ascii=True)'s:
+# each character outside ASCII \u-escaped (in surrogate pairs beyond the
+# BMP), and DEL too. A string of n bytes takes at most 2 + 6n, a number 20.
+# js_str returns 1 when it cannot: a byte outside ASCII in msgspec's form
+# (the line is rendered again the other way), bytes that are not UTF-8 in
+# json's (U+FFFD and _base64: the line is AuditFormat's to render).
 
 cdef const char *HEX = b"0123456789abcdef"
 
-
-# Bytes JSON text takes as they are.
+# Bytes JSON text takes as they are, in msgspec's form.
 cdef bint PLAIN[256]
 for _c in range(256):
-    PLAIN[_c] = 0x20 <= _c < 0x80 and _c != ord('"') and _c != ord("\\")
+    PLAIN[_c] = 0x20 <= _c < 0x7F and _c != ord('"') and _c != ord("\\")
 
 
-cdef int js_str(buf *b, const char *s, size_t n) noexcept:
-    cdef size_t i
+cdef inline char *u_escape(char *o, uint32_t code) noexcept:
+    o[0] = c'\\'
+    o[1] = c'u'
+    o[2] = HEX[(code >> 12) & 15]
+    o[3] = HEX[(code >> 8) & 15]
+    o[4] = HEX[(code >> 4) & 15]
+    o[5] = HEX[code & 15]
+    return o + 6
+
+
+cdef inline int utf8_char(const uint8_t *s, size_t n, uint32_t *code) noexcept:
+    """The length of the well-formed UTF-8 character at s (Unicode's table
+    3-7, which Python's strict decoder follows) and its code point; 0 if
+    it is not one."""
+    cdef uint8_t c = s[0]
+    cdef uint8_t lo = 0x80, hi = 0xBF
+    cdef int length, i
+    if 0xC2 <= c <= 0xDF:
+        length, code[0] = 2, c & 0x1F
+    elif 0xE0 <= c <= 0xEF:
+        length, code[0] = 3, c & 0x0F
+        if c == 0xE0:
+            lo = 0xA0
+        elif c == 0xED:  # no surrogates
+            hi = 0x9F
+    elif 0xF0 <= c <= 0xF4:
+        length, code[0] = 4, c & 0x07
+        if c == 0xF0:
+            lo = 0x90
+        elif c == 0xF4:  # nothing past U+10FFFF
+            hi = 0x8F
+    else:
+        return 0
+    if <size_t>length > n or not lo <= s[1] <= hi:
+        return 0
+    for i in range(1, length):
+        if i > 1 and not 0x80 <= s[i] <= 0xBF:
+            return 0
+        code[0] = (code[0] << 6) | (s[i] & 0x3F)
+    return length
+
+
+cdef int js_str(buf *b, const char *s, size_t n, bint ensure_ascii) noexcept:
+    cdef const uint8_t *u = <const uint8_t *>s
+    cdef size_t i = 0
     cdef uint8_t c
+    cdef uint32_t code
+    cdef int length
     cdef char *o = b.data + b.len
     o[0] = c'"'
     o += 1
-    for i in range(n):
-        c = <uint8_t>s[i]
+    while i < n:
+        c = u[i]
         if PLAIN[c]:
             o[0] = <char>c
             o += 1
+            i += 1
             continue
-        if c >= 0x80:
-            return 1
+        if c >= 0x7F:
+            if not ensure_ascii:
+                if c == 0x7F:
+                    o[0] = <char>c
+                    o += 1
+                    i += 1
+                    continue
+                return 1
+            if c == 0x7F:
+                o = u_escape(o, c)
+                i += 1
+                continue
+            length = utf8_char(u + i, n - i, &code)
+            if length == 0:
+                return 1
+            if code >= 0x10000:
+                code -= 0x10000
+                o = u_escape(o, 0xD800 + (code >> 10))
+                o = u_escape(o, 0xDC00 + (code & 0x3FF))
+            else:
+                o = u_escape(o, code)
+            i += length
+            continue
         o[0] = c'\\'
         if c == c'"' or c == c'\\':
             o[1] = <char>c
@@ -239,13 +308,9 @@ cdef int js_str(buf *b, const char *s, size_t n) noexcept:
         elif c == 0x0d:
             o[1] = c'r'
         else:
-            o[1] = c'u'
-            o[2] = c'0'
-            o[3] = c'0'
-            o[4] = HEX[c >> 4]
-            o[5] = HEX[c & 15]
-            o += 4
+            o = u_escape(o, c) - 2
         o += 2
+        i += 1
     o[0] = c'"'
     b.len = o + 1 - b.data
     return 0
@@ -352,8 +417,8 @@ cdef inline void pack_comm(buf *o, const esr_event_header *hdr) noexcept:
     mp_bin(o, hdr.comm, strnlen(hdr.comm, 16))
 
 
-cdef inline int render_comm(buf *o, const esr_event_header *hdr) noexcept:
-    return js_str(o, hdr.comm, strnlen(hdr.comm, 16))
+cdef inline int render_comm(buf *o, const esr_event_header *hdr, bint ensure_ascii) noexcept:
+    return js_str(o, hdr.comm, strnlen(hdr.comm, 16), ensure_ascii)
 
 
 # What a pack or a render function reserves, besides its strings: room for
@@ -452,7 +517,8 @@ cdef void pack_strings(buf *o, const command_view *v, size_t first, size_t count
         i += 1
 
 
-cdef int render_strings(buf *o, const command_view *v, size_t first, size_t count) noexcept:
+cdef int render_strings(buf *o, const command_view *v, size_t first, size_t count,
+                        bint ensure_ascii) noexcept:
     cdef const char *p = v.argv
     cdef const char *s
     cdef size_t i = 0, n
@@ -463,7 +529,7 @@ cdef int render_strings(buf *o, const command_view *v, size_t first, size_t coun
         if i >= first:
             if i > first:
                 w1(o, c',')
-            if js_str(o, s, n):
+            if js_str(o, s, n, ensure_ascii):
                 return 1
         i += 1
     w1(o, c']')
@@ -524,13 +590,13 @@ cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) ex
     lit(o, b',"cgroup_id":')
     js_uint(o, e.hdr.cgroup_id)
     lit(o, b',"program":')
-    if render_comm(o, hdr):
+    if render_comm(o, hdr, s.ensure_ascii):
         return 1
     lit(o, b',"path":')
-    if js_str(o, v.path, v.path_n):
+    if js_str(o, v.path, v.path_n, s.ensure_ascii):
         return 1
     lit(o, b',"argv":')
-    if render_strings(o, v, v.skip, v.args):
+    if render_strings(o, v, v.skip, v.args, s.ensure_ascii):
         return 1
     lit(o, b',"return_code":')
     js_int(o, e.return_code)
@@ -540,11 +606,11 @@ cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) ex
     js_uint(o, e.gid)
     if v.interpreter:
         lit(o, b',"interpreter":')
-        if render_strings(o, v, 0, v.interpreter):
+        if render_strings(o, v, 0, v.interpreter, s.ensure_ascii):
             return 1
     if v.exe_n:
         lit(o, b',"exe":')
-        if js_str(o, v.exe, v.exe_n):
+        if js_str(o, v.exe, v.exe_n, s.ensure_ascii):
             return 1
         lit(o, b',"exe_dev":')
         js_uint(o, e.exe_dev)
@@ -630,10 +696,10 @@ cdef int render_disk(SessionEvents s, const esr_event_header *hdr, buf *o) excep
     lit(o, b',"cgroup_id":')
     js_uint(o, e.hdr.cgroup_id)
     lit(o, b',"program":')
-    if render_comm(o, hdr):
+    if render_comm(o, hdr, s.ensure_ascii):
         return 1
     lit(o, b',"path":')
-    if js_str(o, e.path, path_n):
+    if js_str(o, e.path, path_n, s.ensure_ascii):
         return 1
     lit(o, b',"flags":')
     js_int(o, e.flags)
@@ -746,14 +812,14 @@ cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) ex
     lit(o, b',"cgroup_id":')
     js_uint(o, e.hdr.cgroup_id)
     lit(o, b',"program":')
-    if render_comm(o, hdr):
+    if render_comm(o, hdr, s.ensure_ascii):
         return 1
     lit(o, b',"src_addr":')
-    js_str(o, src_at, src_n)
+    js_str(o, src_at, src_n, s.ensure_ascii)
     lit(o, b',"src_port":')
     js_uint(o, e.src_port)
     lit(o, b',"dst_addr":')
-    js_str(o, dst_at, dst_n)
+    js_str(o, dst_at, dst_n, s.ensure_ascii)
     lit(o, b',"dst_port":')
     js_uint(o, e.dst_port)
     lit(o, b',"version":')
@@ -812,7 +878,7 @@ cdef int render_terminal_data(SessionEvents s, const esr_event_header *hdr, buf 
     lit(o, b',"tty":')
     js_uint(o, e.tty)
     lit(o, b',"data":')
-    if js_str(o, e.data, e.len):
+    if js_str(o, e.data, e.len, s.ensure_ascii):
         return 1
     if hdr.type == ESR_EVENT_TERMINAL_OUTPUT:
         lit(o, b',"skipped":')
@@ -862,7 +928,7 @@ cdef int render_terminal_write(SessionEvents s, const esr_event_header *hdr, buf
     lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
     lit(o, b',"program":')
-    if render_comm(o, hdr):
+    if render_comm(o, hdr, s.ensure_ascii):
         return 1
     lit(o, b',"tty":')
     js_uint(o, e.tty)
@@ -1035,6 +1101,8 @@ cdef class SessionEvents:
     # The command record last packed, and what its fields mean: for its line.
     cdef const esr_event_header *viewed
     cdef command_view view
+    # The form of the line's JSON text: see js_str.
+    cdef bint ensure_ascii
     cdef public uint64_t next_ei
     cdef readonly uint64_t count
     cdef uint64_t counts[ESR_BUF_COUNT]
@@ -1159,7 +1227,8 @@ cdef class SessionEvents:
         """Append the record's audit log line; AuditFormat renders those
         this cannot, from the record's msgpack, at packed_at in body."""
         cdef buf *o = &self.lines
-        cdef size_t start = o.len
+        cdef size_t start = o.len, fields
+        cdef bint rendered
         reserve(o, FIXED + LINE_HEAD_LEN[hdr.type] + len(self.uid_prefix) + len(self.common))
         w(o, LINE_HEAD[hdr.type], LINE_HEAD_LEN[hdr.type])
         js_uint(o, ei)
@@ -1171,8 +1240,15 @@ cdef class SessionEvents:
             lit(o, b'",')
             w(o, <const char *>self.common, len(self.common))
             w1(o, c',')
+            fields = o.len
             # The fields reserve their own room, and room for what ends the line.
-            if t.render(self, hdr, o) == 0:
+            self.ensure_ascii = False
+            rendered = t.render(self, hdr, o) == 0
+            if not rendered:  # text that is not ASCII: json's form
+                o.len = fields
+                self.ensure_ascii = True
+                rendered = t.render(self, hdr, o) == 0
+            if rendered:
                 lit(o, b"}\n")
                 if o.len - start <= MAX_LINE:
                     return 0

@@ -217,6 +217,18 @@ EDGES = [
     schema.TerminalInput(0, T0 + 4001, 41, 3, b"\x03\x04"),
     schema.TerminalWrite(0, T0 + 4002, 42, b"b\xc3sh", 3, 136, -(2**63)),
     schema.TerminalResize(0, T0 + 4003, 3, 65535, 0),
+    # Text that is not ASCII: json's escapes, for every string of the line.
+    schema.Command(0, T0 + 5000, 42, 1, 7, "é".encode(), b"/x\x7f", ["\u0080\u07ff\u0800".encode(),
+                   "\uffff\U00010000\U0010ffff\u2028".encode(), "😀\t\x1b".encode()], 0, 0, 0,
+                   interpreter=["/bin/ß".encode()], exe="/usr/bin/ß".encode(), exe_ino=2),
+    schema.Network(0, T0 + 5001, 42, 7, "ñ\x7f".encode(), 4, "1.2.3.4", 1, "5.6.7.8", 2, 0),
+    schema.Disk(0, T0 + 5002, 42, 7, b"cat", "/tmp/日本".encode(), 0, 3),
+    schema.TerminalOutput(0, T0 + 5003, 41, 3, "\x1b[1mgrüße\x7f".encode(), 0),
+    schema.TerminalWrite(0, T0 + 5004, 42, "ü".encode(), 3, 136, 1),
+    # Not UTF-8: overlong, a surrogate, past U+10FFFF, cut short, a stray continuation.
+    *(schema.Command(0, T0 + 6000 + i, 42, 1, 7, b"x", b"/x", [bad], 0, 0, 0)
+      for i, bad in enumerate([b"\xc0\x80", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+                               b"\xf0\x9f\x98", b"a\x80", b"\xe2\x82\xe2\x82\xac"])),
 ]  # fmt: skip
 
 
@@ -270,3 +282,20 @@ def test_fuzzed_records_decode_as_the_schema_writes_them():
         except BatchError:
             pass
     assert decoded > 1000
+
+
+def test_text_of_any_bytes_is_escaped_as_the_schema_escapes_it():
+    rng = random.Random(5)
+    alphabet = ["a", "\x7f", "\x01", '"', "\\", "é", "ß", "€", "\u2028", "😀", "\U0010ffff"]
+    raws = [b"\x80", b"\xc3", b"\xed\xa0\x80", b"\xf5", b"\xe2\x82"]
+    records = []
+    for i in range(300):
+        args = []
+        for _ in range(rng.randint(1, 4)):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))).encode()
+            if rng.random() < 0.2:
+                text += rng.choice(raws)
+            args.append(text)
+        records.append(schema.Command(0, T0 + i, 42, 1, 7, args[0][:16], b"/p", args, 0, 0, 0))
+    events = check_as_schema_writes_it(b"".join(encode_record(r, COOKIE) for r in records))
+    assert len(events) == len(records)
