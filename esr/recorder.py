@@ -477,9 +477,9 @@ class Recorder:
                     reason=gap.reason,
                 )
             written = True
-        lines = taken.lines
+        lines: bytes | memoryview = taken.lines
         if audited:
-            lines += b"".join([session.audit.line(e) for e in audited])
+            lines = b"".join([lines, *(session.audit.line(e) for e in audited)])
         if lines:
             self._audit_write(lines)
         return written
@@ -508,12 +508,12 @@ class Recorder:
             gap.last_ei = taken.last_ei
             gap.records = [a + b for a, b in zip(gap.records, records)]
 
-    def _audit_write(self, lines: bytes, reserved: bool = False) -> None:
+    def _audit_write(self, lines: bytes | memoryview, reserved: bool = False) -> None:
         try:
             self.audit.write(lines, reserved)
         except OSError as err:
             self.write_errors += 1
-            self.audit_unwritten += lines.count(b"\n")
+            self.audit_unwritten += bytes(lines).count(b"\n")
             if not self._audit_failing:
                 self.log("audit.not_written", level="error", error=err.strerror)
             self._audit_failing = True

@@ -6,10 +6,10 @@ from esr import schema
 BUFFERS: tuple[str, ...]
 
 class Taken:
-    payload: bytes
+    payload: memoryview
     first_ei: int
     count: int
-    lines: bytes
+    lines: memoryview
     records: list[int]
     @property
     def last_ei(self) -> int: ...

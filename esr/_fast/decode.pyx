@@ -18,6 +18,7 @@ bpf/esr_events.h, how many bytes a record of it claims, how to pack it as
 its Struct, how to render its audit log fields, its return code, how to
 encode one (for corpora and tests), and its buffer.
 """
+from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint8_t, int32_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, realloc, free
@@ -1077,12 +1078,35 @@ for _kind in range(ESR_EVENT_TYPE_END):
         LINE_HEAD_LEN[_kind] = len(_line_heads[_kind])
 
 
+cdef class Chunk:
+    """Bytes a session wrote, handed over without a copy: a busy session's
+    are megabytes per flush. Once released, its buffer goes back to the
+    session to be written again, not to the kernel to be faulted in again."""
+    cdef buf b
+    cdef size_t start
+    cdef SessionEvents owner
+    cdef int kind
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.b.data + self.start, self.b.len - self.start, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        if self.owner is not None:
+            self.owner.recycle(&self.b, self.kind)
+        else:
+            free(self.b.data)
+
+
 cdef class Taken:
     """A session's pending events, taken to be written as one frame."""
-    cdef readonly bytes payload  # the msgpack list of the events: a frame's payload, uncompressed
+    # The msgpack list of the events: a frame's payload, uncompressed.
+    cdef readonly memoryview payload
     cdef readonly uint64_t first_ei
     cdef readonly uint64_t count
-    cdef readonly bytes lines  # audit log lines of its records
+    cdef readonly memoryview lines  # audit log lines of its records
     cdef readonly list records  # records of each buffer
 
     @property
@@ -1095,8 +1119,10 @@ cdef class SessionEvents:
     list a frame holds; and apart, the audit log lines of those of them the
     log gets, rendered as they are decoded, so that an open storm is never
     scanned again in Python."""
-    cdef buf body  # the msgpack of each pending event
+    # The msgpack of each pending event, after room for the list's header.
+    cdef buf body
     cdef buf lines
+    cdef buf spare[2]  # a body's and a lines' buffer, written and given back
     cdef buf scratch
     # The command record last packed, and what its fields mean: for its line.
     cdef const esr_event_header *viewed
@@ -1126,6 +1152,7 @@ cdef class SessionEvents:
         """format: the session's schema.AuditFormat, needed once a record type is audited."""
         self.next_ei = next_ei
         self.count = 0
+        self.fresh(&self.body, 0)
         memset(self.counts, 0, sizeof(self.counts))
         self.format = format
         if format is not None:
@@ -1138,7 +1165,29 @@ cdef class SessionEvents:
     def __dealloc__(self):
         free(self.body.data)
         free(self.lines.data)
+        free(self.spare[0].data)
+        free(self.spare[1].data)
         free(self.scratch.data)
+
+    cdef int fresh(self, buf *b, int kind) except -1:
+        """A buffer to write on in place of one handed over: the spare, or
+        a new one; a body's with room for its list's header."""
+        cdef buf new = self.spare[kind]
+        new.len = 0
+        if kind == 0:
+            reserve(&new, MP_MAX)
+            new.len = MP_MAX
+        self.spare[kind].data = NULL
+        self.spare[kind].cap = 0
+        b[0] = new
+        return 0
+
+    cdef void recycle(self, buf *b, int kind) noexcept:
+        if self.spare[kind].data == NULL:
+            self.spare[kind] = b[0]
+        else:
+            free(b.data)
+        b.data = NULL
 
     def audit(self, records, failures=None):
         """Which schema.Record types the audit log gets from now on, and of
@@ -1169,20 +1218,29 @@ cdef class SessionEvents:
         cdef Taken taken = Taken.__new__(Taken)
         cdef char head_data[MP_MAX]
         cdef buf head
-        cdef char *payload
+        cdef Chunk payload = Chunk.__new__(Chunk)
+        cdef Chunk lines
+        cdef buf next_body, next_lines
         cdef int i
         head.data, head.len, head.cap = head_data, 0, MP_MAX
         mp_array(&head, self.count)
-        taken.payload = PyBytes_FromStringAndSize(NULL, head.len + self.body.len)
-        payload = PyBytes_AS_STRING(taken.payload)
-        memcpy(payload, head.data, head.len)
-        if self.body.len:
-            memcpy(payload + head.len, self.body.data, self.body.len)
+        self.fresh(&next_body, 0)
+        # The list's header goes in the room kept before its events.
+        payload.b, self.body = self.body, next_body
+        payload.owner, payload.kind, payload.start = self, 0, MP_MAX - head.len
+        memcpy(payload.b.data + payload.start, head.data, head.len)
+        taken.payload = memoryview(payload)
+        if self.lines.len:
+            self.fresh(&next_lines, 1)
+            lines = Chunk.__new__(Chunk)
+            lines.b, self.lines = self.lines, next_lines
+            lines.owner, lines.kind, lines.start = self, 1, 0
+            taken.lines = memoryview(lines)
+        else:
+            taken.lines = memoryview(b"")
         taken.first_ei = self.next_ei - self.count
         taken.count = self.count
-        taken.lines = PyBytes_FromStringAndSize(self.lines.data, self.lines.len)
         taken.records = [self.counts[i] for i in range(ESR_BUF_COUNT)]
-        self.body.len = self.lines.len = 0
         self.count = 0
         memset(self.counts, 0, sizeof(self.counts))
         return taken
