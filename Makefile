@@ -9,19 +9,22 @@ LIBBPF := $(BUILD)/libbpf/usr
 # sshd for the login tests, lintian and systemd-analyze for the package, qemu
 # and debootstrap for the systemd guest, bcc with the nearest kernel headers
 # for the benchmark's bcc peer, asciinema, the reference player the terminal
-# tests check exports with, and chromium for the web UI's tests.
+# tests check exports with, chromium for the web UI's tests, gdb to inject
+# code into a process from a session, as an attacker would, and liburing for
+# a test program that opens and connects through io_uring.
 APT_PACKAGES := clang llvm bpftool libelf-dev zlib1g-dev pkg-config dpkg-dev make gcc \
 	python3-venv python3-dev openssh-server openssh-client procps iproute2 util-linux \
 	lintian systemd qemu-system-x86 qemu-utils debootstrap e2fsprogs \
-	python3-bpfcc linux-headers-amd64 asciinema chromium
+	python3-bpfcc linux-headers-amd64 asciinema chromium gdb liburing-dev
 
 # pyproject.toml holds the one list of Python dependencies (and esr/__init__.py
 # the version): read them from there.
 PY_DEPS := $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' esr/__init__.py)
 
-.PHONY: all deps build run check test player binary deb clean
+.PHONY: all deps build run check test test-kernels player binary deb upgrade-deb clean
 DEB := $(BUILD)/esr_$(VERSION)_amd64.deb
+UPGRADE_DEB := $(BUILD)/upgrade/esr_$(VERSION)+upgrade_amd64.deb
 
 all: build
 
@@ -76,8 +79,13 @@ check: build
 	$(VENV)/bin/mypy --cache-dir $(CHECK_CACHE)/mypy
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 
-test: check deb
+test: check deb upgrade-deb
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+# The kernel matrix alone: Debian 11's, 12's and 13's kernels under qemu,
+# each running esr check and the kernel test table (make test runs it too).
+test-kernels: binary
+	$(VENV)/bin/pytest -q -p no:cacheprovider -s tests/guest/test_kernels.py
 
 # The web UI's player, at the version package-lock.json pins, installed by
 # npm into build/ and copied into the UI's static files: nothing is fetched
@@ -107,6 +115,18 @@ deb: binary
 		> $(BUILD)/pam-profile
 	deb/build.sh $(VERSION) $(BUILD)/dist/esr $(BUILD)/bench $(BUILD)/pam-profile $(BUILD)
 	lintian --fail-on error $(DEB)
+
+# A newer package whose BPF programs differ, for the upgrade test in the
+# systemd guest: the same package, with the programs compiled for the BPF
+# ISA v3 (32-bit jumps and ALU) and a higher version.
+upgrade-deb: deb
+	$(VENV)/bin/python setup.py -q build_bpf --build-dir=$(BUILD)/upgrade/bpf \
+		--package-dir=$(BUILD)/upgrade/bpf --cflags=-mcpu=v3
+	rm -rf $(BUILD)/upgrade/pkg && dpkg-deb -R $(DEB) $(BUILD)/upgrade/pkg
+	cp $(BUILD)/upgrade/bpf/esr.bpf.o $(BUILD)/upgrade/pkg/usr/lib/esr/_internal/esr/bpf/
+	sed -i 's/^Version: .*/Version: $(VERSION)+upgrade/' $(BUILD)/upgrade/pkg/DEBIAN/control
+	dpkg-deb --root-owner-group -Zxz --build $(BUILD)/upgrade/pkg $(UPGRADE_DEB) >/dev/null
+	@echo $(UPGRADE_DEB)
 
 clean:
 	rm -rf $(BUILD) $(VENV) $(PLAYER) esr/_fast/*.c esr/_fast/*.so esr/bpf/*.o *.egg-info

@@ -14,7 +14,15 @@ from setuptools.extension import Extension
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_DIR = os.path.join(HERE, "bpf")
 # The recorder's programs, statically linked into one object...
-RECORDER_SOURCES = ["session.bpf.c", "exec.bpf.c", "open.bpf.c", "connect.bpf.c", "terminal.bpf.c"]
+RECORDER_SOURCES = [
+    "session.bpf.c",
+    "exec.bpf.c",
+    "open.bpf.c",
+    "connect.bpf.c",
+    "terminal.bpf.c",
+    "ptrace.bpf.c",
+    "io_uring.bpf.c",
+]
 # ...and the probes `esr check` loads one by one.
 FEATURE_PROBE_SOURCE = "feature_probe.bpf.c"
 PACKAGE_BPF_DIR = os.path.join(HERE, "esr", "bpf")
@@ -40,21 +48,28 @@ class build_bpf(Command):
     which the C side names maps, programs and settings.
 
     vmlinux.h is generated from the build host's BTF; CO-RE relocations let
-    the object load on other kernels."""
+    the object load on other kernels. The options build another object of
+    the same programs elsewhere (the upgrade test's: make upgrade-deb)."""
 
     description = "build the BPF object"
-    user_options = []
+    user_options = [
+        ("build-dir=", None, "objects and subskeletons (default build/bpf)"),
+        ("package-dir=", None, "the linked objects (default esr/bpf)"),
+        ("cflags=", None, "more clang flags"),
+    ]
 
     def initialize_options(self):
-        pass
+        self.build_dir = BPF_BUILD_DIR
+        self.package_dir = PACKAGE_BPF_DIR
+        self.cflags = ""
 
     def finalize_options(self):
         pass
 
     def run(self):
-        out = BPF_BUILD_DIR
+        out = self.build_dir
         os.makedirs(out, exist_ok=True)
-        os.makedirs(PACKAGE_BPF_DIR, exist_ok=True)
+        os.makedirs(self.package_dir, exist_ok=True)
         vmlinux = os.path.join(out, "vmlinux.h")
         if not os.path.exists(vmlinux):
             if not os.path.exists(VMLINUX_BTF):
@@ -68,20 +83,19 @@ class build_bpf(Command):
             target = self.link(f"{name}.bpf.o", [self.compile(src, out, headers) for src in sources])
             self.subskeleton(target, name, out)
 
-    @staticmethod
-    def compile(source, out, headers):
+    def compile(self, source, out, headers):
         src = os.path.join(BPF_DIR, source)
         obj = os.path.join(out, source[:-2] + ".o")
         if os.path.exists(obj) and os.path.getmtime(obj) >= max(
                 os.path.getmtime(p) for p in [src, *headers]):
             return obj
         run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-D__TARGET_ARCH_x86",
-             "-I", out, "-I", BPF_DIR, "-I", LIBBPF_INCLUDE, "-c", src, "-o", obj])
+             *self.cflags.split(), "-I", out, "-I", BPF_DIR, "-I", LIBBPF_INCLUDE, "-c", src,
+             "-o", obj])
         return obj
 
-    @staticmethod
-    def link(name, objects):
-        target = os.path.join(PACKAGE_BPF_DIR, name)
+    def link(self, name, objects):
+        target = os.path.join(self.package_dir, name)
         if not os.path.exists(target) or os.path.getmtime(target) < max(
                 os.path.getmtime(o) for o in objects):
             run(["bpftool", "gen", "object", target + ".tmp", *objects])
@@ -138,7 +152,8 @@ def extensions():
             Extension("esr._fast.probe", ["esr/_fast/probe.pyx", "esr/_fast/object.c",
                                           "esr/_fast/drain.c"],
                       extra_objects=[LIBBPF_A], libraries=["elf", "z"],
-                      depends=["esr/_fast/object.h", "esr/_fast/drain.h", "bpf/esr_events.h"],
+                      depends=["esr/_fast/object.h", "esr/_fast/drain.h", "esr/_fast/handover.h",
+                               "bpf/esr_events.h"],
                       **common),
             Extension("esr._fast.decode", ["esr/_fast/decode.pyx"],
                       depends=["bpf/esr_events.h"], **common),

@@ -49,9 +49,12 @@
 /* Counted by on_record(). */
 static unsigned long long records[ESR_BUF_COUNT], lost_notified;
 
-/* The session: slot 0 of the mapped session_states, and the tracked_tasks map. */
+/* The session: slot 0 of the mapped session_states, and the object whose
+ * tracked_tasks it adds to. */
 static struct esr_session_state *states;
-static int tracked_fd, tracking;
+static struct esr_object obj;
+static struct esr_tracking tracking_maps;
+static int tracking;
 static struct rusage start;	/* CPU at the first "track" */
 
 /* One line on stderr, with a reason when given, and exit 1. */
@@ -162,12 +165,12 @@ static void track(const char *arg)
 		memset(&states[0], 0, sizeof(states[0]));
 		__atomic_store_n(&states[0].session, COOKIE, __ATOMIC_RELEASE);
 	}
-	if (bpf_map_update_elem(tracked_fd, &tid, &task, BPF_ANY))
+	if (esr_track(&tracking_maps, tid, &task))
 		die(strerror(errno), "cannot track pid %u", tid);
 	__sync_fetch_and_add(&states[0].live_tasks, 1);
 	if (*rest) {
 		terminal_tid = pid_of(rest + 1, &rest);
-		if (*rest || bpf_map_update_elem(tracked_fd, &terminal_tid, &terminal, BPF_ANY))
+		if (*rest || esr_track(&tracking_maps, terminal_tid, &terminal))
 			die(strerror(errno), "cannot track the terminal's pid %u", terminal_tid);
 	}
 	if (!tracking) {
@@ -249,8 +252,8 @@ static void print_counts(const char *name, const unsigned long long counts[ESR_B
 int main(int argc, char **argv)
 {
 	struct esr_object_settings settings = { .max_sessions = MAX_SESSIONS,
-						.max_tasks = MAX_TASKS };
-	struct esr_object obj;
+						.max_tasks = MAX_TASKS,
+						.tasks_per_session = MAX_TASKS };
 	struct esr_buffers buffers;
 	struct epoll_event event, events[ESR_BUF_COUNT + 1];
 	struct rusage end;
@@ -258,6 +261,7 @@ int main(int argc, char **argv)
 	size_t pages[ESR_BUF_COUNT] = { 0 }, states_size, image_size;
 	const char *step = "";
 	void *image;
+	int map_fds[ESR_BUF_COUNT];
 	int cpu = 0, i, n, err, stopping = 0;
 	char *rest;
 
@@ -290,17 +294,21 @@ int main(int argc, char **argv)
 	image = read_file(argv[1], &image_size);
 	if ((err = esr_object_open(&obj, image, image_size, &settings, &step)))
 		die(esr_libbpf_reason()[0] ? esr_libbpf_reason() : strerror(-err), "%s", step);
-	tracked_fd = obj.tracked_tasks_fd;
 	states_size = MAX_SESSIONS * sizeof(*states);
 	states = mmap(NULL, states_size, PROT_READ | PROT_WRITE, MAP_SHARED,
 		      obj.session_states_fd, 0);
 	if (states == MAP_FAILED)
 		die(strerror(errno), "cannot map session_states");
-	if ((err = esr_buffers_open(&buffers, &obj, pages, on_record, NULL, &step)))
+	if ((err = esr_tracking_open(&tracking_maps, obj.tracked_tasks_fd,
+				     bpf_map__fd(obj.skel->maps.tid_marks))))
+		die(strerror(-err), "cannot map tid_marks");
+	for (i = 0; i < ESR_BUF_COUNT; i++)
+		map_fds[i] = esr_object_buffer_fd(&obj, i);
+	if ((err = esr_buffers_open(&buffers, map_fds, pages, NULL, on_record, NULL, &step)))
 		die(strerror(-err), "%s", step);
 	memset(&event, 0, sizeof(event));
 	event.events = EPOLLIN;
-	event.data.fd = 0;
+	event.data.ptr = &stopping;
 	if (epoll_ctl(buffers.epfd, EPOLL_CTL_ADD, 0, &event))
 		die(strerror(errno), "epoll_ctl stdin");
 	printf("ready\n");
@@ -315,7 +323,7 @@ int main(int argc, char **argv)
 			die(strerror(errno), "epoll_wait");
 		esr_buffers_consume(&buffers);
 		for (n = 0; n < ready; n++)
-			if (events[n].data.fd == 0)
+			if (events[n].data.ptr == &stopping)
 				stopping = read_commands();
 	}
 	if (!tracking)

@@ -42,11 +42,15 @@ struct {
 	__type(value, struct connect_attempt);
 } connect_attempts SEC(".maps");
 
-/* Thread -> socket of the connect() it is inside. */
+/* connect_attempts' entries: while there are none, the state changes of
+ * every other TCP socket on the host need no lookup. */
+__u64 connects_pending = 0;
+
+/* Thread -> socket of the connect() it is inside. LRU: a thread whose
+ * session ended inside connect() never comes back for its entry. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, __u64);
 } connect_in_flight SEC(".maps");
@@ -65,6 +69,12 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 	    BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return NULL;
 	return sk;
+}
+
+static __always_inline void forget_attempt(__u64 *sk)
+{
+	if (!bpf_map_delete_elem(&connect_attempts, sk))
+		__sync_fetch_and_add(&connects_pending, -1);
 }
 
 static __always_inline void report(void *ctx, struct connect_attempt *attempt, __s32 result)
@@ -119,6 +129,7 @@ int connect_enter(struct trace_event_raw_sys_enter *ctx)
 	/* A repeated connect() on a socket still connecting only polls it. */
 	if (bpf_map_update_elem(&connect_attempts, &key, &attempt, BPF_NOEXIST))
 		return 0;
+	__sync_fetch_and_add(&connects_pending, 1);
 	bpf_map_update_elem(&connect_in_flight, &tid, &key, BPF_ANY);
 	return 0;
 }
@@ -127,7 +138,7 @@ SEC("tp/syscalls/sys_exit_connect")
 int connect_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	__u32 tid = current_tid();
-	__u64 *key = bpf_map_lookup_elem(&connect_in_flight, &tid);
+	__u64 *key = in_flight(&connect_in_flight, &tid);
 	struct connect_attempt *attempt;
 	__u64 sk;
 
@@ -143,7 +154,7 @@ int connect_exit(struct trace_event_raw_sys_exit *ctx)
 		return 0;
 	}
 	report(ctx, attempt, ctx->ret == -EINPROGRESS ? attempt->outcome : ctx->ret);
-	bpf_map_delete_elem(&connect_attempts, &sk);
+	forget_attempt(&sk);
 	return 0;
 }
 
@@ -157,6 +168,8 @@ int connect_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
 	if (ctx->newstate != TCP_SYN_SENT && ctx->oldstate != TCP_SYN_SENT)
+		return 0;
+	if (!connects_pending)
 		return 0;
 	attempt = bpf_map_lookup_elem(&connect_attempts, &sk);
 	if (!attempt)
@@ -183,7 +196,7 @@ int connect_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	attempt->finished = 1;
 	if (attempt->syscall_returned) {
 		report(ctx, attempt, attempt->outcome);
-		bpf_map_delete_elem(&connect_attempts, &sk);
+		forget_attempt(&sk);
 	}
 	return 0;
 }

@@ -46,6 +46,8 @@ enum esr_event_type {
 	ESR_EVENT_TERMINAL_INPUT = 6,	/* struct esr_terminal_data_event */
 	ESR_EVENT_TERMINAL_WRITE = 7,	/* struct esr_terminal_write_event */
 	ESR_EVENT_TERMINAL_RESIZE = 8,	/* struct esr_terminal_resize_event */
+	ESR_EVENT_PTRACE = 9,		/* struct esr_ptrace_event */
+	ESR_EVENT_IO_URING = 15,	/* struct esr_io_uring_event */
 	ESR_EVENT_TYPE_END
 };
 
@@ -143,6 +145,47 @@ struct esr_terminal_resize_event {
 	__u16 cols;
 };
 
+/* struct esr_ptrace_event.request */
+enum esr_ptrace_request {
+	ESR_PTRACE_ATTACH = 1,
+	ESR_PTRACE_SEIZE = 2,
+	ESR_PTRACE_DETACH = 3,
+	ESR_PTRACE_VM_WRITE = 4,	/* process_vm_writev */
+};
+
+/* struct esr_ptrace_event.flags */
+#define ESR_PTRACE_FOLLOWED	0x1	/* the target is recorded in this session from now on */
+#define ESR_PTRACE_LEFT		0x2	/* detached: the target is no longer recorded here */
+#define ESR_PTRACE_AS_NAMED	0x4	/* target_pid is as the caller named it, in its pid namespace */
+
+/* A recorded thread reached into another process: it attached to it, or
+ * wrote its memory. */
+struct esr_ptrace_event {
+	struct esr_event_header hdr;
+	__s64 return_code;	/* 0 or -errno; bytes written for process_vm_writev */
+	__u32 target_pid;	/* the thread (attach, detach) or process (write) */
+	__u32 target_tgid;	/* its process, when the kernel says (attach) */
+	__u16 request;		/* enum esr_ptrace_request */
+	__u16 flags;
+	__u32 reserved;
+	char target_comm[ESR_COMM_LEN];	/* when the kernel says (attach) */
+};
+
+/* A recorded process set up an io_uring, or one of its rings took an
+ * operation of a kind it had not taken before. io_uring's opens, connects
+ * and the rest bypass the syscalls the other records come from: this says
+ * which kinds of operation a session's rings ran, not what on. */
+struct esr_io_uring_event {
+	struct esr_event_header hdr;
+	__u32 ring_fd;		/* the ring, as io_uring_setup returned it */
+	__u32 ring_pid;		/* to the process that set it up */
+	__u32 sq_entries;	/* setup: the ring's size */
+	__u32 setup_flags;	/* setup: IORING_SETUP_* */
+	__u8 setup;		/* 1: the ring was set up; 0: opcode was first submitted */
+	__u8 opcode;		/* IORING_OP_* */
+	__u8 reserved[6];
+};
+
 /* Terminal output of a session, in bytes: what its programs wrote is
  * recorded + skipped + lost. */
 struct esr_terminal_counts {
@@ -170,6 +213,9 @@ struct esr_session_state {
  * session process (an anchor's child that never execs), or `esr run`
  * relaying the command's pty. */
 #define ESR_TASK_TERMINAL 0x4
+/* Joined the session by being ptrace-attached by one of its threads; a
+ * detach by the session takes it out again. */
+#define ESR_TASK_TRACED 0x8
 
 /* Value of the tracked_tasks map, keyed by thread id. */
 struct esr_task {

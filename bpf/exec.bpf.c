@@ -20,11 +20,12 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* Shared with ptrace.bpf.c, which defines it the same way. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(__u32));
-} command_events SEC(".maps");
+} command_events __weak SEC(".maps");
 
 /* The esr executable, set before load (0 when unknown). A session's anchor
  * (sshd's monitor, su) runs the PAM hook as a direct child: that child
@@ -200,7 +201,7 @@ static __always_inline void read_caller_argv(struct esr_command_event *e, struct
 static __always_inline int report_failed_exec(void *ctx, long ret)
 {
 	__u32 tid = current_tid();
-	struct exec_call *call = bpf_map_lookup_elem(&exec_in_flight, &tid);
+	struct exec_call *call = in_flight(&exec_in_flight, &tid);
 	struct esr_command_event *e;
 	long n;
 

@@ -33,9 +33,11 @@ struct open_in_flight {
 	__s32 flags;
 };
 
-/* One entry per recorded thread inside an open call; sized like tracked_tasks. */
+/* One entry per recorded thread inside an open call; sized like
+ * tracked_tasks. LRU: a thread whose session ended inside the call never
+ * comes back for its entry. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct open_in_flight);
@@ -56,7 +58,7 @@ static __always_inline int stash_open(const char *path, __s32 flags)
 static __always_inline int report_open(struct trace_event_raw_sys_exit *ctx)
 {
 	__u32 tid = current_tid(), zero = 0;
-	struct open_in_flight *call = bpf_map_lookup_elem(&open_in_flight, &tid);
+	struct open_in_flight *call = in_flight(&open_in_flight, &tid);
 	struct esr_disk_event *e;
 	__u64 len;
 	long n;

@@ -7,13 +7,18 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+const volatile __u32 tid_marks_size = 0;
+/* The most threads one session may have tracked at once (a share of
+ * tracked_tasks): a session forking without end cannot take the whole map. */
+const volatile __s64 tasks_per_session = 0;
+
 SEC("tp/sched/sched_process_fork")
 int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 {
 	__u32 parent_tid = current_tid();
-	struct esr_task *parent = bpf_map_lookup_elem(&tracked_tasks, &parent_tid);
+	struct esr_task *parent = tracked_task(parent_tid);
 	struct esr_session_state *state;
-	struct esr_task child = {};
+	struct esr_task child = {}, *known;
 	__u32 child_tid;
 
 	if (!parent)
@@ -26,7 +31,14 @@ int track_fork(struct trace_event_raw_sched_process_fork *ctx)
 	 * relays the user's terminal. */
 	child.flags = parent->flags & ESR_TASK_ANCHOR ? ESR_TASK_ANCHOR_CHILD | ESR_TASK_TERMINAL : 0;
 	child_tid = ctx->child_pid;
-	if (bpf_map_update_elem(&tracked_tasks, &child_tid, &child, BPF_ANY)) {
+	/* While an upgrade replaces the programs, the old and the new
+	 * track_fork both run, one after the other, on the fork: the second
+	 * must not count the child again. An entry of another session is a
+	 * thread whose exit was missed, whose id is reused: replaced. */
+	known = bpf_map_lookup_elem(&tracked_tasks, &child_tid);
+	if (known && known->session == child.session)
+		return 0;
+	if (state->live_tasks >= tasks_per_session || track(child_tid, &child)) {
 		__sync_fetch_and_add(&state->untracked_forks, 1);
 		return 0;
 	}
@@ -38,7 +50,7 @@ SEC("tp/sched/sched_process_exit")
 int untrack_exit(void *ctx)
 {
 	__u32 tid = current_tid();
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+	struct esr_task *task = tracked_task(tid);
 
 	if (task)
 		untrack(tid, task);

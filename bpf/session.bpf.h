@@ -17,6 +17,25 @@ struct {
 	__type(value, struct esr_task);
 } tracked_tasks __weak SEC(".maps");
 
+/* One byte per thread id, non-zero while the thread may be in tracked_tasks:
+ * every hook asks it first, so a thread outside every session costs one
+ * array read (inlined by the verifier) instead of a hash lookup. Set before
+ * a thread enters tracked_tasks, cleared after it leaves. Sized by user
+ * space to pid_max; an id beyond it (pid_max raised since) takes the hash
+ * lookup. Mapped by user space, which tracks the threads it adds. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, 4096);
+	__uint(map_flags, BPF_F_MMAPABLE);
+} tid_marks __weak SEC(".maps");
+
+/* Set before load (session.bpf.c): tid_marks' value size, and the most
+ * threads one session may have tracked at once. */
+extern const volatile __u32 tid_marks_size;
+extern const volatile __s64 tasks_per_session;
+
 /* Slot -> session state; mapped by user space, which reads the counters in place. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -50,6 +69,67 @@ static __always_inline struct esr_session_state *session_state(__u64 session)
 	return state;
 }
 
+/* tid's byte of tid_marks, or NULL beyond them. */
+static __always_inline __u8 *mark_of(__u32 tid)
+{
+	__u32 zero = 0;
+	__u8 *marks = bpf_map_lookup_elem(&tid_marks, &zero);
+	__u64 i = tid;
+
+	if (!marks || i >= tid_marks_size)
+		return NULL;
+	/* Index with the register just compared: the verifier proves the
+	 * bound on it, not on a copy clang might make before the compare. */
+	barrier_var(i);
+	return marks + i;
+}
+
+/* Whether tid may be tracked: false for (almost) every thread outside a
+ * session, at the cost of one array read. */
+static __always_inline bool maybe_tracked(__u32 tid)
+{
+	__u8 *mark = mark_of(tid);
+
+	return !mark || *mark;
+}
+
+static __always_inline void mark(__u32 tid, __u8 value)
+{
+	__u8 *mark = mark_of(tid);
+
+	if (mark)
+		*mark = value;
+}
+
+/* tid's membership, or NULL. */
+static __always_inline struct esr_task *tracked_task(__u32 tid)
+{
+	if (!maybe_tracked(tid))
+		return NULL;
+	return bpf_map_lookup_elem(&tracked_tasks, &tid);
+}
+
+/* tid's entry in a per-thread map of calls in flight, which only threads
+ * that may be tracked have. */
+static __always_inline void *in_flight(void *map, __u32 *tid)
+{
+	if (!maybe_tracked(*tid))
+		return NULL;
+	return bpf_map_lookup_elem(map, tid);
+}
+
+/* Add tid to tracked_tasks; 0, or the map's error. */
+static __always_inline long track(__u32 tid, struct esr_task *task)
+{
+	long err;
+
+	mark(tid, 1);
+	err = bpf_map_update_elem(&tracked_tasks, &tid, task, BPF_ANY);
+	if (err)
+		mark(tid, 0);
+	return err;
+}
+
 /* Forget a tracked thread; it no longer counts as alive in its session. */
 static __always_inline void untrack(__u32 tid, struct esr_task *task)
 {
@@ -58,14 +138,13 @@ static __always_inline void untrack(__u32 tid, struct esr_task *task)
 	if (state && !(task->flags & ESR_TASK_ANCHOR))
 		__sync_fetch_and_add(&state->live_tasks, -1);
 	bpf_map_delete_elem(&tracked_tasks, &tid);
+	mark(tid, 0);
 }
 
-/* The session the current thread is recorded in, or 0: the one lookup
- * every process outside a session pays. */
+/* The session the current thread is recorded in, or 0. */
 static __always_inline __u64 recorded_session(void)
 {
-	__u32 tid = current_tid();
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+	struct esr_task *task = tracked_task(current_tid());
 
 	if (!task || (task->flags & ESR_TASK_ANCHOR))
 		return 0;
@@ -77,12 +156,14 @@ static __always_inline __u64 recorded_session(void)
  * already removed that pid from the map: carry the membership over to it. */
 static __always_inline struct esr_task *task_after_exec(__u32 old_tid, __u32 new_tid)
 {
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &old_tid);
+	struct esr_task *task = tracked_task(old_tid);
 
 	if (!task || old_tid == new_tid)
 		return task;
-	bpf_map_update_elem(&tracked_tasks, &new_tid, task, BPF_ANY);
+	if (track(new_tid, task))
+		return NULL;
 	bpf_map_delete_elem(&tracked_tasks, &old_tid);
+	mark(old_tid, 0);
 	return bpf_map_lookup_elem(&tracked_tasks, &new_tid);
 }
 

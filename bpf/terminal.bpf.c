@@ -54,9 +54,10 @@ struct terminal_call {
 	__u16 type;	/* the record it makes: enum esr_event_type */
 };
 
-/* Thread id -> its call; sized like tracked_tasks. */
+/* Thread id -> its call; sized like tracked_tasks. LRU: a thread whose
+ * session ended inside the call never comes back for its entry. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct terminal_call);
@@ -120,7 +121,7 @@ static __always_inline bool echoing(struct tty_struct *master)
 static __always_inline int enter_read(int fd, const char *buf)
 {
 	__u32 tid = current_tid();
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+	struct esr_task *task = tracked_task(tid);
 	struct file *file;
 
 	if (!task || !(task->flags & ESR_TASK_TERMINAL))
@@ -135,7 +136,7 @@ static __always_inline int enter_read(int fd, const char *buf)
 static __always_inline int enter_write(int fd, const char *buf)
 {
 	__u32 tid = current_tid();
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+	struct esr_task *task = tracked_task(tid);
 	struct file *file;
 	__u32 rdev;
 
@@ -240,7 +241,7 @@ static __always_inline void send_data(void *ctx, struct terminal_call *call, __u
 static __always_inline int exit_call(void *ctx, long ret)
 {
 	__u32 tid = current_tid();
-	struct terminal_call *call = bpf_map_lookup_elem(&terminal_in_flight, &tid);
+	struct terminal_call *call = in_flight(&terminal_in_flight, &tid);
 	struct esr_session_state *state;
 	struct esr_terminal_counts *t;
 	struct tty_struct *tty_struct;
@@ -306,7 +307,7 @@ int terminal_write_exit(struct trace_event_raw_sys_exit *ctx)
 static __always_inline int enter_printing(int fd)
 {
 	__u32 tid = current_tid();
-	struct esr_task *task = bpf_map_lookup_elem(&tracked_tasks, &tid);
+	struct esr_task *task = tracked_task(tid);
 	struct file *file;
 
 	if (!task || (task->flags & ESR_TASK_ANCHOR))

@@ -10,7 +10,7 @@ import os
 import sys
 
 from esr import __version__, bench
-from esr.errors import EsrError, UsageError, one_line
+from esr.errors import EsrError, LoadError, UsageError, one_line
 
 
 def _version() -> str:
@@ -417,11 +417,15 @@ def _cmd_index(args) -> int:
 def _cmd_check(args) -> int:
     from esr.check import check
 
-    ok = True
-    for line, good in check(_config(args)):
+    lacking = []
+    for line, lacks in check(_config(args)):
         print(line)
-        ok = ok and good
-    return 0 if ok else 1
+        if lacks:
+            lacking.append(lacks)
+    if lacking:
+        # The first is the cause: a kernel too old lacks much else too.
+        raise LoadError(f"cannot record on this kernel: {lacking[0]}")
+    return 0
 
 
 def _cmd_daemon(args) -> int:

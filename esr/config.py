@@ -63,9 +63,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     terminal: Terminal = msgspec.field(default_factory=Terminal)
     data_dir: str = "/var/lib/esr"
     control_socket: str = "/run/esr/esr.sock"
+    # Where the daemon pins its programs and maps in bpffs, so that recording
+    # goes on across a restart; "": a restart ends the sessions.
+    pin_dir: str = "/sys/fs/bpf/esr"
     # Sessions recorded at once, and threads they may have alive at once.
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
     max_tracked_tasks: Annotated[int, msgspec.Meta(ge=64, le=4194304)] = 65536
+    # The share of them one session may hold, so that a session forking
+    # without end cannot keep the others' children from being recorded; an
+    # eighth of max_tracked_tasks when not set.
+    max_tasks_per_session: Annotated[int, msgspec.Meta(ge=16, le=4194304)] | None = None
     # zstd level of the recordings' frames: 1 is as small as 3 for these
     # batches, at two thirds of the CPU.
     compression_level: Annotated[int, msgspec.Meta(ge=1, le=19)] = 1
@@ -83,6 +90,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # rest, or also refuse to open new sessions (with `esr pam
     # --fail-closed`, no login then goes unrecorded).
     on_disk_full: Literal["keep_running", "refuse_new_sessions"] = "keep_running"
+
+    def tasks_per_session(self) -> int:
+        return self.max_tasks_per_session or max(self.max_tracked_tasks // 8, 16)
 
     def buffer_pages(self) -> tuple[int, ...]:
         """Pages per CPU of each buffer, in esr_events.h's order."""
@@ -114,6 +124,7 @@ def _check(config: Config) -> None:
     paths = {
         "data_dir": config.data_dir,
         "control_socket": config.control_socket,
+        "pin_dir": config.pin_dir,
         "enhanced_recording.cgroup_path": r.cgroup_path,
         "enhanced_recording.root_path": r.root_path,
     }
@@ -123,8 +134,15 @@ def _check(config: Config) -> None:
     for key in ("data_dir", "control_socket"):
         if not os.path.isabs(getattr(config, key)):
             raise ConfigError(f"{key}: must be an absolute path")
+    if config.pin_dir and not os.path.isabs(config.pin_dir):
+        raise ConfigError("pin_dir: must be an absolute path (or empty)")
     if r.cgroup_path and not os.path.isabs(r.cgroup_path):
         raise ConfigError("enhanced_recording.cgroup_path: must be an absolute path")
+    if (config.max_tasks_per_session or 0) > config.max_tracked_tasks:
+        raise ConfigError(
+            f"max_tasks_per_session: {config.max_tasks_per_session} is more than "
+            f"max_tracked_tasks ({config.max_tracked_tasks})"
+        )
     size = len(os.fsencode(config.control_socket))
     if size > _MAX_SOCKET_PATH:
         raise ConfigError(

@@ -2,10 +2,12 @@
 `esr run` asks for over the control socket, until SIGTERM.
 
 The recorder, its loop and the control socket are their own modules; this
-one holds what ties them together: the data dir's lock, recovering what a
-previous daemon left open, the requests' meaning, the anchors' lifetimes,
-and signals (SIGTERM ends every session cleanly, SIGHUP reopens the audit
-log and applies what can change live).
+one holds what ties them together: the data dir's lock, taking over or
+recovering what a previous daemon left open, the requests' meaning, the
+anchors' lifetimes, and signals: SIGTERM ends every session cleanly and
+detaches everything; SIGUSR2 (what `systemctl restart` sends, the unit's
+RestartKillSignal) hands the sessions over to the next daemon; SIGHUP
+reopens the audit log and applies what can change live.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import sys
 import msgspec
 
 from esr import config as config_mod
-from esr import control, loader, schema
+from esr import control, fdstore, loader, schema
 from esr.config import Config
 from esr.datadir import SID_PATTERN, DataDir
 from esr.errors import DaemonError, EsrError
 from esr.log import counts, log
 from esr.loop import RecordingLoop
 from esr.recorder import Recorder, recover
+from esr.registry import Session
 from esr.server import ControlServer, Peer, listening_socket
 
 NICE = -10
@@ -81,36 +84,105 @@ class Daemon:
         self.datadir = DataDir(config.data_dir)
         self.anchors: dict[str, int] = {}  # sid -> pidfd of its anchor
         self.stopped = asyncio.Event()
+        self.handing_over = False
 
     def run(self) -> None:
         _prioritize()
         self.datadir.ensure()
         lock = _lock(self.datadir)
         try:
-            for sid in recover(self.datadir, self.config.compression_level, log):
+            self.recorder = Recorder(self.config, self._load(fdstore.handed()), self.datadir, log)
+            adopted = self.recorder.adopt()
+            done = frozenset(s.sid for s in adopted)
+            for sid in recover(self.datadir, self.config.compression_level, log, done):
                 log("session.ended_by_restart", sid=sid)
-            probe = loader.load(self.config, recorder_exe=os.path.realpath(sys.executable))
-            self.recorder = Recorder(self.config, probe, self.datadir, log)
+            probe = self.recorder.probe
+            if probe is not None:
+                fdstore.remove(probe.retired_names())
+                fdstore.store(probe.to_store())
             self.loop = RecordingLoop(self.recorder)
+            for session in adopted:
+                self._watch_holder(session)
             try:
-                self.loop.run(self._serve())
+                self.loop.run(self._serve(len(adopted)))
             finally:
                 for sid in list(self.anchors):
                     self._forget_anchor(sid)
-                self.recorder.close("recorder stopped")
+                if self.handing_over:
+                    self.recorder.handover(rings_kept=fdstore.available())
+                else:
+                    self.recorder.close("recorder stopped")
                 self.loop.close()
         finally:
             os.close(lock)
         log(
             "daemon.stop",
+            handed_over=self.handing_over,
             records=counts(schema.by_buffer(self.recorder.records)),
             not_written=self.recorder.lost_in_user_space,
         )
 
-    async def _serve(self) -> None:
+    def _load(self, handed: dict[str, int]):
+        """The probe: the kernel side a previous daemon left in the pin
+        directory taken over, or loaded anew. handed: what the previous one
+        stored, which the probe owns (and closes what it does not use)."""
+        if not self.config.enhanced_recording.enabled:
+            for fd in handed.values():
+                os.close(fd)
+            return None
+        st = os.stat(self.datadir.path)
+        probe = loader.load(
+            self.config,
+            recorder_exe=os.path.realpath(sys.executable),
+            pin=True,
+            handed=handed,
+            owner=(st.st_dev, st.st_ino),
+            keep_rings=fdstore.available(),
+        )
+        if probe is not None and probe.adopted is not None:
+            a = probe.adopted
+            log(
+                "daemon.took_over",
+                previous_version=a["version"],
+                handed_over=a["handed_over"],
+                programs="replaced" if a["replaced"] else "kept",
+                rings=a["rings"],
+                switch_ms=(a["switch_ns"][1] - a["switch_ns"][0]) // 1_000_000
+                if "switch_ns" in a
+                else None,
+                maps_changed=",".join(a.get("maps_changed", ())) or None,
+                reconciled=a.get("reconciled"),
+                not_carried=a.get("not_carried"),
+            )
+        return probe
+
+    def _watch_holder(self, session: Session) -> None:
+        """Wait for the anchor (or pty relay) of a session taken over, as
+        _open does; gone while no daemon ran, the session's leader left."""
+        holder = session.anchor_pid or session.terminal_pid
+        if session.leader_gone or not holder:
+            return
+        try:
+            fd = os.pidfd_open(holder)
+        except ProcessLookupError:
+            fd = -1
+        # The kernel forgets a tracked process when it exits: still tracked
+        # as the session's anchor, this pid is still the same process.
+        probe = self.recorder.probe
+        if fd >= 0 and probe is not None and probe.task_session(holder) == (session.cookie, True):
+            self.anchors[session.sid] = fd
+            self.loop.loop.add_reader(fd, self._anchor_gone, session.sid)
+            return
+        if fd >= 0:
+            os.close(fd)
+        log("session.anchor_exited", sid=session.sid, anchor_pid=holder, while_down=True)
+        self.recorder.leave(session)
+
+    async def _serve(self, adopted: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, sig)
+        loop.add_signal_handler(signal.SIGUSR2, self._hand_over)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         server = ControlServer(listening_socket(self.config.control_socket), self._handle, log)
@@ -122,11 +194,15 @@ class Daemon:
             data_dir=self.datadir.path,
             socket=self.config.control_socket,
             enhanced_recording=probe is not None,
-            buffers="/".join(map(str, self.config.buffer_pages())),
+            buffers="/".join(map(str, probe.buffer_pages if probe is not None else ())),
             programs=probe.programs if probe is not None else 0,
+            pinned=probe.pin_dir if probe is not None else None,
+            adopted=adopted,
         )
+        fdstore.notify("READY=1")
         try:
             await self.stopped.wait()
+            fdstore.notify("STOPPING=1")
         finally:
             await server.close()
             try:
@@ -136,6 +212,11 @@ class Daemon:
 
     def _stop(self, sig: int) -> None:
         log("daemon.signal", signal=signal.Signals(sig).name)
+        self.stopped.set()
+
+    def _hand_over(self) -> None:
+        log("daemon.signal", signal="SIGUSR2", sessions="handed over")
+        self.handing_over = True
         self.stopped.set()
 
     def _reload(self) -> None:

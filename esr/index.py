@@ -418,7 +418,7 @@ class Index:
             commands=summary.records[schema.BUFFERS.index("command")],
             files=summary.records[schema.BUFFERS.index("disk")],
             connections=summary.records[schema.BUFFERS.index("network")],
-            lost=sum(summary.lost),
+            lost=sum(summary.lost[: len(schema.BUFFERS)]),  # processes are "skipped"
             skipped=extra["skipped"],
             integrity=integrity,
         )

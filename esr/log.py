@@ -3,15 +3,20 @@ collects them."""
 
 from __future__ import annotations
 
+import codecs
 import sys
 import time
+
+# Looked up now: an upgrade replaces the files of the daemon it is about to
+# restart, whose last lines, on its way out, could not import the codec.
+_escape = codecs.lookup("unicode_escape").encode
 
 
 def _value(v) -> str:
     s = str(v)
     if s and not any(c in s for c in ' "=\\') and s.isprintable():
         return s
-    return '"' + s.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+    return '"' + _escape(s)[0].decode("ascii").replace('"', '\\"') + '"'
 
 
 def counts(by_name: dict[str, int]) -> str:

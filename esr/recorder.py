@@ -8,6 +8,10 @@ What cannot be written (a full disk) is counted per session and declared by
 the next frame that is; each file keeps a reserve (esr/room.py), so a
 session's end always is. Once the frames of a flush are on disk, each
 session's chain head is sealed (esr/seal.py).
+
+A recorder may leave its sessions open to the next one (handover), which
+goes on with them where the kernel kept them (adopt); recover() ends what
+no recorder can go on with.
 """
 
 from __future__ import annotations
@@ -21,10 +25,18 @@ from esr import __version__, recording, schema, seal
 from esr._fast.decode import SessionEvents, Taken, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
-from esr.datadir import DataDir, check_sid
+from esr.datadir import SID_PATTERN, DataDir, check_sid
 from esr.errors import EsrError, SessionError
 from esr.log import counts
-from esr.recording import FLAG_GAP, FLAG_INTERACTIVE, KIND_END, KIND_EVENTS, KIND_START, Writer
+from esr.recording import (
+    FLAG_GAP,
+    FLAG_INTERACTIVE,
+    FLAG_RESUMED,
+    KIND_END,
+    KIND_EVENTS,
+    KIND_START,
+    Writer,
+)
 from esr.registry import Gap, Registry, Session
 from esr.room import FULL, NoRoom, syncfs
 from esr.seal import HostKey, Sealer
@@ -57,7 +69,10 @@ class Recorder:
         self.server_id = datadir.server_id()
         self.hostname = socket.gethostname()
         self.audit = AuditLog(datadir.log_dir, self.server_id)
-        self.registry = Registry(config.max_sessions)
+        if probe is not None:
+            self.registry = Registry(probe.max_sessions, probe.generation)
+        else:
+            self.registry = Registry(config.max_sessions)
         self.started = time.monotonic()
         self.records = [0] * len(schema.BUFFERS)
         self.orphans = 0
@@ -148,7 +163,7 @@ class Recorder:
             writer.append(KIND_START, [start])
             self.audit.write(session.audit.line(start))
             if self.probe is not None:
-                self.probe.open_session(slot, cookie)
+                self.probe.open_session(slot, cookie, sid, anchor_pid, terminal_pid)
                 if seed_pid:
                     self.probe.track(seed_pid, cookie)
                 if anchor_pid:
@@ -248,6 +263,7 @@ class Recorder:
             return self.live_tasks(session)
         session.leader_gone = True
         if self.probe is not None:
+            self.probe.session_left(session.slot)
             for pid in (session.anchor_pid, session.terminal_pid):
                 if pid:
                     self.probe.untrack(pid)
@@ -338,6 +354,155 @@ class Recorder:
             self.probe.close()
             self.probe = None
 
+    def handover(self, rings_kept: bool) -> None:
+        """Leave every open session to the next recorder: write and seal all
+        that was read, close the files without an end, and leave the kernel
+        side as it is (Probe.release), which goes on following the sessions
+        meanwhile. rings_kept: the buffers' rings are in systemd's store, and
+        go on filling for the next recorder; otherwise they go with this
+        process, and the programs count what they can no longer send."""
+        if self.probe is not None:
+            if not rings_kept:
+                self.probe.unplug()
+            # What the last flush takes is all that is read: the rest stays
+            # in the rings, unread and uncounted, for the next recorder.
+            self.probe.stop_draining()
+        self.flush()
+        self._sealed_at = 0.0
+        self._seal()
+        for session in self.registry:
+            try:
+                session.writer.close()
+            except OSError as err:
+                self.log(
+                    "recording.close_failed", level="error", sid=session.sid, error=err.strerror
+                )
+            try:
+                session.sealer.close(sync=True)
+            except OSError as err:
+                self.log("seal.close_failed", level="error", sid=session.sid, error=err.strerror)
+        self.audit.close()
+        if self.key is not None:
+            self.key.close()
+        if self.probe is not None:
+            self.probe.release()
+            self.probe = None
+
+    def adopt(self) -> list[Session]:
+        """Go on recording the sessions a previous recorder left in the
+        kernel, in the same recordings: each gets a session.resume saying
+        how long no recorder ran and what was lost meanwhile. A session whose
+        recording cannot be continued is let go of in the kernel, and its
+        recording left to recover()."""
+        if self.probe is None or self.probe.adopted is None:
+            return []
+        adopted = []
+        for (
+            slot,
+            cookie,
+            sid,
+            anchor_pid,
+            terminal_pid,
+            leader_gone,
+            drained,
+        ) in self.probe.pinned_sessions():
+            try:
+                adopted.append(
+                    self._adopt(slot, cookie, sid, anchor_pid, terminal_pid, leader_gone, drained)
+                )
+            except (OSError, EsrError) as err:
+                error = err.strerror if isinstance(err, OSError) else str(err)
+                self.log("session.not_adopted", level="error", sid=sid, error=error)
+                self.probe.close_session(slot, True)
+        self.audit.reserve_for(len(self.registry))
+        return adopted
+
+    def _adopt(
+        self,
+        slot: int,
+        cookie: int,
+        sid: str,
+        anchor_pid: int,
+        terminal_pid: int,
+        leader_gone: bool,
+        drained: tuple[int, ...],
+    ) -> Session:
+        if not SID_PATTERN.fullmatch(sid):
+            raise SessionError(f"the kernel holds a session id that is not one: {sid!r}")
+        path, seal_path = self.datadir.recording(sid), self.datadir.seal(sid)
+        summary, damage = recording.scan(path, sid)
+        if summary.closed or not summary.sealed or (damage and not damage.truncated):
+            raise SessionError("its recording is closed, unsealed or damaged")
+        problem = seal.unlike(summary, seal.last(seal_path))
+        if problem:
+            raise SessionError(f"its recording and its seals disagree: {problem}")
+        writer, summary, cut = Writer.resume(path, sid, self.config.compression_level)
+        try:
+            sealer = Sealer.resume(seal_path, sid)[0]
+        except BaseException:
+            writer.close()
+            raise
+        start = recording.session_start(path)
+        adopted = self.probe.adopted
+        _live, kernel, untracked, terminal = self.probe.session_counters(slot)
+        # The kernel's losses the recording reports already, and the records
+        # it holds or says were not written: the rest of what was read
+        # (drained) never reached it.
+        reported = [lost - unwritten for lost, unwritten in zip(summary.lost, summary.unwritten)]
+        dropped = [
+            max(d - r - u, 0) for d, r, u in zip(drained, summary.records, summary.unwritten)
+        ]
+        resume = schema.Resume(
+            ei=summary.last_ei + 1,
+            time=adopted["reading_ns"],
+            stopped=adopted["alive_ns"],
+            cause="restart" if adopted["handed_over"] else "crash",
+            programs="replaced" if adopted["replaced"] else "kept",
+            previous_version=adopted["version"],
+            version=__version__,
+            lost=[k - r + d for k, r, d in zip(kernel, reported, dropped)],
+            unwritten=dropped,
+            untracked_forks=untracked,
+        )
+        interactive = start.interactive or summary.interactive
+        audit = schema.AuditFormat(schema.Identity.of(start))
+        session = Session(
+            sid=sid,
+            slot=slot,
+            cookie=cookie,
+            start=start,
+            audit=audit,
+            writer=writer,
+            sealer=sealer,
+            path=path,
+            pending=SessionEvents(summary.last_ei + 1, interactive=interactive, format=audit),
+            anchor_pid=anchor_pid,
+            terminal_pid=terminal_pid,
+            records=list(summary.records),
+            lost=list(kernel),
+            untracked_forks=untracked,
+            terminal=terminal,
+            leader_gone=leader_gone,
+            unwritten=[u + d for u, d in zip(summary.unwritten, dropped)],
+        )
+        self._audit(session.pending)
+        self.registry.adopt(session)
+        session.pending.add(resume)
+        self._append(
+            session, KIND_EVENTS, session.pending.take(), [resume], resume.lost, FLAG_RESUMED
+        )
+        self.log(
+            "session.adopted",
+            sid=sid,
+            gap_ms=(resume.time - resume.stopped) // 1_000_000,
+            cause=resume.cause,
+            programs=resume.programs,
+            lost=sum(resume.lost),
+            not_written=sum(dropped),
+            cut_bytes=cut,
+        )
+        return session
+
     # --- the data path -------------------------------------------------------
 
     def flush(self) -> None:
@@ -346,6 +511,7 @@ class Recorder:
         if self.probe is None:
             self._seal()
             return  # no records; sessions end when their leader leaves
+        self.probe.heartbeat()
         # Nothing can join a seeded session once its last task is gone, even
         # if whoever started it never says so; an anchored one waits for its
         # anchor, which may not have forked anything yet, and one with a pty
@@ -380,27 +546,23 @@ class Recorder:
 
     def _reports(self, session: Session) -> tuple[list[int], int, list[schema.Event]]:
         """Add to the session's pending events a session.lost for each kind
-        of loss since the last report: records the kernel could not deliver,
-        and events the recorder could not write. Returns the records they
-        report per buffer, the frame flag that declares a gap, and the
-        session.lost events, for the audit log."""
+        of loss since the last report: records the kernel could not deliver
+        and processes it could not follow, and events the recorder could not
+        write. Returns what they report lost (schema.LOST_KINDS), the frame
+        flag that declares a gap, and the session.lost events, for the audit
+        log."""
         pending = session.pending
-        lost = [0] * len(schema.BUFFERS)
+        lost = [0] * len(schema.LOST_KINDS)
         reports: list[schema.Event] = []
         if self.probe is not None:
             _live, kernel, untracked, session.terminal = self.probe.session_counters(session.slot)
             kernel = list(kernel)
             if kernel != session.lost or untracked != session.untracked_forks:
-                lost = [now - before for now, before in zip(kernel, session.lost)]
-                reports.append(
-                    schema.Lost(
-                        pending.next_ei,
-                        time.time_ns(),
-                        lost,
-                        untracked - session.untracked_forks,
-                    )
-                )
+                records = [now - before for now, before in zip(kernel, session.lost)]
+                forks = untracked - session.untracked_forks
+                reports.append(schema.Lost(pending.next_ei, time.time_ns(), records, forks))
                 pending.add(reports[-1])
+                lost = [*records, forks]
                 session.lost = kernel
                 session.untracked_forks = untracked
         gap = session.gap
@@ -417,7 +579,7 @@ class Recorder:
             )
         )
         pending.add(reports[-1])
-        return [a + b for a, b in zip(lost, gap.records)], FLAG_GAP, reports
+        return [a + b for a, b in zip(lost, [*gap.records, 0])], FLAG_GAP, reports
 
     def _flush_session(self, session: Session) -> None:
         """Write what the session has pending."""
@@ -633,16 +795,20 @@ class Recorder:
         }
 
 
-def recover(datadir: DataDir, level: int, log=_noop_log) -> list[str]:
+def recover(
+    datadir: DataDir, level: int, log=_noop_log, adopted: frozenset[str] = frozenset()
+) -> list[str]:
     """End every recording a previous recorder left open (it was stopped or
     crashed) with an explicit "recorder stopped" session.end, sealed as
-    recovered. A recording its seals say was longer is evidence of a cut,
-    and is left as it is."""
+    recovered, but those of sessions adopted. A recording its seals say was
+    longer is evidence of a cut, and is left as it is."""
     ended = []
     key = HostKey.load(datadir.seal_key())
     audit = AuditLog(datadir.log_dir, datadir.server_id())
     try:
         for sid in datadir.sids(lambda m: log("datadir.skipped", level="warning", error=m)):
+            if sid in adopted:
+                continue
             try:
                 if _recover(datadir, sid, level, key, audit, log):
                     ended.append(sid)
@@ -686,8 +852,8 @@ def _recover(
         enhanced_recording=start.enhanced_recording,
         interactive=interactive,
         records=summary.records,
-        lost=summary.lost,
-        untracked_forks=0,
+        lost=summary.lost[: len(schema.BUFFERS)],
+        untracked_forks=summary.lost[len(schema.BUFFERS)],
     )
     try:
         writer.append(KIND_END, [end], flags=FLAG_INTERACTIVE if interactive else 0, reserved=True)

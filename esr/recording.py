@@ -54,6 +54,7 @@ KINDS = (KIND_EVENTS, KIND_START, KIND_END)
 FLAG_INTERACTIVE = 0x1  # a command of the session has run on a terminal by now
 FLAG_GAP = 0x2  # events since the previous frame were not written; a session.lost here says which
 FLAG_SEALED = 0x4  # the recorder seals this recording in <sid>.seal
+FLAG_RESUMED = 0x8  # a session.resume here: another recorder took the session over
 
 # Bytes kept allocated past the end of a recording being written: its end
 # frame, with a session.lost for what a full disk kept out, always fits.
@@ -77,10 +78,10 @@ def _digest(prev: bytes, head: bytes, payload: bytes) -> bytes:
     return h.digest()
 
 
-def _slots(counts) -> tuple[int, ...]:
-    """Per-buffer counts, as many as there are buffers."""
-    counts = tuple(counts)[: len(schema.BUFFERS)]
-    return counts + (0,) * (len(schema.BUFFERS) - len(counts))
+def _slots(counts, names: tuple[str, ...]) -> tuple[int, ...]:
+    """One count per name."""
+    counts = tuple(counts)[: len(names)]
+    return counts + (0,) * (len(names) - len(counts))
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Frame:
     first_ei: int
     last_ei: int
     records: tuple[int, ...]  # kernel records in the payload, per buffer
-    lost: tuple[int, ...]  # records lost per buffer, as its Lost events report
+    lost: tuple[int, ...]  # what its Lost events report lost, per schema.LOST_KINDS
     digest: bytes
     payload: bytes | None  # None when only headers were read
 
@@ -116,8 +117,8 @@ class Frame:
             count,
             first_ei,
             last_ei,
-            _slots(rest[:slots]),
-            _slots(rest[slots : 2 * slots]),
+            _slots(rest[:slots], schema.BUFFERS),
+            _slots(rest[slots : 2 * slots], schema.LOST_KINDS),
             rest[-1],
             payload,
         )
@@ -142,13 +143,16 @@ class Summary:
     frames: int = 0
     last_ei: int = -1
     records: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
-    lost: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
+    lost: list[int] = field(default_factory=lambda: [0] * len(schema.LOST_KINDS))
     closed: bool = False
     interactive: bool = False
     sealed: bool = False  # frames say a seal file vouches for them
     # Holes the recorder declared: (first_ei, last_ei, reason); the reason
     # is read from the payload, so it is "" in a headers-only scan.
     gaps: list[tuple[int, int, str]] = field(default_factory=list)
+    # Of lost, per buffer: records a recorder read and did not write (the
+    # holes', and those a session.resume counts); read from the payloads too.
+    unwritten: list[int] = field(default_factory=lambda: [0] * len(schema.BUFFERS))
     end_offset: int = 0  # bytes of intact frames
     digest: bytes = b""
     last_offset: int = 0
@@ -198,17 +202,23 @@ def open_regular(path: str):
         raise
 
 
-def _gap_reason(frame: Frame, first: int, last: int) -> str | None:
-    """The reason the session.lost of frame gives for events first..last, or
-    None when none of its events accounts for exactly them."""
+def _unwritten(frame: Frame, hole: list[int] | None) -> tuple[str, list[int]] | None:
+    """What frame says the recorder read and did not write: the reason and
+    records its session.lost gives for the hole before it (events
+    hole[0]..hole[1]), if any, and the records its session.resume counts.
+    None when no session.lost accounts for exactly the hole."""
     try:
         events = frame.events()
     except (zstandard.ZstdError, ValueError):  # msgspec's DecodeError is a ValueError
         return None
+    reason, records = None if hole else "", [0] * len(schema.BUFFERS)
     for event in events:
-        if type(event) is schema.Lost and event.missing == [first, last]:
-            return event.reason
-    return None
+        if hole and type(event) is schema.Lost and event.missing == hole:
+            reason = event.reason
+            records = [a + b for a, b in zip(records, _slots(event.lost, schema.BUFFERS))]
+        elif type(event) is schema.Resume:
+            records = [a + b for a, b in zip(records, _slots(event.unwritten, schema.BUFFERS))]
+    return None if reason is None else (reason, records)
 
 
 class Reader:
@@ -281,12 +291,19 @@ class Reader:
                     if _digest(prev, head[:-DIGEST_SIZE], payload) != frame.digest:
                         raise damage("checksum mismatch: the frame was altered")
                     frame = Frame.parse(index, offset, head, payload)
-                    reason = _gap_reason(frame, expect_ei, frame.first_ei - 1) if gap else ""
-                    if reason is None:
-                        raise damage(
-                            f"events {expect_ei}..{frame.first_ei - 1} are missing and no "
-                            "session.lost of the frame accounts for them"
+                    reason = ""
+                    if gap or frame.flags & FLAG_RESUMED:
+                        declared = _unwritten(
+                            frame, [expect_ei, frame.first_ei - 1] if gap else None
                         )
+                        if declared is None:
+                            raise damage(
+                                f"events {expect_ei}..{frame.first_ei - 1} are missing and no "
+                                "session.lost of the frame accounts for them"
+                            )
+                        reason, records = declared
+                        for i, n in enumerate(records):
+                            summary.unwritten[i] += n
                 else:
                     f.seek(frame.length, os.SEEK_CUR)
                     reason = ""
@@ -366,9 +383,10 @@ class Writer:
 
     @classmethod
     def resume(cls, path: str, sid: str, level: int) -> tuple[Writer, Summary, int]:
-        """Reopen an unclosed recording to end it: an incomplete last frame
-        (a crash mid-write) is cut off, and its size returned. Raises Damage
-        for anything else, which must not be written after."""
+        """Reopen an unclosed recording, to end it or to go on with it: an
+        incomplete last frame (a crash mid-write) is cut off, and its size
+        returned. Raises Damage for anything else, which must not be written
+        after."""
         try:
             summary = verify(path, sid)
             cut = 0
@@ -395,8 +413,8 @@ class Writer:
         self, kind: int, events: list, records=(), lost=(), flags: int = 0, reserved: bool = False
     ) -> int:
         """Write events (consecutive ei) as one frame. records: how many of
-        them each buffer delivered; lost: the records their Lost events
-        report, per buffer. Only a frame that must be written (reserved: a
+        them each buffer delivered; lost: what their Lost events report lost,
+        per schema.LOST_KINDS. Only a frame that must be written (reserved: a
         session's end) may use the reserve; any other raises NoRoom, an
         OSError, without writing anything. Returns bytes written."""
         schema.encode_events_into(events, self._encoded)

@@ -56,14 +56,16 @@ class Session:
 
 
 class Registry:
-    def __init__(self, max_sessions: int):
+    def __init__(self, max_sessions: int, generation: int = 0):
+        """generation: the last one a previous recorder handed out, whose
+        records may still come."""
         self.max_sessions = max_sessions
         self.by_sid: dict[str, Session] = {}
         self.by_cookie: dict[int, Session] = {}
         # What the decoder routes records with: cookie -> pending events.
         self.pending_by_cookie: dict[int, SessionEvents] = {}
         self._free = list(range(max_sessions - 1, -1, -1))
-        self._generation = 0
+        self._generation = generation
 
     def allocate(self) -> tuple[int, int]:
         """A free slot and a cookie never used before."""
@@ -72,6 +74,11 @@ class Registry:
         slot = self._free.pop()
         self._generation = (self._generation + 1) & 0xFFFFFFFF or 1
         return slot, (self._generation << 32) | slot
+
+    def adopt(self, session: Session) -> None:
+        """A session a previous recorder opened, in the slot it had."""
+        self._free.remove(session.slot)
+        self.add(session)
 
     def release(self, slot: int) -> None:
         self._free.append(slot)

@@ -297,6 +297,121 @@ class Network(Record, tag=3):
         )
 
 
+class Ptrace(Record, tag=9):
+    """A session process reached into another one: attached to it with
+    ptrace (as a debugger does, to read or change it), detached, or wrote
+    its memory with process_vm_writev."""
+
+    pid: int
+    cgroup_id: int
+    program: bytes
+    request: str  # "attach", "seize", "detach" or "process_vm_writev"
+    target_pid: int  # the thread attached to or detached from, or the process written
+    target_tgid: int  # its process, after an attach; else 0
+    target_program: bytes  # its name, after an attach; else b""
+    return_code: int  # 0 or -errno; bytes written for process_vm_writev
+    followed: bool = False  # the target is recorded in this session from now on
+    left: bool = False  # the detach took it out of this session again
+    # target_pid is the number the caller passed, in its own pid namespace.
+    pid_as_named: bool = False
+
+    name = "session.ptrace"
+    code = "E4400W"
+    buffer = "command"
+    audited = True
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        out.update(request=self.request, target_pid=self.target_pid)
+        if self.target_tgid:
+            out["target_tgid"] = self.target_tgid
+        if self.target_program:
+            put_text(out, "target_program", self.target_program)
+        out["return_code"] = self.return_code
+        if self.followed:
+            out["followed"] = True
+        if self.left:
+            out["left"] = True
+        if self.pid_as_named:
+            out["pid_as_named"] = True
+        return out
+
+    def action(self) -> str:
+        """What was done to whom, without who did it."""
+        target = f"{self.target_pid}"
+        if self.target_program:
+            target += f" ({printable(self.target_program)})"
+        then = ""
+        if self.followed:
+            then = " [now recorded here]"
+        elif self.left:
+            then = " [left the session]"
+        return f"{self.request} {target} rc={self.return_code}{then}"
+
+    def describe(self) -> str:
+        return f"pid={self.pid} {printable(self.program)} {self.action()}"
+
+
+# enum io_uring_op, by value (include/uapi/linux/io_uring.h); a newer
+# kernel's opcodes beyond it are named by number.
+IO_URING_OPERATIONS: tuple[str, ...] = (
+    "nop", "readv", "writev", "fsync", "read_fixed", "write_fixed", "poll_add", "poll_remove",
+    "sync_file_range", "sendmsg", "recvmsg", "timeout", "timeout_remove", "accept",
+    "async_cancel", "link_timeout", "connect", "fallocate", "openat", "close", "files_update",
+    "statx", "read", "write", "fadvise", "madvise", "send", "recv", "openat2", "epoll_ctl",
+    "splice", "provide_buffers", "remove_buffers", "tee", "shutdown", "renameat", "unlinkat",
+    "mkdirat", "symlinkat", "linkat", "msg_ring", "fsetxattr", "setxattr", "fgetxattr",
+    "getxattr", "socket", "uring_cmd", "send_zc", "sendmsg_zc", "read_multishot", "waitid",
+    "futex_wait", "futex_wake", "futex_waitv", "fixed_fd_install", "ftruncate", "bind", "listen",
+    "recv_zc", "epoll_wait", "readv_fixed", "writev_fixed", "pipe",
+)  # fmt: skip
+
+
+def io_uring_operation(opcode: int) -> str:
+    if opcode < len(IO_URING_OPERATIONS):
+        return IO_URING_OPERATIONS[opcode]
+    return f"opcode_{opcode}"
+
+
+class IoUring(Record, tag=15):
+    """A session process set up an io_uring, or one of its rings took a kind
+    of operation for the first time. What the operations act on (the files
+    an openat opens, the addresses a connect reaches) is not recorded: they
+    bypass the syscalls the other records come from."""
+
+    pid: int  # the process that set the ring up, or submitted to it
+    cgroup_id: int
+    program: bytes
+    operation: str  # "setup", or the kind submitted ("openat", "connect", ...)
+    opcode: int  # IORING_OP_*; 0 for setup
+    ring_fd: int  # the ring, as io_uring_setup returned it to...
+    ring_pid: int  # ...this process
+    sq_entries: int = 0  # setup: the ring's size
+    setup_flags: int = 0  # setup: IORING_SETUP_*
+
+    name = "session.io_uring"
+    code = "E4401I"
+    buffer = "command"
+    audited = True
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {"pid": self.pid, "cgroup_id": self.cgroup_id}
+        put_text(out, "program", self.program)
+        out.update(operation=self.operation, ring_fd=self.ring_fd, ring_pid=self.ring_pid)
+        if self.operation == "setup":
+            out.update(sq_entries=self.sq_entries, setup_flags=self.setup_flags)
+        else:
+            out["opcode"] = self.opcode
+        return out
+
+    def describe(self) -> str:
+        ring = f"ring fd {self.ring_fd} of pid {self.ring_pid}"
+        if self.operation == "setup":
+            return f"pid={self.pid} {printable(self.program)} io_uring setup: {ring}"
+        return f"pid={self.pid} {printable(self.program)} io_uring {self.operation} on {ring}"
+
+
 class TerminalOutput(Record, tag=5):
     """What the terminal showed: bytes the pty master's owner read from it,
     echo included."""
@@ -422,6 +537,52 @@ class Lost(Event, tag=14):
                 f"NOT WRITTEN ({printable_str(self.reason)}) events {first}..{last}, records {lost}"
             )
         return f"LOST {lost}{forks}"
+
+
+class Resume(Event, tag=17):
+    """A recorder took the session over from the one before it, which was
+    restarted, upgraded or crashed: the same recording goes on. Its time is
+    when this recorder began to read (the end of the gap). The kernel
+    followed the session all along and its records of the gap follow;
+    what it could not deliver meanwhile, and what the previous recorder
+    read and never wrote (a crash), is counted here."""
+
+    stopped: int  # ns since the epoch: the previous recorder's last flush
+    cause: str  # "restart": it handed over; "crash": it did not
+    programs: str  # "kept" attached, or "replaced" by this recorder's
+    previous_version: str
+    version: str
+    lost: list[int]  # per buffer, since the last report, for any reason
+    unwritten: list[int]  # per buffer, of lost: read by the previous recorder, never written
+    untracked_forks: int  # in the session so far, as the kernel counts them
+
+    name = "session.resume"
+    code = "E4101W"
+
+    def fields(self, identity: Identity) -> dict:
+        out: dict = {
+            "stopped": rfc3339(self.stopped),
+            "gap_ms": max(self.time - self.stopped, 0) // 1_000_000,
+            "cause": self.cause,
+            "programs": self.programs,
+            "previous_version": self.previous_version,
+            "lost": by_buffer(self.lost),
+        }
+        if any(self.unwritten):
+            out["unwritten"] = by_buffer(self.unwritten)
+        if self.untracked_forks:
+            out["untracked_forks"] = self.untracked_forks
+        return out
+
+    def describe(self) -> str:
+        gap = max(self.time - self.stopped, 0) / 1e9
+        lost = " ".join(f"{k}={v}" for k, v in by_buffer(self.lost).items())
+        unwritten = f" not_written={sum(self.unwritten)}" if any(self.unwritten) else ""
+        return (
+            f"RESUMED after {gap:.3f} s ({printable_str(self.cause)}, programs "
+            f"{printable_str(self.programs)}, esr {printable_str(self.previous_version)} -> "
+            f"{printable_str(self.version)}) lost {lost}{unwritten}"
+        )
 
 
 class SessionStart(Event, tag=10):
@@ -575,7 +736,10 @@ Events = (
     | TerminalInput
     | TerminalWrite
     | TerminalResize
+    | Ptrace
+    | IoUring
     | Lost
+    | Resume
     | SessionStart
     | SessionLeave
     | SessionEnd
@@ -590,15 +754,28 @@ RECORDS: tuple[type[Record], ...] = (
     TerminalInput,
     TerminalWrite,
     TerminalResize,
+    Ptrace,
+    IoUring,
 )
 # The buffers in index order, as bpf/esr_events.h names them (esr._fast.decode
 # refuses to load if the two disagree).
 BUFFERS: tuple[str, ...] = tuple(dict.fromkeys(r.buffer for r in RECORDS))
 
 
+# What a session can lose, as its frame headers count it: each buffer's
+# records, then the processes it could not follow (forks beyond its share
+# of the task table, which session.lost reports as untracked_forks).
+LOST_KINDS: tuple[str, ...] = (*BUFFERS, "processes")
+
+
 def by_buffer(counts: list[int]) -> dict[str, int]:
     """Counts by buffer name; a buffer a recording predates counted 0."""
     return {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(BUFFERS)}
+
+
+def by_lost_kind(counts: list[int]) -> dict[str, int]:
+    """Losses by LOST_KINDS name; a kind a recording predates counted 0."""
+    return {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(LOST_KINDS)}
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -179,6 +179,7 @@ def sessions(datadir: DataDir) -> list[dict]:
     for sid in datadir.sids():
         path = datadir.recording(sid)
         summary, damage = recording.scan(path, sid)
+        lost = schema.by_lost_kind(summary.lost)
         row = {
             "sid": sid,
             "start": None,
@@ -187,7 +188,7 @@ def sessions(datadir: DataDir) -> list[dict]:
             "user": "",
             "command": "",
             "events": schema.by_buffer(summary.records),
-            "lost": schema.by_buffer(summary.lost),
+            "lost": lost,
             "state": "closed" if summary.closed else "open",
             "damaged": str(damage) if damage else None,
         }
@@ -199,13 +200,16 @@ def sessions(datadir: DataDir) -> list[dict]:
                     path, summary
                 )
             if summary.closed:
-                end = recording.read_frame(path, summary.last_offset).events()[-1]
+                last = recording.read_frame(path, summary.last_offset)
+                end = last.events()[-1]
                 row.update(end=schema.rfc3339(end.time), reason=end.reason)
+                if last.version == 1:  # its headers have no slot for processes
+                    lost["processes"] = end.untracked_forks
                 # What verify would find, without reading every frame: the
                 # headers summed must say what the end says.
                 if (
                     schema.by_buffer(end.records) != row["events"]
-                    or schema.by_buffer(end.lost) != row["lost"]
+                    or schema.by_lost_kind([*end.lost, end.untracked_forks]) != row["lost"]
                 ):
                     row["damaged"] = row["damaged"] or (
                         "the frame headers' counts disagree with session.end"

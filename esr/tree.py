@@ -169,6 +169,10 @@ class Process:
     children: list[Process] = field(default_factory=list)
     files: dict[bytes, FileUse] = field(default_factory=dict)
     connections: dict[tuple[str, int, int], Connection] = field(default_factory=dict)
+    # Its ptrace attaches and memory writes into other processes, and the
+    # one that brought it into the session, if one did.
+    reached: list[schema.Ptrace] = field(default_factory=list)
+    reached_by: schema.Ptrace | None = None
     has_parent: bool = False
 
     def title(self) -> str:
@@ -264,6 +268,12 @@ class Builder:
                 if event.return_code < 0:
                     conn.errors[event.return_code] += 1
                 self._focus(event, node)
+            elif type(event) is schema.Ptrace:
+                self._of(event.pid, event.program).reached.append(event)
+                if event.followed:
+                    target = event.target_tgid or event.target_pid
+                    self._of(target, event.target_program).reached_by = event
+                self._focus(event, self.current[event.pid])
             elif type(event) is schema.SessionStart:
                 self.tree.start = event
             else:
@@ -336,7 +346,14 @@ def lines(tree: Tree) -> Iterator[str]:
 
 def _lines(tree: Tree, node: Process, pad: str) -> Iterator[str]:
     head = f"{pad}pid {node.pid}"
-    if not node.execs:
+    by = node.reached_by
+    if by is not None:
+        how = "attached to" if by.request in ("attach", "seize") else "written to"
+        yield (
+            f"{head}  ({schema.printable(node.program) or '?'}, outside the session until "
+            f"{how} by pid {by.pid} {schema.printable(by.program)})"
+        )
+    elif not node.execs:
         yield f"{head}  ({schema.printable(node.program) or '?'}, no exec recorded)"
     for i, done in enumerate(node.execs):
         at = f"+{tree.offset(done.command.time):.3f}s"
@@ -356,6 +373,8 @@ def _lines(tree: Tree, node: Process, pad: str) -> Iterator[str]:
                 )
         if len(groups) > SHOW_FILES:
             yield f"{detail}  ... {len(groups) - SHOW_FILES} more"
+    for reach in node.reached:
+        yield f"{detail}{reach.action()}"
     conns = sorted(node.connections.values(), key=lambda c: c.first_ei)
     for conn in conns[:SHOW_CONNECTIONS]:
         yield f"{detail}connect {conn.destination} {conn.describe()}".rstrip()

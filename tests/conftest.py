@@ -51,6 +51,7 @@ def daemon(daemon_root):
     d = Daemon(daemon_root).start()
     yield d
     d.stop()
+    d.remove_pins()
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,14 @@ import functools
 import json
 import os
 import pty
+import secrets
 import select
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -136,21 +138,117 @@ def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# Starts esr as systemd starts a service whose descriptor store holds
+# something: those descriptors from 3 on, named in $LISTEN_FDNAMES, and
+# $LISTEN_PID its own pid.
+_LAUNCH = """
+import fcntl, os, sys
+names, argv = sys.argv[1], sys.argv[2:]
+given = [int(fd) for fd in os.environ.pop("ESR_TEST_FDS").split()] if names else []
+above = max([*given, 3 + len(given)]) + 1
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in given]
+for fd in given:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+if names:
+    os.environ.update(LISTEN_FDS=str(len(high)), LISTEN_FDNAMES=names, LISTEN_PID=str(os.getpid()))
+os.execv(argv[0], argv)
+"""
+
+
+class FdStore:
+    """systemd's side of a restart as far as esr uses it: a notify socket
+    ($NOTIFY_SOCKET) that keeps the descriptors the daemon stores
+    (FDSTORE=1, FDNAME=, FDSTOREREMOVE=1, BARRIER=1), for the next daemon."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.fds: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.states: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 16)
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in msg.decode().splitlines() if "=" in line)
+            with self.lock:
+                self.states.append(msg.decode())
+                if fields.get("FDSTORE") == "1" and fds:
+                    name = fields.get("FDNAME", "stored")
+                    if name in self.fds:  # the same one again, in esr's use of names
+                        os.close(self.fds[name])
+                    self.fds[name] = fds.pop()
+                elif fields.get("FDSTOREREMOVE") == "1":
+                    fd = self.fds.pop(fields.get("FDNAME", ""), None)
+                    if fd is not None:
+                        os.close(fd)
+                for fd in fds:  # a barrier's pipe, closed once what came before is done
+                    os.close(fd)
+
+    def drop(self):
+        """What `systemctl stop` does to the store."""
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds = {}
+
+    def close(self):
+        self.drop()
+        self.sock.close()
+
+
 class Daemon:
-    def __init__(self, root: Path, socket_path: Path | None = None):
+    def __init__(
+        self, root: Path, socket_path: Path | None = None, store: bool = False, extra: str = ""
+    ):
+        """store: run as under systemd, with a descriptor store (FdStore);
+        extra: more of the config file."""
         self.root = root
         self.config = root / "esr.yaml"
         self.socket = socket_path or root / "esr.sock"
         self.log = root / "daemon.log"
         self.data_dir = root / "data"
-        self.config.write_text(f"data_dir: {self.data_dir}\ncontrol_socket: {self.socket}\n")
+        # One pin directory per daemon: tests run several at once.
+        self.pin_dir = Path("/sys/fs/bpf") / f"esr-test-{secrets.token_hex(4)}"
+        self.config.write_text(
+            f"data_dir: {self.data_dir}\ncontrol_socket: {self.socket}\npin_dir: {self.pin_dir}\n"
+            + extra
+        )
         self.esr = Esr(self.data_dir)
         self.proc = None
+        self.store = FdStore(root / f"notify-{secrets.token_hex(4)}") if store else None
 
     def start(self):
-        self.proc = subprocess.Popen(
-            [ESR, "daemon", "--config", str(self.config)], stderr=open(self.log, "ab")
-        )
+        env = dict(os.environ)
+        argv = [ESR, "daemon", "--config", str(self.config)]
+        if self.store is not None:
+            env["NOTIFY_SOCKET"] = str(self.store.path)
+            with self.store.lock:
+                named = list(self.store.fds.items())
+            env["ESR_TEST_FDS"] = " ".join(str(fd) for _, fd in named)
+            argv = [
+                sys.executable,
+                "-c",
+                _LAUNCH,
+                ":".join(name for name, _ in named),
+                *argv,
+            ]
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stderr=open(self.log, "ab"),
+                pass_fds=[fd for _, fd in named],
+            )
+        else:
+            self.proc = subprocess.Popen(argv, stderr=open(self.log, "ab"))
         deadline = time.time() + 20
         while True:
             assert self.proc.poll() is None, self.log.read_text()
@@ -167,6 +265,12 @@ class Daemon:
             self.proc.send_signal(sig)
             self.proc.wait(30)
         self.proc = None
+        if sig == signal.SIGTERM and self.store is not None:
+            self.store.drop()
+
+    def remove_pins(self):
+        """What a reboot does to the pin directory."""
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
 
     def request(self, raw: bytes, timeout=5) -> dict:
         with socket.socket(socket.AF_UNIX) as s:
@@ -353,6 +457,7 @@ class Session:
         self.pending: list = []
         self.records = [0, 0, 0]
         self.lost = [0, 0, 0]
+        self.untracked = 0
 
     def _add(self, make, buffer: int | None, dt: float):
         self.time += int(dt * 1e9)
@@ -387,22 +492,35 @@ class Session:
             dt,
         )
 
+    def ptrace(self, pid: int, request: str, target: int, target_program: bytes, dt=0.01):
+        """pid attached to target (or wrote to it), which joined the session."""
+        return self._add(
+            lambda ei, t: self.schema.Ptrace(
+                ei, t, pid, 7, b"gdb", request, target, target, target_program, 0, True
+            ),
+            0,
+            dt,
+        )
+
     def lose(self, counts: list[int], untracked: int = 0, dt=0.01):
         for i, n in enumerate(counts):
             self.lost[i] += n
+        self.untracked += untracked
         return self._add(lambda ei, t: self.schema.Lost(ei, t, counts, untracked), None, dt)
 
     def flush(self) -> Session:
         from esr.recording import KIND_EVENTS
 
         if self.pending:
-            lost = [e.lost for e in self.pending if type(e) is self.schema.Lost]
-            self.writer.append(
-                KIND_EVENTS,
-                self.pending,
-                records=self.records,
-                lost=[sum(x) for x in zip(*lost)] if lost else (),
-            )
+            # As the recorder counts them: per buffer, then untracked forks.
+            kinds = len(self.schema.LOST_KINDS)
+            lost = [0] * kinds
+            for e in self.pending:
+                if type(e) is self.schema.Lost:
+                    for i, n in enumerate([*e.lost, *[0] * (kinds - 1 - len(e.lost))]):
+                        lost[i] += n
+                    lost[-1] += e.untracked_forks
+            self.writer.append(KIND_EVENTS, self.pending, records=self.records, lost=lost)
         self.pending, self.records = [], [0, 0, 0]
         return self
 
@@ -412,7 +530,7 @@ class Session:
         self.flush()
         self.time += int(dt * 1e9)
         end = self.schema.SessionEnd(
-            self.ei, self.time, "exited", True, False, [0, 0, 0], self.lost, 0
+            self.ei, self.time, "exited", True, False, [0, 0, 0], self.lost, self.untracked
         )
         self.writer.append(KIND_END, [end])
         self.writer.close()

@@ -174,11 +174,12 @@ def test_restart_between_sessions_and_sigterm_during_one(daemon_root, sshd):
         d.stop()
 
 
-def test_a_killed_daemon_sessions_are_ended_on_next_start(daemon_root):
+def test_a_killed_daemons_sessions_are_taken_over_or_ended_on_next_start(daemon_root):
     d = Daemon(daemon_root).start()
     try:
+        # The kernel side stayed pinned: the next daemon goes on with it.
         r = d.esr.popen(
-            "run", "--config", str(d.config), "--", "sleep", "5", stderr=subprocess.PIPE
+            "run", "--config", str(d.config), "--", "sleep", "2", stderr=subprocess.PIPE
         )
         sid = sid_from_stderr(r.stderr.readline())
         time.sleep(0.3)
@@ -187,12 +188,29 @@ def test_a_killed_daemon_sessions_are_ended_on_next_start(daemon_root):
         [row] = [x for x in d.sessions() if x["sid"] == sid]
         assert row["state"] == "open"
         d.start()
+        d.wait_sids_closed(sid)
+        [row] = [x for x in d.sessions() if x["sid"] == sid]
+        assert row["reason"] == "exited"
+        [resume] = [e for e in d.esr.events(sid) if e["event"] == "session.resume"]
+        assert resume["cause"] == "crash"
+
+        # Nothing pinned any more (as after a reboot): the recording is ended.
+        r = d.esr.popen(
+            "run", "--config", str(d.config), "--", "sleep", "5", stderr=subprocess.PIPE
+        )
+        sid = sid_from_stderr(r.stderr.readline())
+        time.sleep(0.3)
+        d.stop(signal.SIGKILL)
+        r.kill()
+        d.remove_pins()
+        d.start()
         [row] = [x for x in d.sessions() if x["sid"] == sid]
         assert row["state"] == "closed" and row["reason"] == "recorder stopped"
         assert b"closed" in d.esr("verify", sid).stdout
         assert "session.ended_by_restart" in d.log.read_text()
     finally:
         d.stop()
+        d.remove_pins()
 
 
 def test_esr_run_registers_with_the_daemon(daemon):

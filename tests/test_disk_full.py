@@ -119,7 +119,11 @@ def test_recording_picks_up_again_when_space_is_back(small_disk):
     one_warning(r.stderr, sid)
     disk = esr.events(sid, "disk")
     after = {e["path"] for e in disk if e["path"].startswith("/nonexistent/after-")}
-    assert after == {f"/nonexistent/after-{i}" for i in range(100)}
+    assert after == {f"/nonexistent/after-{i}" for i in range(100)}, (
+        f"{len(after)} of the 100 opens after space came back recorded; verify says "
+        f"{esr('verify', sid, check=False).stdout!r}; the session's audit lines: "
+        f"{[e for e in audit_events(esr.data_dir, sid) if e['event'] != 'session.disk']}"
+    )
     while_full = [e for e in disk if e["path"].startswith("/nonexistent/full-")]
     events = audit_events(esr.data_dir, sid)
     [end] = [e for e in events if e["event"] == "session.end"]

@@ -540,7 +540,7 @@ def test_sessions_lists_counts(esr):
     [row] = [r for r in esr.sessions() if r["sid"] == sid]
     assert row["state"] == "closed" and row["damaged"] is None
     assert row["events"]["command"] >= 2 and row["events"]["disk"] > 0
-    assert row["lost"] == {"command": 0, "disk": 0, "network": 0, "terminal": 0}
+    assert row["lost"] == {"command": 0, "disk": 0, "network": 0, "terminal": 0, "processes": 0}
     assert row["command"].startswith("sh -c cat /etc/hostname")
     assert row["end"] >= row["start"]
     text = esr("sessions").stdout.decode()

@@ -240,6 +240,12 @@ def test_downloads_and_the_raw_recording_verifies(page, recorded, tmp_path):
     offline = tmp_path / "offline"
     (offline / "sessions").mkdir(parents=True)
     download.value.save_as(offline / "sessions" / f"{sid}.esr")
+    # Without its seals, a sealed recording cannot vouch for its end.
+    r = Esr(offline)("verify", sid, check=False)
+    assert r.returncode == 1 and b"seal file is missing" in r.stderr
+    with page.expect_download() as download:
+        page.click("a[href$='/recording.seal']")
+    download.value.save_as(offline / "sessions" / f"{sid}.seal")
     r = Esr(offline)("verify", sid)
     assert b"intact" in r.stdout
     with page.expect_download() as download:
@@ -252,6 +258,7 @@ def test_without_the_token_401(ui, recorded):
     base, token = ui
     _esr, sid, _tmp = recorded
     for path in ("", "search?q=uname", f"session/{sid}", f"session/{sid}/recording.esr",
+                 f"session/{sid}/recording.seal",
                  "static/session.js", "static/player/asciinema-player.min.js"):  # fmt: skip
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(base + path)

@@ -54,6 +54,8 @@ cdef extern from "<stddef.h>":
     const size_t TERMINAL_DATA_FIXED "offsetof(struct esr_terminal_data_event, data)"
     const size_t TERMINAL_WRITE_SIZE "sizeof(struct esr_terminal_write_event)"
     const size_t TERMINAL_RESIZE_SIZE "sizeof(struct esr_terminal_resize_event)"
+    const size_t PTRACE_SIZE "sizeof(struct esr_ptrace_event)"
+    const size_t IO_URING_SIZE "sizeof(struct esr_io_uring_event)"
 
 BUFFERS = tuple(esr_buffer_names[i].decode() for i in range(ESR_BUF_COUNT))
 if BUFFERS != schema.BUFFERS:
@@ -993,6 +995,177 @@ cdef bytes encode_terminal_resize(event, uint64_t session):
     return raw
 
 
+# session.ptrace -------------------------------------------------------------------------
+
+# enum esr_ptrace_request, by value.
+cdef list PTRACE_REQUESTS = [None, b"attach", b"seize", b"detach", b"process_vm_writev"]
+
+
+cdef bytes ptrace_request(uint16_t request):
+    """As its Struct names it: a request this version does not know, by its number."""
+    if 0 < request < len(PTRACE_REQUESTS):
+        return <bytes>PTRACE_REQUESTS[request]
+    return str(request).encode()
+
+
+cdef uint64_t ptrace_size(const esr_event_header *hdr):
+    return PTRACE_SIZE
+
+
+cdef int pack_ptrace(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                     uint64_t ei) except -1:
+    cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
+    cdef bytes request = ptrace_request(e.request)
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 14, ESR_EVENT_PTRACE, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_str(o, <const char *>request, len(request))
+    mp_uint(o, e.target_pid)
+    mp_uint(o, e.target_tgid)
+    mp_bin(o, e.target_comm, strnlen(e.target_comm, 16))
+    mp_int(o, e.return_code)
+    mp_bool(o, e.flags & ESR_PTRACE_FOLLOWED)
+    mp_bool(o, e.flags & ESR_PTRACE_LEFT)
+    mp_bool(o, e.flags & ESR_PTRACE_AS_NAMED)
+    return 0
+
+
+cdef int render_ptrace(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
+    cdef bytes request = ptrace_request(e.request)
+    cdef size_t target_n = strnlen(e.target_comm, 16)
+    reserve(o, FIXED + 6 * 32)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"request":')
+    js_str(o, <const char *>request, len(request), s.ensure_ascii)
+    lit(o, b',"target_pid":')
+    js_uint(o, e.target_pid)
+    if e.target_tgid:
+        lit(o, b',"target_tgid":')
+        js_uint(o, e.target_tgid)
+    if target_n:
+        lit(o, b',"target_program":')
+        if js_str(o, e.target_comm, target_n, s.ensure_ascii):
+            return 1
+    lit(o, b',"return_code":')
+    js_int(o, e.return_code)
+    if e.flags & ESR_PTRACE_FOLLOWED:
+        lit(o, b',"followed":true')
+    if e.flags & ESR_PTRACE_LEFT:
+        lit(o, b',"left":true')
+    if e.flags & ESR_PTRACE_AS_NAMED:
+        lit(o, b',"pid_as_named":true')
+    return 0
+
+
+cdef int64_t ptrace_return_code(const esr_event_header *hdr):
+    return (<const esr_ptrace_event *>hdr).return_code
+
+
+cdef bytes encode_ptrace(event, uint64_t session):
+    cdef bytes raw = bytes(PTRACE_SIZE)
+    cdef esr_ptrace_event *e = <esr_ptrace_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_PTRACE, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.return_code = event.return_code
+    request = event.request.encode()
+    e.request = PTRACE_REQUESTS.index(request) if request in PTRACE_REQUESTS else int(request)
+    e.target_pid = event.target_pid
+    e.target_tgid = event.target_tgid
+    memcpy(e.target_comm, <const char *>event.target_program, min(len(event.target_program), 15))
+    e.flags = ((ESR_PTRACE_FOLLOWED if event.followed else 0)
+               | (ESR_PTRACE_LEFT if event.left else 0)
+               | (ESR_PTRACE_AS_NAMED if event.pid_as_named else 0))
+    return raw
+
+
+# session.io_uring -----------------------------------------------------------------------
+
+# schema.io_uring_operation of each opcode an u8 holds, and "setup".
+cdef list _io_uring_operations = [schema.io_uring_operation(i).encode() for i in range(256)]
+cdef bytes _IO_URING_SETUP = b"setup"
+
+
+cdef inline bytes io_uring_operation(const esr_io_uring_event *e):
+    return _IO_URING_SETUP if e.setup else <bytes>_io_uring_operations[e.opcode]
+
+
+cdef uint64_t io_uring_size(const esr_event_header *hdr):
+    return IO_URING_SIZE
+
+
+cdef int pack_io_uring(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                       uint64_t ei) except -1:
+    cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
+    cdef bytes operation = io_uring_operation(e)
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 12, ESR_EVENT_IO_URING, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_str(o, <const char *>operation, len(operation))
+    mp_uint(o, e.opcode)
+    mp_uint(o, e.ring_fd)
+    mp_uint(o, e.ring_pid)
+    mp_uint(o, e.sq_entries)
+    mp_uint(o, e.setup_flags)
+    return 0
+
+
+cdef int render_io_uring(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
+    cdef bytes operation = io_uring_operation(e)
+    reserve(o, FIXED + 6 * 16)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"operation":')
+    js_str(o, <const char *>operation, len(operation), s.ensure_ascii)
+    lit(o, b',"ring_fd":')
+    js_uint(o, e.ring_fd)
+    lit(o, b',"ring_pid":')
+    js_uint(o, e.ring_pid)
+    if e.setup:
+        lit(o, b',"sq_entries":')
+        js_uint(o, e.sq_entries)
+        lit(o, b',"setup_flags":')
+        js_uint(o, e.setup_flags)
+    else:
+        lit(o, b',"opcode":')
+        js_uint(o, e.opcode)
+    return 0
+
+
+cdef bytes encode_io_uring(event, uint64_t session):
+    cdef bytes raw = bytes(IO_URING_SIZE)
+    cdef esr_io_uring_event *e = <esr_io_uring_event *>PyBytes_AS_STRING(raw)
+    fill_header(&e.hdr, ESR_EVENT_IO_URING, session, event)
+    e.hdr.pid = event.pid
+    e.hdr.cgroup_id = event.cgroup_id
+    e.ring_fd = event.ring_fd
+    e.ring_pid = event.ring_pid
+    e.sq_entries = event.sq_entries
+    e.setup_flags = event.setup_flags
+    e.setup = event.operation == "setup"
+    e.opcode = event.opcode
+    return raw
+
+
 # The table ------------------------------------------------------------------------------
 
 ctypedef uint64_t (*size_fn)(const esr_event_header *hdr)
@@ -1042,6 +1215,14 @@ RECORD_TYPES[ESR_EVENT_TERMINAL_WRITE] = record_type(
 RECORD_TYPES[ESR_EVENT_TERMINAL_RESIZE] = record_type(
     TERMINAL_RESIZE_SIZE, terminal_resize_size, pack_terminal_resize, render_terminal_resize,
     NULL, encode_terminal_resize, ESR_BUF_TERMINAL
+)
+RECORD_TYPES[ESR_EVENT_PTRACE] = record_type(
+    PTRACE_SIZE, ptrace_size, pack_ptrace, render_ptrace, ptrace_return_code, encode_ptrace,
+    ESR_BUF_COMMAND
+)
+RECORD_TYPES[ESR_EVENT_IO_URING] = record_type(
+    IO_URING_SIZE, io_uring_size, pack_io_uring, render_io_uring, NULL, encode_io_uring,
+    ESR_BUF_COMMAND
 )
 
 

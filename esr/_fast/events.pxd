@@ -20,6 +20,11 @@ cdef extern from "esr_events.h":
         ESR_EVENT_TERMINAL_INPUT
         ESR_EVENT_TERMINAL_WRITE
         ESR_EVENT_TERMINAL_RESIZE
+        ESR_EVENT_PTRACE
+        ESR_EVENT_IO_URING
+        ESR_PTRACE_FOLLOWED
+        ESR_PTRACE_LEFT
+        ESR_PTRACE_AS_NAMED
         ESR_TERMINAL_CHUNK
         ESR_ARGV_INCOMPLETE
         ESR_ARGV_UNREADABLE
@@ -27,6 +32,7 @@ cdef extern from "esr_events.h":
         ESR_COMMAND_MEMFD
         ESR_EXE_INCOMPLETE
         ESR_TASK_ANCHOR
+        ESR_TASK_ANCHOR_CHILD
         ESR_TASK_TERMINAL
 
     struct esr_event_header:
@@ -89,6 +95,24 @@ cdef extern from "esr_events.h":
         uint32_t tty
         uint16_t rows
         uint16_t cols
+
+    struct esr_ptrace_event:
+        esr_event_header hdr
+        int64_t return_code
+        uint32_t target_pid
+        uint32_t target_tgid
+        uint16_t request
+        uint16_t flags
+        char target_comm[16]
+
+    struct esr_io_uring_event:
+        esr_event_header hdr
+        uint32_t ring_fd
+        uint32_t ring_pid
+        uint32_t sq_entries
+        uint32_t setup_flags
+        uint8_t setup
+        uint8_t opcode
 
     struct esr_terminal_counts:
         uint64_t recorded

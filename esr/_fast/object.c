@@ -3,6 +3,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <linux/bpf.h>
+#include <bpf/bpf.h>
+#include <bpf/btf.h>
 #include <bpf/libbpf.h>
 #include "object.h"
 #include "feature_probe.subskel.h"
@@ -95,6 +100,25 @@ static int fail(struct esr_object *o, const char **step, const char *what, int e
 	return err ? err : -EINVAL;
 }
 
+/* A byte per thread id up to pid_max, a page at least; the kernel's own
+ * limit (PID_MAX_LIMIT) at most, were pid_max unreadable. */
+static __u32 marks_size(void)
+{
+	static __u32 size;
+	unsigned long pid_max = 0;
+	FILE *f;
+
+	if (size)
+		return size;
+	f = fopen("/proc/sys/kernel/pid_max", "r");
+	if (!f || fscanf(f, "%lu", &pid_max) != 1 || pid_max > ESR_TID_MARKS_MAX)
+		pid_max = ESR_TID_MARKS_MAX;
+	if (f)
+		fclose(f);
+	size = pid_max < 4096 ? 4096 : pid_max;
+	return size;
+}
+
 static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *settings,
 		     const char **step)
 {
@@ -118,6 +142,11 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 		*step = "cannot count the possible CPUs";
 		return cpus ? cpus : -EINVAL;
 	}
+	if ((err = bpf_map__set_value_size(skel->maps.tid_marks, marks_size()))) {
+		*step = "cannot size tid_marks";
+		return err;
+	}
+	*skel->rodata.tid_marks_size = marks_size();
 	/* One argv scratch entry per CPU: per-CPU values are capped at 32 KiB. */
 	if ((err = bpf_map__set_max_entries(skel->maps.argv_scratch, cpus))) {
 		*step = "cannot size argv_scratch";
@@ -126,11 +155,38 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 	return 0;
 }
 
-int esr_object_open(struct esr_object *o, const void *image, size_t size,
-		    const struct esr_object_settings *settings, const char **step)
+/* io_uring's tracepoints vary with the kernel (io_uring.bpf.c): keep the
+ * programs of those this one has, as its BTF lists their records. */
+static int choose_io_uring_hooks(struct esr_object *o, const char **step)
+{
+	struct esr_bpf *skel = o->skel;
+	struct btf *vmlinux = btf__load_vmlinux_btf();
+	int create, req, sqe, err = 0;
+
+	if (!vmlinux) {
+		*step = "cannot read the kernel's BTF";
+		return -errno;
+	}
+#define HAS(name) (btf__find_by_name_kind(vmlinux, "trace_event_raw_" name, BTF_KIND_STRUCT) > 0)
+	create = HAS("io_uring_create");
+	req = create && HAS("io_uring_submit_req");
+	sqe = create && !req && HAS("io_uring_submit_sqe");
+#undef HAS
+	btf__free(vmlinux);
+	o->io_uring_hook = req ? "io_uring_submit_req" : sqe ? "io_uring_submit_sqe" : NULL;
+	if (bpf_program__set_autoload(skel->progs.io_uring_created, create) ||
+	    bpf_program__set_autoload(skel->progs.io_uring_submit_req, req) ||
+	    bpf_program__set_autoload(skel->progs.io_uring_submit_sqe, sqe)) {
+		*step = "cannot choose the io_uring programs";
+		err = -EINVAL;
+	}
+	return err;
+}
+
+int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
+		       const struct esr_object_settings *settings, const char **step)
 {
 	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
-	struct bpf_program *prog;
 	struct esr_bpf *skel;
 	int err;
 
@@ -142,10 +198,11 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	o->skel = skel = esr_bpf__open(o->obj);
 	if (!skel)
 		return fail(o, step, "the BPF object is not esr.bpf.o", -errno);
-	if ((err = size_maps(skel, settings, step))) {
+	if ((err = size_maps(skel, settings, step)) || (err = choose_io_uring_hooks(o, step))) {
 		esr_object_close(o);
 		return err;
 	}
+	*skel->rodata.tasks_per_session = settings->tasks_per_session;
 	*skel->rodata.recorder_exe_dev = settings->recorder_exe_dev;
 	*skel->rodata.recorder_exe_ino = settings->recorder_exe_ino;
 	*skel->rodata.record_input = settings->record_input;
@@ -154,13 +211,31 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 	if (settings->terminal_rate)
 		*skel->rodata.budget_fill_ns = settings->terminal_burst * 1000000000ULL /
 					       settings->terminal_rate;
+	return 0;
+}
 
+int esr_object_load(struct esr_object *o, const char **step)
+{
+	struct esr_bpf *skel = o->skel;
+	int err;
+
+	capture_reasons();
 	if ((err = bpf_object__load(o->obj)))
 		return fail(o, step, "cannot load the BPF programs", err);
 	o->tracked_tasks_fd = bpf_map__fd(skel->maps.tracked_tasks);
 	o->session_states_fd = bpf_map__fd(skel->maps.session_states);
 	o->buffer_lost_fd = bpf_map__fd(skel->maps.buffer_lost);
+	return 0;
+}
+
+int esr_object_attach(struct esr_object *o, const char **step)
+{
+	struct bpf_program *prog;
+	int err;
+
 	bpf_object__for_each_program(prog, o->obj) {
+		if (!bpf_program__autoload(prog))
+			continue;
 		if (o->nlinks == ESR_MAX_LINKS)
 			return fail(o, step, "more BPF programs than ESR_MAX_LINKS", -E2BIG);
 		o->links[o->nlinks] = bpf_program__attach(prog);
@@ -170,9 +245,20 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 				 strerror(-err));
 			return fail(o, step, "cannot attach a BPF program", err);
 		}
-		o->nlinks++;
+		o->linked[o->nlinks++] = prog;
 	}
 	return 0;
+}
+
+int esr_object_open(struct esr_object *o, const void *image, size_t size,
+		    const struct esr_object_settings *settings, const char **step)
+{
+	int err;
+
+	if ((err = esr_object_prepare(o, image, size, settings, step)) ||
+	    (err = esr_object_load(o, step)))
+		return err;
+	return esr_object_attach(o, step);
 }
 
 void esr_object_close(struct esr_object *o)
@@ -183,6 +269,72 @@ void esr_object_close(struct esr_object *o)
 	o->skel = NULL;
 	bpf_object__close(o->obj);
 	o->obj = NULL;
+}
+
+int esr_tracking_open(struct esr_tracking *t, int tracked_tasks_fd, int tid_marks_fd)
+{
+	struct bpf_map_info info = {};
+	__u32 len = sizeof(info);
+	void *marks;
+
+	if (bpf_obj_get_info_by_fd(tid_marks_fd, &info, &len))
+		return -errno;
+	marks = mmap(NULL, info.value_size, PROT_READ | PROT_WRITE, MAP_SHARED, tid_marks_fd, 0);
+	if (marks == MAP_FAILED)
+		return -errno;
+	esr_tracking_close(t);
+	t->tasks_fd = tracked_tasks_fd;
+	t->marks = marks;
+	t->size = info.value_size;
+	return 0;
+}
+
+void esr_tracking_close(struct esr_tracking *t)
+{
+	if (t->marks)
+		munmap(t->marks, t->size);
+	t->marks = NULL;
+	t->size = 0;
+}
+
+/* As session.bpf.h's track() and untrack(): the mark is set before the
+ * thread enters tracked_tasks and cleared after it leaves, so that a hook
+ * never misses a tracked thread. */
+int esr_track(const struct esr_tracking *t, __u32 tid, const struct esr_task *task)
+{
+	int err;
+
+	if (tid < t->size)
+		t->marks[tid] = 1;
+	err = bpf_map_update_elem(t->tasks_fd, &tid, task, BPF_ANY);
+	if (err && tid < t->size)
+		t->marks[tid] = 0;
+	return err;
+}
+
+int esr_untrack(const struct esr_tracking *t, __u32 tid)
+{
+	int err = bpf_map_delete_elem(t->tasks_fd, &tid);
+
+	if (tid < t->size)
+		t->marks[tid] = 0;
+	return err;
+}
+
+void esr_object_release(struct esr_object *o)
+{
+	/* Destroying a link detaches it, and a perf event link disables its
+	 * event first, which a pin does not undo: only close the descriptor.
+	 * (A perf event link's own perf event descriptor stays open until the
+	 * process exits, which is what a recorder handing over does next.) */
+	while (o->nlinks) {
+		struct bpf_link *link = o->links[--o->nlinks];
+
+		bpf_link__disconnect(link);
+		close(bpf_link__fd(link));
+		bpf_link__destroy(link);
+	}
+	esr_object_close(o);
 }
 
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer)
@@ -238,4 +390,58 @@ out:
 	feature_probe_bpf__destroy(skel);
 	bpf_object__close(obj);
 	return err;
+}
+
+/* --- what the kernel lacks ----------------------------------------------------- */
+
+#define HELPER_NAME(name) "bpf_" #name
+static const char *const helper_names[] = { __BPF_FUNC_MAPPER(HELPER_NAME) };
+#undef HELPER_NAME
+
+int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
+	/* Each helper is probed once per program type: a probe is a load. */
+	enum { UNKNOWN, HAS, LACKS };
+	unsigned char known[sizeof(helper_names) / sizeof(helper_names[0])];
+	enum bpf_prog_type known_for = BPF_PROG_TYPE_UNSPEC;
+	struct bpf_object *obj;
+	struct bpf_program *prog;
+	int found = 0;
+
+	capture_reasons();
+	obj = bpf_object__open_mem(image, size, &opts);
+	if (!obj)
+		return -errno;
+	bpf_object__for_each_program(prog, obj) {
+		const struct bpf_insn *insn = bpf_program__insns(prog);
+		size_t i, n = bpf_program__insn_cnt(prog);
+
+		if (bpf_program__type(prog) != known_for) {
+			known_for = bpf_program__type(prog);
+			memset(known, UNKNOWN, sizeof(known));
+		}
+		for (i = 0; i < n && !found; i++) {
+			__s32 id = insn[i].imm;
+
+			if (insn[i].code != (BPF_JMP | BPF_CALL) || insn[i].src_reg != 0)
+				continue;
+			if (id <= 0 || (size_t)id >= sizeof(known)) {
+				snprintf(out, out_size, "#%d (used by %s)", id, bpf_program__name(prog));
+				found = 1;
+				break;
+			}
+			if (known[id] == UNKNOWN)
+				known[id] = libbpf_probe_bpf_helper(known_for, id, NULL) == 0 ? LACKS : HAS;
+			if (known[id] == HAS)
+				continue;
+			snprintf(out, out_size, "%s (used by %s)", helper_names[id],
+				 bpf_program__name(prog));
+			found = 1;
+		}
+		if (found)
+			break;
+	}
+	bpf_object__close(obj);
+	return found;
 }

@@ -22,6 +22,7 @@
 struct esr_object_settings {
 	__u32 max_sessions;	/* entries of session_states */
 	__u32 max_tasks;	/* entries of every map with one entry per thread */
+	__u32 tasks_per_session;	/* of those, the most one session may hold */
 	__u64 recorder_exe_dev;	/* the esr executable, or 0: see exec.bpf.c */
 	__u64 recorder_exe_ino;
 	/* The terminal stream: see terminal.bpf.c. */
@@ -34,12 +35,18 @@ struct esr_object {
 	struct bpf_object *obj;
 	struct esr_bpf *skel;
 	struct bpf_link *links[ESR_MAX_LINKS];
+	struct bpf_program *linked[ESR_MAX_LINKS];	/* the program of each link */
 	int nlinks;
 	/* The maps user space reads and writes, once loaded. */
 	int tracked_tasks_fd;
 	int session_states_fd;
 	int buffer_lost_fd;
+	/* The io_uring submit tracepoint attached, or NULL: io_uring.bpf.c. */
+	const char *io_uring_hook;
 };
+
+/* PID_MAX_LIMIT on 64-bit: no thread id reaches it. */
+#define ESR_TID_MARKS_MAX (4U << 20)
 
 /* Open an image of esr.bpf.o, size its maps, set its load-time settings,
  * load it and attach every program. Returns 0, or -errno with what failed
@@ -48,8 +55,39 @@ struct esr_object {
 int esr_object_open(struct esr_object *o, const void *image, size_t size,
 		    const struct esr_object_settings *settings, const char **step);
 
+/* The same in three steps, so that maps of a previous load can be reused
+ * (bpf_map__reuse_fd) before the load, and programs attached when the
+ * caller decides: open, size and set; load; attach. Each returns 0, or
+ * -errno with *step, and closes the object on failure. */
+int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
+		       const struct esr_object_settings *settings, const char **step);
+int esr_object_load(struct esr_object *o, const char **step);
+int esr_object_attach(struct esr_object *o, const char **step);
+
 /* Detach every program and free the object; safe to call twice. */
 void esr_object_close(struct esr_object *o);
+
+/* tracked_tasks, and tid_marks mapped (session.bpf.h): how user space adds
+ * and removes threads as the programs do. */
+struct esr_tracking {
+	int tasks_fd;
+	__u8 *marks;
+	__u32 size;
+};
+
+/* Map tid_marks (again, over a previous mapping): 0 or -errno. */
+int esr_tracking_open(struct esr_tracking *t, int tracked_tasks_fd, int tid_marks_fd);
+void esr_tracking_close(struct esr_tracking *t);
+
+/* Add a thread to tracked_tasks, or remove it, with its mark: 0 or -1
+ * with errno set, as libbpf's map calls. */
+int esr_track(const struct esr_tracking *t, __u32 tid, const struct esr_task *task);
+int esr_untrack(const struct esr_tracking *t, __u32 tid);
+
+/* Free the object, leaving attached the programs whose links are pinned or
+ * held by another process, and the maps they use: what a recorder handing
+ * over to the next one does. */
+void esr_object_release(struct esr_object *o);
 
 /* The perf event array of a buffer. */
 int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
@@ -58,6 +96,11 @@ int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
  * hooks: 0, or -errno with the step that failed in *step. */
 enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY };
 int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step);
+
+/* A BPF helper that some program of the image calls and this kernel lacks:
+ * writes "bpf_NAME (used by PROGRAM)" into out and returns 1; 0 when it has
+ * them all, -errno when the image cannot be read. */
+int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size);
 
 /* libbpf reports why a load failed through its print callback: the last
  * line it printed, or "" (captured from the first esr_object_open on). */

@@ -102,6 +102,33 @@ def network(i: int, ts: int, pid: int) -> schema.Network:
     )
 
 
+def ptrace(i: int, ts: int, pid: int) -> schema.Ptrace:
+    """A debugger's session: attach, write, detach, over and over."""
+    target = 5000 + i // 3
+    if i % 3 == 0:
+        return schema.Ptrace(
+            0, ts, pid, 4242, b"gdb", "attach", target, target, b"server", 0, followed=True
+        )
+    if i % 3 == 1:
+        return schema.Ptrace(0, ts, pid, 4242, b"gdb", "process_vm_writev", target, 0, b"", 64)
+    return schema.Ptrace(0, ts, pid, 4242, b"gdb", "detach", target, 0, b"", 0, left=True)
+
+
+# Opcodes a ring takes first: openat, read, write, connect, close.
+IO_URING_OPCODES = (18, 22, 23, 16, 19)
+
+
+def io_uring(i: int, ts: int, pid: int) -> schema.IoUring:
+    """Rings set up, each then taking a few kinds of operation."""
+    ring = 3 + (i // 6) % 50
+    if i % 6 == 0:
+        return schema.IoUring(0, ts, pid, 4242, b"fio", "setup", 0, ring, pid, 256, 0)
+    opcode = IO_URING_OPCODES[i % 6 - 1]
+    return schema.IoUring(
+        0, ts, pid, 4242, b"fio", schema.io_uring_operation(opcode), opcode, ring, pid
+    )
+
+
 # How a record of each type is made for the corpora, from its index,
 # timestamp and pid.
 MAKERS: dict[type[schema.Record], Callable[[int, int, int], schema.Record]] = {
@@ -120,6 +147,8 @@ MAKERS: dict[type[schema.Record], Callable[[int, int, int], schema.Record]] = {
     schema.TerminalResize: lambda i, ts, pid: schema.TerminalResize(
         0, ts, 3, 24 + i % 20, 80 + i % 40
     ),
+    schema.Ptrace: ptrace,
+    schema.IoUring: io_uring,
 }
 
 

@@ -218,6 +218,7 @@ def create_app(
             s=view,
             t=view.tree,
             size=os.path.getsize(path),
+            sealed=os.path.isfile(datadir.seal(sid)),
             limits=session_page,
             focus=view.tree.focus,
             player=os.path.exists(PLAYER),
@@ -245,6 +246,17 @@ def create_app(
         # grows meanwhile, and Content-Length must hold.
         size = os.path.getsize(path)
         response = _download(_chunks(path, size), f"{sid}.esr", "application/octet-stream")
+        response.headers["Content-Length"] = str(size)
+        return response
+
+    @app.get("/session/<sid>/recording.seal")
+    def seals(sid: str):
+        _recording(datadir, sid)
+        path = datadir.seal(sid)
+        if not os.path.isfile(path):
+            abort(404, f"session {sid!r} has no seal file")
+        size = os.path.getsize(path)
+        response = _download(_chunks(path, size), f"{sid}.seal", "application/octet-stream")
         response.headers["Content-Length"] = str(size)
         return response
 

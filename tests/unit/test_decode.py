@@ -34,6 +34,11 @@ EVERY_TYPE = [
     schema.TerminalInput(0, 70, 41, 3, b"ls\r"),
     schema.TerminalWrite(0, 80, 42, b"bash", 3, 136, 12),
     schema.TerminalResize(0, 90, 3, 40, 120),
+    schema.Ptrace(0, 100, 42, 7, b"gdb", "attach", 99, 99, b"victim", 0, followed=True),
+    schema.Ptrace(0, 110, 42, 7, b"gdb", "detach", 99, 0, b"", 0, left=True),
+    schema.Ptrace(0, 120, 42, 7, b"inj", "process_vm_writev", 98, 0, b"", 16, pid_as_named=True),
+    schema.IoUring(0, 130, 42, 7, b"fio", "setup", 0, 5, 42, 8, 0x2),
+    schema.IoUring(0, 140, 43, 7, b"iou-sqp-42", "openat", 18, 5, 42),
 ]
 
 
@@ -69,7 +74,7 @@ def test_every_record_type_round_trips():
     assert schema.decode_events(taken.payload) == expect
     assert (taken.first_ei, taken.last_ei, taken.count) == (1, len(EVERY_TYPE), len(EVERY_TYPE))
     assert taken.lines == b"".join(FORMAT.line(e) for e in expect)
-    assert taken.records == [2, 1, 2, 4]
+    assert taken.records == [7, 1, 2, 4]
     assert sink.interactive  # a command ran with a terminal
     assert sink.count == 0 and sink.take().payload == b"\x90"
 
@@ -232,6 +237,14 @@ EDGES = [
     *(schema.Command(0, T0 + 6000 + i, 42, 1, 7, b"x", b"/x", [bad], 0, 0, 0)
       for i, bad in enumerate([b"\xc0\x80", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
                                b"\xf0\x9f\x98", b"a\x80", b"\xe2\x82\xe2\x82\xac"])),
+    # A request and an opcode this version has no name for; a target's name not ASCII.
+    schema.Ptrace(0, T0 + 7000, 42, 7, b"gdb", "seize", 99, 99, "vïctim".encode(), -1,
+                  followed=True),
+    schema.Ptrace(0, T0 + 7001, 42, 7, b"x", "12", 5, 0, b"", -3),
+    schema.Ptrace(0, T0 + 7002, 42, 7, "ü".encode(), "process_vm_writev", 5, 0, b"\xff\x01", 4096,
+                  left=True, pid_as_named=True),
+    schema.IoUring(0, T0 + 7003, 42, 7, b"fio", "opcode_200", 200, 3, 42),
+    schema.IoUring(0, T0 + 7004, 42, 7, "ü".encode(), "setup", 0, 3, 42, 2**32 - 1, 2**32 - 1),
 ]  # fmt: skip
 
 
@@ -255,6 +268,12 @@ def test_msgpack_and_audit_lines_are_what_the_schema_makes_of_every_case():
     [big] = [e for e in events if getattr(e, "program", b"") == b"big"]
     # Longer than a line may be: cut as AuditFormat cuts.
     assert json.loads(FORMAT.line(big))["argv_truncated"]
+
+
+@pytest.mark.parametrize("kind", schema.RECORDS, ids=lambda r: r.name)
+def test_the_offline_benchmark_has_a_corpus_of_every_type_as_the_schema_writes_it(kind):
+    events = check_as_schema_writes_it(offline.corpus(300, kind))
+    assert len(events) == 300 and {type(e) for e in events} == {kind}
 
 
 def test_cut_arguments_and_unreadable_argv_are_flagged_as_the_schema_flags_them():

@@ -140,7 +140,7 @@ def test_a_version_1_recording_still_reads(tmp_path):
     shutil.copy(DATA / "v1.esr", path)
     summary = recording.verify(str(path), "v1-session")
     assert (summary.frames, summary.closed, summary.records) == (3, True, [1, 1, 0, 0])
-    assert summary.lost == [0, 5, 0, 0]
+    assert summary.lost == [0, 5, 0, 0, 0]
     events = [e for f in frames(path, "v1-session") for e in f.events()]
     assert [type(e) for e in events] == [
         schema.SessionStart,
@@ -178,7 +178,7 @@ def test_a_hole_the_recorder_declared_is_not_an_edit(tmp_path):
     path = tmp_path / f"{SID}.esr"
     _with_hole(path, recording.FLAG_GAP, report=True)
     summary = recording.verify(str(path), SID)
-    assert summary.gaps == [(6, 10, "disk_full")] and summary.lost == [0, 5, 0, 0]
+    assert summary.gaps == [(6, 10, "disk_full")] and summary.lost == [0, 5, 0, 0, 0]
     assert recording.scan(str(path), SID)[0].gaps == [(6, 10, "")]
 
 

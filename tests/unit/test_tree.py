@@ -137,6 +137,17 @@ def test_connections_per_destination_with_their_errors():
     assert conn.destination == "10.0.0.9:443" and conn.describe() == "x2 ECONNREFUSED"
 
 
+def test_a_process_a_debugger_brought_in_says_who_did():
+    e = Events()
+    e.command(100, 1, b"/usr/bin/gdb", b"-p", b"4000")
+    e.add(schema.Ptrace, 100, 7, b"gdb", "attach", 4000, 4000, b"nginx", 0, True)
+    e.command(4100, 4000, b"/bin/sh", b"-c", b"id")
+    text = "\n".join(tree.lines(e.tree()))
+    assert "    attach 4000 (nginx) rc=0 [now recorded here]" in text
+    assert "pid 4000  (nginx, outside the session until attached to by pid 100 gdb)" in text
+    assert "\n    pid 4100" in text  # what it was made to run, under it
+
+
 def test_the_focus_is_the_process_of_the_event_asked_for():
     e = Events()
     e.command(100, 1, b"/usr/bin/bash")

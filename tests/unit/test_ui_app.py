@@ -156,6 +156,24 @@ def test_a_search_result_links_to_its_moment(browser):
     assert 'data-at="3.001000"' in page
 
 
+def test_a_process_a_debugger_reached_says_so(tmp_path):
+    data = tmp_path / "data"
+    s = Session(data, "reach")
+    s.command(100, 1, b"/usr/bin/gdb", b"-p", b"4000")
+    s.ptrace(100, "attach", 4000, XSS[0])
+    s.command(4100, 4000, b"/bin/sh", b"-c", b"id")
+    s.end()
+    index_path = str(tmp_path / "index.sqlite")
+    index.Index(index_path, DataDir(str(data))).refresh()
+    app = create_app(DataDir(str(data)), index_path, TOKEN)
+    html = app.test_client().get("/session/reach", headers={"Authorization": f"Bearer {TOKEN}"})
+    text = html.get_data(as_text=True)
+    assert "Outside the session until attached to by pid 100 <code>gdb</code>" in text
+    # Quoted as argv is, then escaped.
+    assert "ptrace <code>attach 4000 (&#39;&lt;script&gt;alert(1)&lt;/script&gt;&#39;)" in text
+    assert "<script>alert" not in text
+
+
 def test_damage_and_losses_are_banners(tmp_path):
     data = tmp_path / "data"
     s = Session(data, "lossy")
