@@ -85,6 +85,7 @@ cdef extern from "<bpf/libbpf.h>":
     bpf_program *bpf_object__next_program(const bpf_object *obj, bpf_program *prog)
     const char *bpf_map__name(const bpf_map *map)
     const char *bpf_program__name(const bpf_program *prog)
+    bint bpf_program__autoload(const bpf_program *prog)
     const char *bpf_program__section_name(const bpf_program *prog)
     bpf_object *bpf_object__open_mem(const void *buf, size_t sz, const void *opts)
     void bpf_object__close(bpf_object *obj)
@@ -624,7 +625,9 @@ cdef class Probe:
             names = set()
             prog = bpf_object__next_program(self.obj.obj, NULL)
             while prog != NULL:
-                names.add(bpf_program__name(prog).decode())
+                # Of io_uring's, only the hook this kernel has is loaded.
+                if bpf_program__autoload(prog):
+                    names.add(bpf_program__name(prog).decode())
                 prog = bpf_object__next_program(self.obj.obj, prog)
         finally:
             esr_object_close(&self.obj)
