@@ -58,7 +58,7 @@ class AuditLog:
         if self.room is not None:
             self.room.reserve = self.reserve
 
-    def write(self, lines: bytes, reserved: bool = False) -> None:
+    def write(self, lines: bytes | memoryview, reserved: bool = False) -> None:
         """Append complete lines with one write: writers in other processes
         (esr run without the daemon) never interleave within a line. Only
         lines that must be written (a session's end) may use the reserve;

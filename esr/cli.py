@@ -240,7 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"events/s, 0 for flat out (default {','.join(map(str, bench.RATES))})",
     )
     p.add_argument("--modes", type=_list(str), default=list(bench.MODES))
+    p.add_argument(
+        "--repeat",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="run every consumer N times, in turn, and report medians and spreads (default 1)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="also run the recorder of another esr checkout (built with `make build`), "
+        "as the consumer `baseline`, to compare with this one",
+    )
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs from 1 to 100")
+    return value
 
 
 def _index_option(parser: argparse.ArgumentParser) -> None:
@@ -497,9 +520,18 @@ def _cmd_bench(args) -> int:
 
         print(json.dumps(measure(level=config.compression_level), indent=1))
         return 0
+    modes = args.modes
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
+        if "baseline" not in modes:
+            # Right after esr's own, so that each is measured next to the other.
+            at = modes.index("esr") + 1 if "esr" in modes else len(modes)
+            modes = [*modes[:at], "baseline", *modes[at:]]
+    elif "baseline" in modes:
+        raise UsageError("bench: the baseline mode needs --baseline CHECKOUT")
     for name, chosen, known in (
         ("workload", args.workloads, bench.WORKLOADS),
-        ("mode", args.modes, bench.MODES),
+        ("mode", modes, (*bench.MODES, "baseline")),
     ):
         unknown = set(chosen) - set(known)
         if unknown:
@@ -510,7 +542,15 @@ def _cmd_bench(args) -> int:
     if args.smoke:
         return harness.main(bench.WORKLOADS, [5000, 0], bench.MODES, 0.3, args.json, True, config)
     return harness.main(
-        args.workloads, args.rates, args.modes, args.seconds, args.json, False, config
+        args.workloads,
+        args.rates,
+        modes,
+        args.seconds,
+        args.json,
+        False,
+        config,
+        args.repeat,
+        args.baseline,
     )
 
 

@@ -22,7 +22,7 @@ import time
 import uuid
 
 from esr import __version__, recording, schema, seal
-from esr._fast.decode import SessionEvents, decode_batch
+from esr._fast.decode import SessionEvents, Taken, decode_batch
 from esr.audit import AuditLog
 from esr.config import Config
 from esr.datadir import SID_PATTERN, DataDir, check_sid
@@ -150,16 +150,17 @@ class Recorder:
                 cluster_name=self.config.cluster_name or self.hostname,
                 server_version=__version__,
             )
+            audit = schema.AuditFormat(schema.Identity.of(start))
             session = Session(
                 sid=sid,
                 slot=slot,
                 cookie=cookie,
                 start=start,
-                audit=schema.AuditFormat(schema.Identity.of(start)),
+                audit=audit,
                 writer=writer,
                 sealer=sealer,
                 path=path,
-                pending=SessionEvents(interactive=interactive),
+                pending=SessionEvents(interactive=interactive, format=audit),
                 anchor_pid=anchor_pid,
                 terminal_pid=terminal_pid,
             )
@@ -281,15 +282,15 @@ class Recorder:
         else:
             self._flush_session(session)
             leave = schema.SessionLeave(session.pending.next_ei, time.time_ns(), remaining)
-            session.pending.next_ei += 1
-            self._append(session, KIND_EVENTS, [leave], [leave])
+            session.pending.add(leave)
+            self._append(session, KIND_EVENTS, session.pending.take(), [leave])
         return remaining
 
     def end(self, session: Session, reason: str) -> None:
         """Write session.end and close the recording: with the reserve, so
         a full disk cannot keep a session from ending."""
         self._flush_session(session)
-        lost, gap = self._reports(session)
+        lost, gap, reports = self._reports(session)
         pending = session.pending
         end = schema.SessionEnd(
             ei=pending.next_ei,
@@ -303,8 +304,8 @@ class Recorder:
             terminal=schema.TerminalBytes(*session.terminal),
             unwritten=list(session.unwritten),
         )
-        pending.next_ei += 1
-        events, audited, _records = pending.take()
+        pending.add(end)
+        taken = pending.take()
         if self.probe is not None:
             # Tasks and an anchor still tracked must not outlive the slot,
             # unless the maps themselves are about to go.
@@ -317,9 +318,7 @@ class Recorder:
             )
         self.registry.remove(session)
         self.audit.reserve_for(len(self.registry))
-        written = self._append(
-            session, KIND_END, [*events, end], audited, (), lost, gap, reserved=True
-        )
+        written = self._append(session, KIND_END, taken, reports, lost, gap, reserved=True)
         extra = None
         try:
             session.writer.close()  # on disk before the seal that vouches for it
@@ -475,16 +474,17 @@ class Recorder:
             untracked_forks=untracked,
         )
         interactive = start.interactive or summary.interactive
+        audit = schema.AuditFormat(schema.Identity.of(start))
         session = Session(
             sid=sid,
             slot=slot,
             cookie=cookie,
             start=start,
-            audit=schema.AuditFormat(schema.Identity.of(start)),
+            audit=audit,
             writer=writer,
             sealer=sealer,
             path=path,
-            pending=SessionEvents(summary.last_ei + 2, interactive=interactive),
+            pending=SessionEvents(summary.last_ei + 1, interactive=interactive, format=audit),
             anchor_pid=anchor_pid,
             terminal_pid=terminal_pid,
             records=list(summary.records),
@@ -496,7 +496,10 @@ class Recorder:
         )
         self._audit(session.pending)
         self.registry.adopt(session)
-        self._append(session, KIND_EVENTS, [resume], [resume], (), resume.lost, FLAG_RESUMED)
+        session.pending.add(resume)
+        self._append(
+            session, KIND_EVENTS, session.pending.take(), [resume], resume.lost, FLAG_RESUMED
+        )
         self.log(
             "session.adopted",
             sid=sid,
@@ -550,28 +553,31 @@ class Recorder:
             batch.release()
             self.probe.release_batch()
 
-    def _reports(self, session: Session) -> tuple[list[int], int]:
+    def _reports(self, session: Session) -> tuple[list[int], int, list[schema.Event]]:
         """Add to the session's pending events a session.lost for each kind
         of loss since the last report: records the kernel could not deliver
         and processes it could not follow, and events the recorder could not
-        write. Returns what they report lost (schema.LOST_KINDS), and the
-        frame flag that declares a gap."""
+        write. Returns what they report lost (schema.LOST_KINDS), the frame
+        flag that declares a gap, and the session.lost events, for the audit
+        log."""
         pending = session.pending
         lost = [0] * len(schema.LOST_KINDS)
+        reports: list[schema.Event] = []
         if self.probe is not None:
             _live, kernel, untracked, session.terminal = self.probe.session_counters(session.slot)
             kernel = list(kernel)
             if kernel != session.lost or untracked != session.untracked_forks:
                 records = [now - before for now, before in zip(kernel, session.lost)]
                 forks = untracked - session.untracked_forks
-                pending.add(schema.Lost(pending.next_ei, time.time_ns(), records, forks))
+                reports.append(schema.Lost(pending.next_ei, time.time_ns(), records, forks))
+                pending.add(reports[-1])
                 lost = [*records, forks]
                 session.lost = kernel
                 session.untracked_forks = untracked
         gap = session.gap
         if gap is None:
-            return lost, 0
-        pending.add(
+            return lost, 0, reports
+        reports.append(
             schema.Lost(
                 pending.next_ei,
                 time.time_ns(),
@@ -581,16 +587,16 @@ class Recorder:
                 [gap.first_ei, gap.last_ei],
             )
         )
-        return [a + b for a, b in zip(lost, [*gap.records, 0])], FLAG_GAP
+        pending.add(reports[-1])
+        return [a + b for a, b in zip(lost, [*gap.records, 0])], FLAG_GAP, reports
 
     def _flush_session(self, session: Session) -> None:
         """Write what the session has pending."""
         reported = session.lost, session.untracked_forks
-        lost, gap = self._reports(session)
-        if not session.pending.events:
+        lost, gap, reports = self._reports(session)
+        if not session.pending.count:
             return
-        events, audited, records = session.pending.take()
-        if not self._append(session, KIND_EVENTS, events, audited, records, lost, gap):
+        if not self._append(session, KIND_EVENTS, session.pending.take(), reports, lost, gap):
             # The kernel's losses are reported again with the next frame.
             session.lost, session.untracked_forks = reported
 
@@ -601,22 +607,30 @@ class Recorder:
         self,
         session: Session,
         kind: int,
-        events: list,
+        taken: Taken,
         audited: list,
-        records=(),
         lost=(),
         flags: int = 0,
         reserved: bool = False,
     ) -> bool:
-        """Write events as a frame, and those to audit as lines. Returns
+        """Write taken events as a frame, and the audit lines of its records
+        and of the recorder's own events among them, audited. Returns
         whether the frame was written; if not, it is counted, and the next
         frame written says so."""
+        records = taken.records
         try:
-            session.writer.append(
-                kind, events, records, lost, flags | self._flags(session), reserved
+            session.writer.append_encoded(
+                kind,
+                taken.payload,
+                taken.first_ei,
+                taken.last_ei,
+                records,
+                lost,
+                flags | self._flags(session),
+                reserved,
             )
         except OSError as err:
-            self._not_written(session, events, records, err)
+            self._not_written(session, taken, err)
             # What its session.lost events reported is reported again.
             audited = [e for e in audited if type(e) is not schema.Lost]
             written = False
@@ -634,40 +648,43 @@ class Recorder:
                     reason=gap.reason,
                 )
             written = True
+        lines: bytes | memoryview = taken.lines
         if audited:
-            self._audit_write(b"".join([session.audit.line(e) for e in audited]))
+            lines = b"".join([lines, *(session.audit.line(e) for e in audited)])
+        if lines:
+            self._audit_write(lines)
         return written
 
-    def _not_written(self, session: Session, events: list, records, err: OSError) -> None:
+    def _not_written(self, session: Session, taken: Taken, err: OSError) -> None:
         self.write_errors += 1
         if not isinstance(err, NoRoom):
             session.writer.discard_partial()
         reason = "disk_full" if err.errno in FULL else "write_error"
-        records = list(records) + [0] * (len(schema.BUFFERS) - len(records))
+        records = taken.records
         for i, n in enumerate(records):
             session.unwritten[i] += n
         self.lost_in_user_space += sum(records)
         gap = session.gap
         if gap is None:
-            session.gap = Gap(events[0].ei, events[-1].ei, records, reason)
+            session.gap = Gap(taken.first_ei, taken.last_ei, records, reason)
             self.log(
                 "recording.not_written",
                 level="error",
                 sid=session.sid,
                 reason=reason,
                 error=err.strerror,
-                first_ei=events[0].ei,
+                first_ei=taken.first_ei,
             )
         else:
-            gap.last_ei = events[-1].ei
+            gap.last_ei = taken.last_ei
             gap.records = [a + b for a, b in zip(gap.records, records)]
 
-    def _audit_write(self, lines: bytes, reserved: bool = False) -> None:
+    def _audit_write(self, lines: bytes | memoryview, reserved: bool = False) -> None:
         try:
             self.audit.write(lines, reserved)
         except OSError as err:
             self.write_errors += 1
-            self.audit_unwritten += lines.count(b"\n")
+            self.audit_unwritten += bytes(lines).count(b"\n")
             if not self._audit_failing:
                 self.log("audit.not_written", level="error", error=err.strerror)
             self._audit_failing = True

@@ -418,15 +418,24 @@ class Writer:
         session's end) may use the reserve; any other raises NoRoom, an
         OSError, without writing anything. Returns bytes written."""
         schema.encode_events_into(events, self._encoded)
+        return self.append_encoded(
+            kind, self._encoded, events[0].ei, events[-1].ei, records, lost, flags, reserved
+        )
+
+    def append_encoded(
+        self,
+        kind: int,
+        payload,
+        first_ei: int,
+        last_ei: int,
+        records=(),
+        lost=(),
+        flags: int = 0,
+        reserved: bool = False,
+    ) -> int:
+        """append(), for events already encoded as their msgpack list."""
         return self.append_compressed(
-            kind,
-            self.compress(self._encoded),
-            events[0].ei,
-            events[-1].ei,
-            records,
-            lost,
-            flags,
-            reserved,
+            kind, self.compress(payload), first_ei, last_ei, records, lost, flags, reserved
         )
 
     def compress(self, payload) -> bytes:

@@ -786,6 +786,11 @@ def encode_events_into(events: list, buffer: bytearray) -> None:
     _encoder.encode_into(events, buffer)
 
 
+def encode_event(event: Event) -> bytes:
+    """One event's msgpack: a list of events is its items after the list's header."""
+    return _encoder.encode(event)
+
+
 def decode_events(payload: bytes) -> list:
     return _decoder.decode(payload)
 
@@ -885,7 +890,7 @@ class AuditFormat:
             common["cluster_name"] = identity.cluster_name
         if identity.server_version:
             common["server_version"] = identity.server_version
-        self._common = _ascii_json(common)[1:-1]
+        self.common = _ascii_json(common)[1:-1]
 
     def line(self, event: Event, extra: dict | None = None) -> bytes:
         """extra: fields the event does not hold (the seal of session.end)."""
@@ -897,7 +902,7 @@ class AuditFormat:
             f'{{"event":"{event.name}","code":"{event.code}","ei":{event.ei},'
             f'"uid":"{self.uid_prefix}{event.ei:012x}","time":"{rfc3339(event.time)}",'
         )
-        return head.encode() + self._common + b"," + _ascii_json(fields)[1:] + b"\n"
+        return head.encode() + self.common + b"," + _ascii_json(fields)[1:] + b"\n"
 
     def _fit(self, event: Event, line: bytes) -> bytes:
         """The line of an event with as much of its cuttable fields, in

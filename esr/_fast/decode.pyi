@@ -5,10 +5,18 @@ from esr import schema
 
 BUFFERS: tuple[str, ...]
 
+class Taken:
+    payload: memoryview
+    first_ei: int
+    count: int
+    lines: memoryview
+    records: list[int]
+    @property
+    def last_ei(self) -> int: ...
+
 class SessionEvents:
-    events: list[schema.Event]
-    audited: list[schema.Event]
     next_ei: int
+    count: int
     audit_types: int
     audit_failures: int
     interactive: bool
@@ -17,6 +25,7 @@ class SessionEvents:
         next_ei: int = 1,
         audited_records: Iterable[type[schema.Record]] = (),
         interactive: bool = False,
+        format: schema.AuditFormat | None = None,
     ) -> None: ...
     def audit(
         self,
@@ -24,7 +33,7 @@ class SessionEvents:
         failures: Iterable[type[schema.Record]] | None = None,
     ) -> None: ...
     def add(self, event: schema.Event) -> None: ...
-    def take(self) -> tuple[list[schema.Event], list[schema.Event], list[int]]: ...
+    def take(self) -> Taken: ...
 
 def encode_record(event: schema.Record, session: int) -> bytes: ...
 def decode_batch(

@@ -1,24 +1,38 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Decode a batch of raw BPF records into esr.schema Structs, per session.
+"""Decode a batch of raw BPF records into each session's pending frame.
 
 A batch is what esr._fast.probe collects from the perf buffers, or a corpus
 saved from it: entries of [u32 length][record], each padded to 8 bytes.
 Every length is checked before anything is decoded: a damaged batch is
 refused whole, and nothing is read past its end. Records are then put in
-timestamp order, given their session's next event index, and appended to
-that session's SessionEvents.
+timestamp order, given their session's next event index, and written
+straight from the raw bytes, with no Python object per record: into the
+session's msgpack list of events (byte for byte what msgspec makes of its
+schema Struct, so readers decode it as one), and, for the records the audit
+log gets, into its audit lines (byte for byte what schema.AuditFormat
+renders; a line the fast path cannot render, with bytes that are not ASCII
+or longer than a line may be, is left to AuditFormat).
 
 RECORD_TYPES is the one table of record types: for each type of
-bpf/esr_events.h, how many bytes a record of it claims, how to decode it,
-how to encode one (for corpora and tests), and its buffer.
+bpf/esr_events.h, how many bytes a record of it claims, how to pack it as
+its Struct, how to render its audit log fields, its return code, how to
+encode one (for corpora and tests), and its buffer.
 """
+from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint8_t, int32_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, free
-from libc.string cimport memcmp, memcpy, memchr, memset
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcmp, memcpy, memchr, memset, strlen
 
 cdef extern from "<string.h>":
     size_t strnlen(const char *s, size_t maxlen)
+
+cdef extern from "<time.h>":
+    ctypedef long time_t
+    struct tm:
+        pass
+    tm *gmtime_r(const time_t *t, tm *result)
+    size_t strftime(char *s, size_t maxsize, const char *fmt, const tm *t)
 
 from esr._fast.events cimport *
 
@@ -48,111 +62,295 @@ if BUFFERS != schema.BUFFERS:
     raise ImportError(f"bpf/esr_events.h names the buffers {BUFFERS}, esr/schema.py "
                       f"{schema.BUFFERS}: rebuild, or bring the two together")
 
-cdef object _Command = schema.Command
-cdef object _Ptrace = schema.Ptrace
-cdef object _IoUring = schema.IoUring
-# enum esr_ptrace_request, by value.
-cdef list _PTRACE_REQUESTS = [None, "attach", "seize", "detach", "process_vm_writev"]
-cdef object _Disk = schema.Disk
-cdef object _Network = schema.Network
 cdef object _TerminalOutput = schema.TerminalOutput
-cdef object _TerminalInput = schema.TerminalInput
-cdef object _TerminalWrite = schema.TerminalWrite
-cdef object _TerminalResize = schema.TerminalResize
-
-# Consecutive records mostly share their program, pid, cgroup, flags and
-# path: reuse the objects made for the previous record instead of allocating
-# new ones.
-cdef class LastInt:
-    cdef int64_t value
-    cdef object obj
-
-    cdef inline object get(self, int64_t value):
-        if self.obj is None or value != self.value:
-            self.value = value
-            self.obj = value
-        return self.obj
+cdef object _encode_event = schema.encode_event
+cdef object _decode_events = schema.decode_events
+cdef size_t MAX_LINE = schema.MAX_LINE
 
 
-cdef LastInt _pid = LastInt()
-cdef LastInt _cgroup = LastInt()
-cdef LastInt _flags = LastInt()
-cdef char _last_comm[16]
-cdef object _last_comm_obj = None
-cdef object _last_path_obj = None
+# --- output: a growing buffer, msgpack and JSON ----------------------------------------
+
+cdef struct buf:
+    char *data
+    size_t len
+    size_t cap
 
 
-cdef class SessionEvents:
-    """Events decoded for one session and not yet written, and apart, those
-    of them the audit log gets: sorted here, as they are decoded, so that an
-    open storm is never scanned again in Python."""
-    cdef public list events
-    cdef public list audited
-    cdef public uint64_t next_ei
-    cdef uint64_t counts[ESR_BUF_COUNT]
-    # Bit t set: records of type t are audited.
-    cdef public uint64_t audit_types
-    # Bit t set: failed ones too (return_code < 0).
-    cdef public uint64_t audit_failures
-    # Set once a command runs with a controlling terminal; never cleared.
-    cdef public bint interactive
-
-    def __init__(self, uint64_t next_ei=1, audited_records=(), bint interactive=False):
-        self.events = []
-        self.audited = []
-        self.next_ei = next_ei
-        memset(self.counts, 0, sizeof(self.counts))
-        self.audit(audited_records)
-        self.interactive = interactive
-
-    def audit(self, records, failures=None):
-        """Which schema.Record types the audit log gets from now on, and of
-        those, which when they failed too (all of them unless told)."""
-        self.audit_types = 0
-        for record in records:
-            self.audit_types |= 1 << record.__struct_config__.tag
-        self.audit_failures = self.audit_types
-        if failures is not None:
-            self.audit_failures = 0
-            for record in records:
-                # A record without a return code never failed.
-                if record in failures or "return_code" not in record.__struct_fields__:
-                    self.audit_failures |= 1 << record.__struct_config__.tag
-
-    def add(self, event):
-        """An event of the recorder's own (session.lost): recorded and audited."""
-        self.events.append(event)
-        self.audited.append(event)
-        self.next_ei += 1
-
-    def take(self):
-        """The pending events, those of them to audit, and how many records
-        of each buffer they hold; pending is emptied."""
-        events, self.events = self.events, []
-        audited, self.audited = self.audited, []
-        counts = [self.counts[i] for i in range(ESR_BUF_COUNT)]
-        memset(self.counts, 0, sizeof(self.counts))
-        return events, audited, counts
+cdef int reserve(buf *b, size_t n) except -1:
+    """Room for n more bytes. Each record's writers reserve what it may
+    take at most, once: the functions below then write without checking."""
+    cdef size_t cap
+    cdef char *grown
+    if b.len + n <= b.cap:
+        return 0
+    cap = b.cap * 2 if b.cap else 4096
+    while cap < b.len + n:
+        cap *= 2
+    grown = <char *>realloc(b.data, cap)
+    if grown == NULL:
+        raise MemoryError()
+    b.data = grown
+    b.cap = cap
+    return 0
 
 
-# --- the record types ----------------------------------------------------------------
-
-cdef inline object comm_obj(const char *comm):
-    global _last_comm_obj
-    if _last_comm_obj is None or memcmp(comm, _last_comm, 16) != 0:
-        memcpy(_last_comm, comm, 16)
-        _last_comm_obj = PyBytes_FromStringAndSize(comm, strnlen(comm, 16))
-    return _last_comm_obj
+cdef inline int put(buf *b, const void *src, size_t n) except -1:
+    reserve(b, n)
+    memcpy(b.data + b.len, src, n)
+    b.len += n
+    return 0
 
 
-cdef inline object path_obj(const char *path, Py_ssize_t n):
-    global _last_path_obj
-    if _last_path_obj is not None and len(<bytes>_last_path_obj) == n and \
-            memcmp(<const char *><bytes>_last_path_obj, path, n) == 0:
-        return _last_path_obj
-    _last_path_obj = PyBytes_FromStringAndSize(path, n)
-    return _last_path_obj
+cdef inline void w(buf *b, const void *src, size_t n) noexcept:
+    memcpy(b.data + b.len, src, n)
+    b.len += n
 
+
+cdef inline void w1(buf *b, uint8_t c) noexcept:
+    b.data[b.len] = <char>c
+    b.len += 1
+
+
+cdef extern from *:
+    """
+    /* A string literal: its length folds into a constant. */
+    #define ESR_LIT(b, s) (memcpy((b)->data + (b)->len, (s), strlen(s)), (b)->len += strlen(s))
+    """
+    void lit "ESR_LIT"(buf *b, const char *s) noexcept
+
+
+cdef inline void be(buf *b, uint64_t v, int n) noexcept:
+    cdef int i
+    for i in range(n):
+        b.data[b.len + i] = <char>(v >> (8 * (n - 1 - i)))
+    b.len += n
+
+
+# msgpack as msgspec writes it: the shortest form of each value. At most 9
+# bytes each, 5 before a string's bytes.
+cdef enum:
+    MP_MAX = 9
+
+cdef inline void mp_head(buf *b, uint8_t fix, uint8_t fix_max, uint8_t code8, uint8_t code16,
+                         uint8_t code32, uint64_t n) noexcept:
+    if n <= fix_max and fix_max:
+        w1(b, fix | <uint8_t>n)
+    elif n < 256 and code8:
+        w1(b, code8)
+        w1(b, <uint8_t>n)
+    elif n < 65536:
+        w1(b, code16)
+        be(b, n, 2)
+    else:
+        w1(b, code32)
+        be(b, n, 4)
+
+
+cdef inline void mp_array(buf *b, uint64_t n) noexcept:
+    mp_head(b, 0x90, 15, 0, 0xdc, 0xdd, n)
+
+
+cdef inline void mp_bin(buf *b, const char *p, size_t n) noexcept:
+    mp_head(b, 0, 0, 0xc4, 0xc5, 0xc6, n)
+    w(b, p, n)
+
+
+cdef inline void mp_str(buf *b, const char *p, size_t n) noexcept:
+    mp_head(b, 0xa0, 31, 0xd9, 0xda, 0xdb, n)
+    w(b, p, n)
+
+
+cdef inline void mp_uint(buf *b, uint64_t v) noexcept:
+    if v < 128:
+        w1(b, <uint8_t>v)
+    elif v < 256:
+        w1(b, 0xcc)
+        w1(b, <uint8_t>v)
+    elif v < 65536:
+        w1(b, 0xcd)
+        be(b, v, 2)
+    elif v < 4294967296:
+        w1(b, 0xce)
+        be(b, v, 4)
+    else:
+        w1(b, 0xcf)
+        be(b, v, 8)
+
+
+cdef inline void mp_int(buf *b, int64_t v) noexcept:
+    if v >= 0:
+        mp_uint(b, <uint64_t>v)
+    elif v >= -32:
+        w1(b, <uint8_t>v)
+    elif v >= -128:
+        w1(b, 0xd0)
+        w1(b, <uint8_t>v)
+    elif v >= -32768:
+        w1(b, 0xd1)
+        be(b, <uint64_t>v, 2)
+    elif v >= -2147483648:
+        w1(b, 0xd2)
+        be(b, <uint64_t>v, 4)
+    else:
+        w1(b, 0xd3)
+        be(b, <uint64_t>v, 8)
+
+
+cdef inline void mp_bool(buf *b, bint v) noexcept:
+    w1(b, 0xc3 if v else 0xc2)
+
+
+# JSON text as AuditFormat writes it. Fields of ASCII text are msgspec's;
+# once any is not ASCII, the whole object is json.dumps(ensure_ascii=True)'s:
+# each character outside ASCII \u-escaped (in surrogate pairs beyond the
+# BMP), and DEL too. A string of n bytes takes at most 2 + 6n, a number 20.
+# js_str returns 1 when it cannot: a byte outside ASCII in msgspec's form
+# (the line is rendered again the other way), bytes that are not UTF-8 in
+# json's (U+FFFD and _base64: the line is AuditFormat's to render).
+
+cdef const char *HEX = b"0123456789abcdef"
+
+# Bytes JSON text takes as they are, in msgspec's form.
+cdef bint PLAIN[256]
+for _c in range(256):
+    PLAIN[_c] = 0x20 <= _c < 0x7F and _c != ord('"') and _c != ord("\\")
+
+
+cdef inline char *u_escape(char *o, uint32_t code) noexcept:
+    o[0] = c'\\'
+    o[1] = c'u'
+    o[2] = HEX[(code >> 12) & 15]
+    o[3] = HEX[(code >> 8) & 15]
+    o[4] = HEX[(code >> 4) & 15]
+    o[5] = HEX[code & 15]
+    return o + 6
+
+
+cdef inline int utf8_char(const uint8_t *s, size_t n, uint32_t *code) noexcept:
+    """The length of the well-formed UTF-8 character at s (Unicode's table
+    3-7, which Python's strict decoder follows) and its code point; 0 if
+    it is not one."""
+    cdef uint8_t c = s[0]
+    cdef uint8_t lo = 0x80, hi = 0xBF
+    cdef int length, i
+    if 0xC2 <= c <= 0xDF:
+        length, code[0] = 2, c & 0x1F
+    elif 0xE0 <= c <= 0xEF:
+        length, code[0] = 3, c & 0x0F
+        if c == 0xE0:
+            lo = 0xA0
+        elif c == 0xED:  # no surrogates
+            hi = 0x9F
+    elif 0xF0 <= c <= 0xF4:
+        length, code[0] = 4, c & 0x07
+        if c == 0xF0:
+            lo = 0x90
+        elif c == 0xF4:  # nothing past U+10FFFF
+            hi = 0x8F
+    else:
+        return 0
+    if <size_t>length > n or not lo <= s[1] <= hi:
+        return 0
+    for i in range(1, length):
+        if i > 1 and not 0x80 <= s[i] <= 0xBF:
+            return 0
+        code[0] = (code[0] << 6) | (s[i] & 0x3F)
+    return length
+
+
+cdef int js_str(buf *b, const char *s, size_t n, bint ensure_ascii) noexcept:
+    cdef const uint8_t *u = <const uint8_t *>s
+    cdef size_t i = 0
+    cdef uint8_t c
+    cdef uint32_t code
+    cdef int length
+    cdef char *o = b.data + b.len
+    o[0] = c'"'
+    o += 1
+    while i < n:
+        c = u[i]
+        if PLAIN[c]:
+            o[0] = <char>c
+            o += 1
+            i += 1
+            continue
+        if c >= 0x7F:
+            if not ensure_ascii:
+                if c == 0x7F:
+                    o[0] = <char>c
+                    o += 1
+                    i += 1
+                    continue
+                return 1
+            if c == 0x7F:
+                o = u_escape(o, c)
+                i += 1
+                continue
+            length = utf8_char(u + i, n - i, &code)
+            if length == 0:
+                return 1
+            if code >= 0x10000:
+                code -= 0x10000
+                o = u_escape(o, 0xD800 + (code >> 10))
+                o = u_escape(o, 0xDC00 + (code & 0x3FF))
+            else:
+                o = u_escape(o, code)
+            i += length
+            continue
+        o[0] = c'\\'
+        if c == c'"' or c == c'\\':
+            o[1] = <char>c
+        elif c == 0x08:
+            o[1] = c'b'
+        elif c == 0x09:
+            o[1] = c't'
+        elif c == 0x0a:
+            o[1] = c'n'
+        elif c == 0x0c:
+            o[1] = c'f'
+        elif c == 0x0d:
+            o[1] = c'r'
+        else:
+            o = u_escape(o, c) - 2
+        o += 2
+        i += 1
+    o[0] = c'"'
+    b.len = o + 1 - b.data
+    return 0
+
+
+cdef inline void js_uint(buf *b, uint64_t v) noexcept:
+    cdef char t[20]
+    cdef int i = 20
+    while True:
+        i -= 1
+        t[i] = <char>(c'0' + v % 10)
+        v //= 10
+        if v == 0:
+            break
+    w(b, t + i, 20 - i)
+
+
+cdef inline void js_int(buf *b, int64_t v) noexcept:
+    if v < 0:
+        w1(b, c'-')
+        js_uint(b, <uint64_t>0 - <uint64_t>v)
+    else:
+        js_uint(b, <uint64_t>v)
+
+
+cdef void js_hex12(buf *b, uint64_t v) noexcept:
+    """f"{v:012x}"."""
+    cdef char t[16]
+    cdef int i = 16
+    while i > 4 or v:
+        i -= 1
+        t[i] = HEX[v & 15]
+        v >>= 4
+    w(b, t + i, 16 - i)
+
+
+# --- strings in records -----------------------------------------------------------------
 
 cdef inline Py_ssize_t cstr_len(const char *s, Py_ssize_t n_with_nul):
     """Length of a string copied with its NUL, as the BPF side reports it."""
@@ -161,26 +359,53 @@ cdef inline Py_ssize_t cstr_len(const char *s, Py_ssize_t n_with_nul):
     return strnlen(s, n_with_nul)
 
 
-cdef list split_strings(const char *block, uint32_t n):
-    """The strings of a NUL-separated block."""
+cdef inline const char *next_string(const char *p, const char *end, size_t *n) noexcept:
+    """The string at p of a NUL-separated block (its length in n), and where
+    the next one starts. Arguments and path components are short: a loop
+    beats memchr's call."""
+    cdef const char *nul = p
+    while nul < end and nul[0] != 0:
+        nul += 1
+    n[0] = nul - p
+    return nul + 1
+
+
+cdef size_t count_strings(const char *block, size_t n):
     cdef const char *p = block
     cdef const char *end = block + n
-    cdef const char *nul
-    cdef list strings = []
+    cdef size_t count = 0, length
     while p < end:
-        nul = <const char *>memchr(p, 0, end - p)
-        if nul == NULL:
-            nul = end
-        strings.append(PyBytes_FromStringAndSize(p, nul - p))
-        p = nul + 1
-    return strings
+        p = next_string(p, end, &length)
+        count += 1
+    return count
 
 
-cdef bytes exe_path(const char *components, uint32_t n):
-    """A path from its components, listed from the file up to the root."""
-    parts = split_strings(components, n)
-    parts.reverse()
-    return b"/" + b"/".join(parts)
+cdef int exe_path(buf *out, const char *components, size_t n) except -1:
+    """A path from its components, listed from the file up to the root:
+    written from the back, each component before the one it is in."""
+    cdef const char *p = components
+    cdef const char *end = components + n
+    cdef const char *part
+    cdef size_t total = 1, length, at
+    while p < end:
+        p = next_string(p, end, &length)
+        total += length + 1
+    if total > 1:
+        total -= 1  # no slash after the last
+    reserve(out, total)
+    at = out.len + total
+    out.data[out.len] = c'/'
+    p = components
+    while p < end:
+        part = p
+        p = next_string(p, end, &length)
+        at -= length
+        memcpy(out.data + at, part, length)
+        if at > out.len + 1:
+            at -= 1
+            out.data[at] = c'/'
+    out.len += total
+    return 0
 
 
 cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, event):
@@ -191,51 +416,223 @@ cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, ev
     memcpy(hdr.comm, <const char *>comm, len(comm))
 
 
+cdef inline void pack_comm(buf *o, const esr_event_header *hdr) noexcept:
+    mp_bin(o, hdr.comm, strnlen(hdr.comm, 16))
+
+
+cdef inline int render_comm(buf *o, const esr_event_header *hdr, bint ensure_ascii) noexcept:
+    return js_str(o, hdr.comm, strnlen(hdr.comm, 16), ensure_ascii)
+
+
+# What a pack or a render function reserves, besides its strings: room for
+# its head and each scalar field.
+cdef enum:
+    FIXED = 1024
+
+
+cdef inline void pack_head(buf *o, uint64_t fields, uint16_t kind, uint64_t ei,
+                           int64_t time) noexcept:
+    """Every Struct's first elements: its tag, ei and time."""
+    mp_array(o, fields)
+    mp_uint(o, kind)
+    mp_uint(o, ei)
+    mp_int(o, time)
+
+
+# --- the record types ----------------------------------------------------------------
+
 # session.command ---------------------------------------------------------------------
+
+cdef struct command_view:
+    const char *argv  # NUL-separated: interpreter, argv[0], argv[1:]
+    const char *argv_end
+    size_t interpreter  # strings of the kernel's before argv[0]
+    size_t skip  # strings before argv[1]
+    size_t args  # argv[1:]
+    const char *path
+    size_t path_n
+    const char *exe  # the binary's path, or a memfd's name
+    size_t exe_n
+    int64_t cut_args
+    int64_t cut_bytes
+    bint truncated
+
 
 cdef uint64_t command_size(const esr_event_header *hdr):
     cdef const esr_command_event *e = <const esr_command_event *>hdr
     return COMMAND_FIXED + <uint64_t>e.argv_len + e.path_len + e.exe_len
 
 
-cdef object decode_command(SessionEvents target, const esr_event_header *hdr, int64_t time,
-                           uint64_t ei):
-    cdef const esr_command_event *e = <const esr_command_event *>hdr
+cdef int command_view_of(const esr_command_event *e, command_view *v, buf *scratch) except -1:
+    """What the fields of a command record mean; a binary's path is built
+    in scratch."""
     cdef uint32_t argv_len = e.argv_len if e.argv_len <= ESR_ARGV_MAX else ESR_ARGV_MAX
-    cdef list strings = split_strings(e.data, argv_len)
-    cdef const char *path = e.data + argv_len
-    cdef const char *exe_at = path + e.path_len
-    cdef int64_t cut_args = <int64_t>e.argc - len(strings)
-    cdef int64_t cut_bytes = <int64_t>e.argv_size - argv_len
-    cdef uint16_t kernel = e.interpreter_args
-    if cut_args < 0:
-        cut_args = 0
-    if cut_bytes < 0:
-        cut_bytes = 0
-    if e.flags & ESR_COMMAND_TTY:
-        target.interactive = True
-    truncated = cut_args > 0 or cut_bytes > 0 or (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
+    cdef size_t strings = count_strings(e.data, argv_len)
+    cdef const char *exe_at
+    v.argv = <const char *>e.data
+    v.argv_end = e.data + argv_len
     # A script: the kernel put its interpreter first, then the script's
     # path where the caller's argv[0] was.
-    if kernel and len(strings) > kernel:
-        interpreter, argv = strings[:kernel], strings[kernel + 1:]
+    if e.interpreter_args and strings > e.interpreter_args:
+        v.interpreter = e.interpreter_args
+        v.skip = v.interpreter + 1
     else:
-        interpreter, argv = [], strings[1:]
+        v.interpreter = 0
+        v.skip = 1
+    v.args = strings - v.skip if strings > v.skip else 0
+    v.path = e.data + argv_len
+    v.path_n = cstr_len(v.path, e.path_len)
+    exe_at = v.path + e.path_len
+    scratch.len = 0
     if not e.exe_len:
-        binary = b""
+        v.exe = exe_at
+        v.exe_n = 0
     elif e.flags & ESR_COMMAND_MEMFD:
-        binary = PyBytes_FromStringAndSize(exe_at, cstr_len(exe_at, e.exe_len))
-    elif e.flags & ESR_EXE_INCOMPLETE:
-        binary = b"..." + exe_path(exe_at, e.exe_len)
+        v.exe = exe_at
+        v.exe_n = cstr_len(exe_at, e.exe_len)
     else:
-        binary = exe_path(exe_at, e.exe_len)
-    return _Command(
-        ei, time, _pid.get(e.hdr.pid), e.ppid, _cgroup.get(e.hdr.cgroup_id),
-        comm_obj(e.hdr.comm),
-        PyBytes_FromStringAndSize(path, cstr_len(path, e.path_len)),
-        argv, e.return_code, e.uid, e.gid, (e.flags & ESR_COMMAND_TTY) != 0,
-        truncated, cut_args, cut_bytes, interpreter, binary, e.exe_dev, e.exe_ino,
-        (e.flags & ESR_COMMAND_MEMFD) != 0, (e.flags & ESR_EXE_INCOMPLETE) != 0)
+        if e.flags & ESR_EXE_INCOMPLETE:
+            put(scratch, b"...", 3)
+        exe_path(scratch, exe_at, e.exe_len)
+        v.exe = scratch.data
+        v.exe_n = scratch.len
+    v.cut_args = <int64_t>e.argc - <int64_t>strings
+    v.cut_bytes = <int64_t>e.argv_size - argv_len
+    if v.cut_args < 0:
+        v.cut_args = 0
+    if v.cut_bytes < 0:
+        v.cut_bytes = 0
+    v.truncated = v.cut_args > 0 or v.cut_bytes > 0 or \
+        (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
+    return 0
+
+
+cdef void pack_strings(buf *o, const command_view *v, size_t first, size_t count) noexcept:
+    cdef const char *p = v.argv
+    cdef const char *s
+    cdef size_t i = 0, n
+    mp_array(o, count)
+    while p < v.argv_end and i < first + count:
+        s = p
+        p = next_string(p, v.argv_end, &n)
+        if i >= first:
+            mp_bin(o, s, n)
+        i += 1
+
+
+cdef int render_strings(buf *o, const command_view *v, size_t first, size_t count,
+                        bint ensure_ascii) noexcept:
+    cdef const char *p = v.argv
+    cdef const char *s
+    cdef size_t i = 0, n
+    w1(o, c'[')
+    while p < v.argv_end and i < first + count:
+        s = p
+        p = next_string(p, v.argv_end, &n)
+        if i >= first:
+            if i > first:
+                w1(o, c',')
+            if js_str(o, s, n, ensure_ascii):
+                return 1
+        i += 1
+    w1(o, c']')
+    return 0
+
+
+cdef inline size_t command_room(const command_view *v, size_t per_byte) noexcept:
+    """Bytes its fields may take at most, at per_byte for each of its strings' bytes."""
+    return FIXED + 6 * (v.skip + v.args) + \
+        per_byte * (16 + v.path_n + v.exe_n + <size_t>(v.argv_end - v.argv))
+
+
+cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                      uint64_t ei) except -1:
+    cdef const esr_command_event *e = <const esr_command_event *>hdr
+    cdef command_view *v = &s.view
+    cdef buf *o = &s.body
+    command_view_of(e, v, &s.scratch)
+    s.viewed = hdr
+    if e.flags & ESR_COMMAND_TTY:
+        s.interactive = True
+    reserve(o, command_room(v, 1))
+    pack_head(o, 22, ESR_EVENT_COMMAND, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.ppid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_bin(o, v.path, v.path_n)
+    pack_strings(o, v, v.skip, v.args)
+    mp_int(o, e.return_code)
+    mp_uint(o, e.uid)
+    mp_uint(o, e.gid)
+    mp_bool(o, e.flags & ESR_COMMAND_TTY)
+    mp_bool(o, v.truncated)
+    mp_int(o, v.cut_args)
+    mp_int(o, v.cut_bytes)
+    pack_strings(o, v, 0, v.interpreter)
+    mp_bin(o, v.exe, v.exe_n)
+    mp_uint(o, e.exe_dev)
+    mp_uint(o, e.exe_ino)
+    mp_bool(o, e.flags & ESR_COMMAND_MEMFD)
+    mp_bool(o, e.flags & ESR_EXE_INCOMPLETE)
+    return 0
+
+
+cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_command_event *e = <const esr_command_event *>hdr
+    cdef command_view *v = &s.view
+    # Its pack, just before, saw the same record.
+    if s.viewed != hdr:
+        command_view_of(e, v, &s.scratch)
+        s.viewed = hdr
+    reserve(o, command_room(v, 6))
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"ppid":')
+    js_uint(o, e.ppid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"path":')
+    if js_str(o, v.path, v.path_n, s.ensure_ascii):
+        return 1
+    lit(o, b',"argv":')
+    if render_strings(o, v, v.skip, v.args, s.ensure_ascii):
+        return 1
+    lit(o, b',"return_code":')
+    js_int(o, e.return_code)
+    lit(o, b',"unix_uid":')
+    js_uint(o, e.uid)
+    lit(o, b',"unix_gid":')
+    js_uint(o, e.gid)
+    if v.interpreter:
+        lit(o, b',"interpreter":')
+        if render_strings(o, v, 0, v.interpreter, s.ensure_ascii):
+            return 1
+    if v.exe_n:
+        lit(o, b',"exe":')
+        if js_str(o, v.exe, v.exe_n, s.ensure_ascii):
+            return 1
+        lit(o, b',"exe_dev":')
+        js_uint(o, e.exe_dev)
+        lit(o, b',"exe_ino":')
+        js_uint(o, e.exe_ino)
+        if e.flags & ESR_COMMAND_MEMFD:
+            lit(o, b',"memfd":true')
+        if e.flags & ESR_EXE_INCOMPLETE:
+            lit(o, b',"exe_truncated":true')
+    if v.truncated:
+        lit(o, b',"argv_truncated":true,"argv_cut_args":')
+        js_int(o, v.cut_args)
+        lit(o, b',"argv_cut_bytes":')
+        js_int(o, v.cut_bytes)
+    return 0
+
+
+cdef int64_t command_return_code(const esr_event_header *hdr):
+    return (<const esr_command_event *>hdr).return_code
 
 
 cdef bytes encode_command(event, uint64_t session):
@@ -276,14 +673,48 @@ cdef uint64_t disk_size(const esr_event_header *hdr):
     return DISK_FIXED + (<const esr_disk_event *>hdr).path_len
 
 
-cdef object decode_disk(SessionEvents target, const esr_event_header *hdr, int64_t time,
-                        uint64_t ei):
+cdef int pack_disk(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                   uint64_t ei) except -1:
     cdef const esr_disk_event *e = <const esr_disk_event *>hdr
-    return _Disk(
-        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id),
-        comm_obj(e.hdr.comm),
-        path_obj(e.path, cstr_len(e.path, e.path_len)),
-        _flags.get(e.flags), e.return_code, e.path_truncated != 0)
+    cdef buf *o = &s.body
+    cdef Py_ssize_t path_n = cstr_len(e.path, e.path_len)
+    reserve(o, FIXED + path_n)
+    pack_head(o, 10, ESR_EVENT_DISK, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_bin(o, e.path, path_n)
+    mp_int(o, e.flags)
+    mp_int(o, e.return_code)
+    mp_bool(o, e.path_truncated != 0)
+    return 0
+
+
+cdef int render_disk(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_disk_event *e = <const esr_disk_event *>hdr
+    cdef Py_ssize_t path_n = cstr_len(e.path, e.path_len)
+    reserve(o, FIXED + 6 * (16 + path_n))
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"path":')
+    if js_str(o, e.path, path_n, s.ensure_ascii):
+        return 1
+    lit(o, b',"flags":')
+    js_int(o, e.flags)
+    lit(o, b',"return_code":')
+    js_int(o, e.return_code)
+    if e.path_truncated:
+        lit(o, b',"path_truncated":true')
+    return 0
+
+
+cdef int64_t disk_return_code(const esr_event_header *hdr):
+    return (<const esr_disk_event *>hdr).return_code
 
 
 cdef bytes encode_disk(event, uint64_t session):
@@ -307,24 +738,102 @@ cdef uint64_t network_size(const esr_event_header *hdr):
     return NETWORK_SIZE
 
 
-cdef object address(int family, const uint8_t *raw):
-    cdef char text[64]
-    if inet_ntop(family, raw, text, sizeof(text)) == NULL:
-        return ""
-    return text.decode("ascii")
+cdef size_t address(int family, const uint8_t *raw, char *text):
+    """The address as inet_ntop writes it, in text[64]: "" if it cannot.
+    IPv4 without it: inet_ntop formats through sprintf, a third of a
+    connect's cost."""
+    cdef size_t n = 0
+    cdef int i
+    cdef uint8_t octet
+    if family != AF_INET:
+        if inet_ntop(family, raw, text, 64) == NULL:
+            text[0] = 0
+        return strlen(text)
+    for i in range(4):
+        octet = raw[i]
+        if octet >= 100:
+            text[n] = <char>(c'0' + octet // 100)
+            n += 1
+        if octet >= 10:
+            text[n] = <char>(c'0' + octet // 10 % 10)
+            n += 1
+        text[n] = <char>(c'0' + octet % 10)
+        text[n + 1] = c'.'
+        n += 2
+    text[n - 1] = 0
+    return n - 1
 
 
-cdef object decode_network(SessionEvents target, const esr_event_header *hdr, int64_t time,
-                           uint64_t ei):
+cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                      uint64_t ei) except -1:
     cdef const esr_network_event *e = <const esr_network_event *>hdr
     cdef int family = AF_INET if e.family == AF_INET else AF_INET6
-    return _Network(
-        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id),
-        comm_obj(e.hdr.comm),
-        4 if family == AF_INET else 6,
-        address(family, e.src_addr), e.src_port,
-        address(family, e.dst_addr), e.dst_port,
-        e.return_code)
+    cdef char text[64]
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 14, ESR_EVENT_NETWORK, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_uint(o, 4 if family == AF_INET else 6)
+    mp_str(o, text, address(family, e.src_addr, text))
+    mp_uint(o, e.src_port)
+    mp_str(o, text, address(family, e.dst_addr, text))
+    mp_uint(o, e.dst_port)
+    mp_int(o, e.return_code)
+    mp_uint(o, 0)  # operation: connect
+    mp_uint(o, 0)  # action: observed
+    return 0
+
+
+cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_network_event *e = <const esr_network_event *>hdr
+    cdef int family = AF_INET if e.family == AF_INET else AF_INET6
+    cdef char src[64]
+    cdef char dst[64]
+    cdef size_t src_n = address(family, e.src_addr, src)
+    cdef size_t dst_n = address(family, e.dst_addr, dst)
+    cdef const char *src_at = src
+    cdef const char *dst_at = dst
+    cdef int version = 4 if family == AF_INET else 6
+    # An AF_INET6 socket connecting to an IPv4 address: IPv4 on the wire,
+    # and in Teleport's log (as schema.Network.fields()).
+    if version == 6 and dst_n > 7 and memcmp(dst, b"::ffff:", 7) == 0 and \
+            memchr(dst, c'.', dst_n) != NULL:
+        if src_n >= 7 and memcmp(src, b"::ffff:", 7) == 0:
+            src_at = src + 7
+            src_n -= 7
+        else:
+            src_at = b"0.0.0.0"
+            src_n = 7
+        dst_at = dst + 7
+        dst_n -= 7
+        version = 4
+    reserve(o, FIXED + 6 * 16)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"src_addr":')
+    js_str(o, src_at, src_n, s.ensure_ascii)
+    lit(o, b',"src_port":')
+    js_uint(o, e.src_port)
+    lit(o, b',"dst_addr":')
+    js_str(o, dst_at, dst_n, s.ensure_ascii)
+    lit(o, b',"dst_port":')
+    js_uint(o, e.dst_port)
+    lit(o, b',"version":')
+    js_uint(o, version)
+    lit(o, b',"operation":0,"action":0,"return_code":')
+    js_int(o, e.return_code)
+    return 0
+
+
+cdef int64_t network_return_code(const esr_event_header *hdr):
+    return (<const esr_network_event *>hdr).return_code
 
 
 cdef bytes encode_network(event, uint64_t session):
@@ -349,14 +858,35 @@ cdef uint64_t terminal_data_size(const esr_event_header *hdr):
     return TERMINAL_DATA_FIXED + (<const esr_terminal_data_event *>hdr).len
 
 
-cdef object decode_terminal_data(
-    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
-):
+cdef int pack_terminal_data(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                            uint64_t ei) except -1:
     cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
-    data = PyBytes_FromStringAndSize(e.data, e.len)
-    if hdr.type == ESR_EVENT_TERMINAL_INPUT:
-        return _TerminalInput(ei, time, _pid.get(e.hdr.pid), e.tty, data)
-    return _TerminalOutput(ei, time, _pid.get(e.hdr.pid), e.tty, data, e.skipped)
+    cdef bint output = hdr.type == ESR_EVENT_TERMINAL_OUTPUT
+    cdef buf *o = &s.body
+    reserve(o, FIXED + e.len)
+    pack_head(o, 7 if output else 6, hdr.type, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.tty)
+    mp_bin(o, e.data, e.len)
+    if output:
+        mp_uint(o, e.skipped)
+    return 0
+
+
+cdef int render_terminal_data(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
+    reserve(o, FIXED + 6 * <size_t>e.len)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"tty":')
+    js_uint(o, e.tty)
+    lit(o, b',"data":')
+    if js_str(o, e.data, e.len, s.ensure_ascii):
+        return 1
+    if hdr.type == ESR_EVENT_TERMINAL_OUTPUT:
+        lit(o, b',"skipped":')
+        js_uint(o, e.skipped)
+    return 0
 
 
 cdef bytes encode_terminal_data(event, uint64_t session):
@@ -381,13 +911,35 @@ cdef uint64_t terminal_write_size(const esr_event_header *hdr):
     return TERMINAL_WRITE_SIZE
 
 
-cdef object decode_terminal_write(
-    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
-):
+cdef int pack_terminal_write(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                             uint64_t ei) except -1:
     cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
-    return _TerminalWrite(
-        ei, time, _pid.get(e.hdr.pid), comm_obj(e.hdr.comm), e.tty, e.major, e.bytes
-    )
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 8, ESR_EVENT_TERMINAL_WRITE, ei, time)
+    mp_uint(o, e.hdr.pid)
+    pack_comm(o, hdr)
+    mp_uint(o, e.tty)
+    mp_uint(o, e.major)
+    mp_int(o, e.bytes)
+    return 0
+
+
+cdef int render_terminal_write(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
+    reserve(o, FIXED + 6 * 16)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"tty":')
+    js_uint(o, e.tty)
+    lit(o, b',"major":')
+    js_uint(o, e.major)
+    lit(o, b',"bytes":')
+    js_int(o, e.bytes)
+    return 0
 
 
 cdef bytes encode_terminal_write(event, uint64_t session):
@@ -408,11 +960,29 @@ cdef uint64_t terminal_resize_size(const esr_event_header *hdr):
     return TERMINAL_RESIZE_SIZE
 
 
-cdef object decode_terminal_resize(
-    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
-):
+cdef int pack_terminal_resize(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                              uint64_t ei) except -1:
     cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
-    return _TerminalResize(ei, time, e.tty, e.rows, e.cols)
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 6, ESR_EVENT_TERMINAL_RESIZE, ei, time)
+    mp_uint(o, e.tty)
+    mp_uint(o, e.rows)
+    mp_uint(o, e.cols)
+    return 0
+
+
+cdef int render_terminal_resize(SessionEvents s, const esr_event_header *hdr,
+                                buf *o) except -1:
+    cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
+    reserve(o, FIXED)
+    lit(o, b'"tty":')
+    js_uint(o, e.tty)
+    lit(o, b',"rows":')
+    js_uint(o, e.rows)
+    lit(o, b',"cols":')
+    js_uint(o, e.cols)
+    return 0
 
 
 cdef bytes encode_terminal_resize(event, uint64_t session):
@@ -427,23 +997,78 @@ cdef bytes encode_terminal_resize(event, uint64_t session):
 
 # session.ptrace -------------------------------------------------------------------------
 
+# enum esr_ptrace_request, by value.
+cdef list PTRACE_REQUESTS = [None, b"attach", b"seize", b"detach", b"process_vm_writev"]
+
+
+cdef bytes ptrace_request(uint16_t request):
+    """As its Struct names it: a request this version does not know, by its number."""
+    if 0 < request < len(PTRACE_REQUESTS):
+        return <bytes>PTRACE_REQUESTS[request]
+    return str(request).encode()
+
 
 cdef uint64_t ptrace_size(const esr_event_header *hdr):
     return PTRACE_SIZE
 
 
-cdef object decode_ptrace(
-    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
-):
+cdef int pack_ptrace(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                     uint64_t ei) except -1:
     cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
-    return _Ptrace(
-        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id), comm_obj(e.hdr.comm),
-        _PTRACE_REQUESTS[e.request] if 0 < e.request < len(_PTRACE_REQUESTS) else str(e.request),
-        e.target_pid, e.target_tgid,
-        PyBytes_FromStringAndSize(e.target_comm, cstr_len(e.target_comm, 16)),
-        e.return_code, (e.flags & ESR_PTRACE_FOLLOWED) != 0, (e.flags & ESR_PTRACE_LEFT) != 0,
-        (e.flags & ESR_PTRACE_AS_NAMED) != 0,
-    )
+    cdef bytes request = ptrace_request(e.request)
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 14, ESR_EVENT_PTRACE, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_str(o, <const char *>request, len(request))
+    mp_uint(o, e.target_pid)
+    mp_uint(o, e.target_tgid)
+    mp_bin(o, e.target_comm, strnlen(e.target_comm, 16))
+    mp_int(o, e.return_code)
+    mp_bool(o, e.flags & ESR_PTRACE_FOLLOWED)
+    mp_bool(o, e.flags & ESR_PTRACE_LEFT)
+    mp_bool(o, e.flags & ESR_PTRACE_AS_NAMED)
+    return 0
+
+
+cdef int render_ptrace(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
+    cdef bytes request = ptrace_request(e.request)
+    cdef size_t target_n = strnlen(e.target_comm, 16)
+    reserve(o, FIXED + 6 * 32)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"request":')
+    js_str(o, <const char *>request, len(request), s.ensure_ascii)
+    lit(o, b',"target_pid":')
+    js_uint(o, e.target_pid)
+    if e.target_tgid:
+        lit(o, b',"target_tgid":')
+        js_uint(o, e.target_tgid)
+    if target_n:
+        lit(o, b',"target_program":')
+        if js_str(o, e.target_comm, target_n, s.ensure_ascii):
+            return 1
+    lit(o, b',"return_code":')
+    js_int(o, e.return_code)
+    if e.flags & ESR_PTRACE_FOLLOWED:
+        lit(o, b',"followed":true')
+    if e.flags & ESR_PTRACE_LEFT:
+        lit(o, b',"left":true')
+    if e.flags & ESR_PTRACE_AS_NAMED:
+        lit(o, b',"pid_as_named":true')
+    return 0
+
+
+cdef int64_t ptrace_return_code(const esr_event_header *hdr):
+    return (<const esr_ptrace_event *>hdr).return_code
 
 
 cdef bytes encode_ptrace(event, uint64_t session):
@@ -453,7 +1078,8 @@ cdef bytes encode_ptrace(event, uint64_t session):
     e.hdr.pid = event.pid
     e.hdr.cgroup_id = event.cgroup_id
     e.return_code = event.return_code
-    e.request = _PTRACE_REQUESTS.index(event.request)
+    request = event.request.encode()
+    e.request = PTRACE_REQUESTS.index(request) if request in PTRACE_REQUESTS else int(request)
     e.target_pid = event.target_pid
     e.target_tgid = event.target_tgid
     memcpy(e.target_comm, <const char *>event.target_program, min(len(event.target_program), 15))
@@ -465,20 +1091,64 @@ cdef bytes encode_ptrace(event, uint64_t session):
 
 # session.io_uring -----------------------------------------------------------------------
 
+# schema.io_uring_operation of each opcode an u8 holds, and "setup".
+cdef list _io_uring_operations = [schema.io_uring_operation(i).encode() for i in range(256)]
+cdef bytes _IO_URING_SETUP = b"setup"
+
+
+cdef inline bytes io_uring_operation(const esr_io_uring_event *e):
+    return _IO_URING_SETUP if e.setup else <bytes>_io_uring_operations[e.opcode]
+
 
 cdef uint64_t io_uring_size(const esr_event_header *hdr):
     return IO_URING_SIZE
 
 
-cdef object decode_io_uring(
-    SessionEvents target, const esr_event_header *hdr, int64_t time, uint64_t ei
-):
+cdef int pack_io_uring(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                       uint64_t ei) except -1:
     cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
-    return _IoUring(
-        ei, time, _pid.get(e.hdr.pid), _cgroup.get(e.hdr.cgroup_id), comm_obj(e.hdr.comm),
-        "setup" if e.setup else schema.io_uring_operation(e.opcode), e.opcode, e.ring_fd,
-        e.ring_pid, e.sq_entries, e.setup_flags,
-    )
+    cdef bytes operation = io_uring_operation(e)
+    cdef buf *o = &s.body
+    reserve(o, FIXED)
+    pack_head(o, 12, ESR_EVENT_IO_URING, ei, time)
+    mp_uint(o, e.hdr.pid)
+    mp_uint(o, e.hdr.cgroup_id)
+    pack_comm(o, hdr)
+    mp_str(o, <const char *>operation, len(operation))
+    mp_uint(o, e.opcode)
+    mp_uint(o, e.ring_fd)
+    mp_uint(o, e.ring_pid)
+    mp_uint(o, e.sq_entries)
+    mp_uint(o, e.setup_flags)
+    return 0
+
+
+cdef int render_io_uring(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
+    cdef bytes operation = io_uring_operation(e)
+    reserve(o, FIXED + 6 * 16)
+    lit(o, b'"pid":')
+    js_uint(o, e.hdr.pid)
+    lit(o, b',"cgroup_id":')
+    js_uint(o, e.hdr.cgroup_id)
+    lit(o, b',"program":')
+    if render_comm(o, hdr, s.ensure_ascii):
+        return 1
+    lit(o, b',"operation":')
+    js_str(o, <const char *>operation, len(operation), s.ensure_ascii)
+    lit(o, b',"ring_fd":')
+    js_uint(o, e.ring_fd)
+    lit(o, b',"ring_pid":')
+    js_uint(o, e.ring_pid)
+    if e.setup:
+        lit(o, b',"sq_entries":')
+        js_uint(o, e.sq_entries)
+        lit(o, b',"setup_flags":')
+        js_uint(o, e.setup_flags)
+    else:
+        lit(o, b',"opcode":')
+        js_uint(o, e.opcode)
+    return 0
 
 
 cdef bytes encode_io_uring(event, uint64_t session):
@@ -499,49 +1169,65 @@ cdef bytes encode_io_uring(event, uint64_t session):
 # The table ------------------------------------------------------------------------------
 
 ctypedef uint64_t (*size_fn)(const esr_event_header *hdr)
-ctypedef object (*decode_fn)(SessionEvents target, const esr_event_header *hdr, int64_t time,
-                             uint64_t ei)
+ctypedef int (*pack_fn)(SessionEvents s, const esr_event_header *hdr, int64_t time,
+                        uint64_t ei) except -1
+ctypedef int (*render_fn)(SessionEvents s, const esr_event_header *hdr, buf *out) except -1
+ctypedef int64_t (*return_code_fn)(const esr_event_header *hdr)
 ctypedef bytes (*encode_fn)(event, uint64_t session)
 
 cdef struct record_type:
     uint64_t fixed_size  # bytes before any variable-length part
     size_fn size  # bytes a record claims, variable parts included
-    decode_fn decode
+    # Appends its schema Struct's msgpack to the session's frame.
+    pack_fn pack
+    # Writes its audit log fields as schema's fields() and AuditFormat do,
+    # without the opening brace; 1: this record's line is AuditFormat's to render.
+    render_fn render
+    return_code_fn return_code  # NULL: it has none, and never fails
     encode_fn encode
     int buffer
 
 cdef record_type RECORD_TYPES[ESR_EVENT_TYPE_END]
 memset(RECORD_TYPES, 0, sizeof(RECORD_TYPES))
-RECORD_TYPES[ESR_EVENT_COMMAND] = record_type(COMMAND_FIXED, command_size, decode_command,
-                                              encode_command, ESR_BUF_COMMAND)
-RECORD_TYPES[ESR_EVENT_DISK] = record_type(DISK_FIXED, disk_size, decode_disk, encode_disk,
-                                           ESR_BUF_DISK)
-RECORD_TYPES[ESR_EVENT_NETWORK] = record_type(NETWORK_SIZE, network_size, decode_network,
-                                              encode_network, ESR_BUF_NETWORK)
+RECORD_TYPES[ESR_EVENT_COMMAND] = record_type(
+    COMMAND_FIXED, command_size, pack_command, render_command, command_return_code,
+    encode_command, ESR_BUF_COMMAND
+)
+RECORD_TYPES[ESR_EVENT_DISK] = record_type(
+    DISK_FIXED, disk_size, pack_disk, render_disk, disk_return_code, encode_disk, ESR_BUF_DISK
+)
+RECORD_TYPES[ESR_EVENT_NETWORK] = record_type(
+    NETWORK_SIZE, network_size, pack_network, render_network, network_return_code,
+    encode_network, ESR_BUF_NETWORK
+)
 RECORD_TYPES[ESR_EVENT_TERMINAL_OUTPUT] = record_type(
-    TERMINAL_DATA_FIXED, terminal_data_size, decode_terminal_data, encode_terminal_data,
-    ESR_BUF_TERMINAL
+    TERMINAL_DATA_FIXED, terminal_data_size, pack_terminal_data, render_terminal_data, NULL,
+    encode_terminal_data, ESR_BUF_TERMINAL
 )
 RECORD_TYPES[ESR_EVENT_TERMINAL_INPUT] = record_type(
-    TERMINAL_DATA_FIXED, terminal_data_size, decode_terminal_data, encode_terminal_data,
-    ESR_BUF_TERMINAL
+    TERMINAL_DATA_FIXED, terminal_data_size, pack_terminal_data, render_terminal_data, NULL,
+    encode_terminal_data, ESR_BUF_TERMINAL
 )
 RECORD_TYPES[ESR_EVENT_TERMINAL_WRITE] = record_type(
-    TERMINAL_WRITE_SIZE, terminal_write_size, decode_terminal_write, encode_terminal_write,
-    ESR_BUF_TERMINAL
+    TERMINAL_WRITE_SIZE, terminal_write_size, pack_terminal_write, render_terminal_write, NULL,
+    encode_terminal_write, ESR_BUF_TERMINAL
 )
 RECORD_TYPES[ESR_EVENT_TERMINAL_RESIZE] = record_type(
-    TERMINAL_RESIZE_SIZE, terminal_resize_size, decode_terminal_resize, encode_terminal_resize,
-    ESR_BUF_TERMINAL
+    TERMINAL_RESIZE_SIZE, terminal_resize_size, pack_terminal_resize, render_terminal_resize,
+    NULL, encode_terminal_resize, ESR_BUF_TERMINAL
 )
-RECORD_TYPES[ESR_EVENT_PTRACE] = record_type(PTRACE_SIZE, ptrace_size, decode_ptrace,
-                                             encode_ptrace, ESR_BUF_COMMAND)
-RECORD_TYPES[ESR_EVENT_IO_URING] = record_type(IO_URING_SIZE, io_uring_size, decode_io_uring,
-                                               encode_io_uring, ESR_BUF_COMMAND)
+RECORD_TYPES[ESR_EVENT_PTRACE] = record_type(
+    PTRACE_SIZE, ptrace_size, pack_ptrace, render_ptrace, ptrace_return_code, encode_ptrace,
+    ESR_BUF_COMMAND
+)
+RECORD_TYPES[ESR_EVENT_IO_URING] = record_type(
+    IO_URING_SIZE, io_uring_size, pack_io_uring, render_io_uring, NULL, encode_io_uring,
+    ESR_BUF_COMMAND
+)
 
 
 cdef inline const record_type *known(uint16_t kind):
-    if kind >= ESR_EVENT_TYPE_END or RECORD_TYPES[kind].decode == NULL:
+    if kind >= ESR_EVENT_TYPE_END or RECORD_TYPES[kind].pack == NULL:
         return NULL
     return &RECORD_TYPES[kind]
 
@@ -558,11 +1244,288 @@ def encode_record(event, uint64_t session):
     return len(record).to_bytes(4, "little") + record + bytes(padded - 4 - len(record))
 
 
+# --- sessions --------------------------------------------------------------------------------
+
+# The start of each type's audit log line, up to its ei.
+cdef list _line_heads = [None] * ESR_EVENT_TYPE_END
+cdef const char *LINE_HEAD[ESR_EVENT_TYPE_END]
+cdef size_t LINE_HEAD_LEN[ESR_EVENT_TYPE_END]
 for _record in schema.RECORDS:
-    if known(_record.__struct_config__.tag) == NULL or \
-            BUFFERS[known(_record.__struct_config__.tag).buffer] != _record.buffer:
-        raise ImportError(f"schema.{_record.__name__} and the decoder's table disagree on its "
-                          "type or buffer")
+    _line_heads[_record.__struct_config__.tag] = \
+        f'{{"event":"{_record.name}","code":"{_record.code}","ei":'.encode()
+for _kind in range(ESR_EVENT_TYPE_END):
+    if _line_heads[_kind] is not None:
+        LINE_HEAD[_kind] = <const char *>_line_heads[_kind]
+        LINE_HEAD_LEN[_kind] = len(_line_heads[_kind])
+
+
+cdef class Chunk:
+    """Bytes a session wrote, handed over without a copy: a busy session's
+    are megabytes per flush. Once released, its buffer goes back to the
+    session to be written again, not to the kernel to be faulted in again."""
+    cdef buf b
+    cdef size_t start
+    cdef SessionEvents owner
+    cdef int kind
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.b.data + self.start, self.b.len - self.start, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        if self.owner is not None:
+            self.owner.recycle(&self.b, self.kind)
+        else:
+            free(self.b.data)
+
+
+cdef class Taken:
+    """A session's pending events, taken to be written as one frame."""
+    # The msgpack list of the events: a frame's payload, uncompressed.
+    cdef readonly memoryview payload
+    cdef readonly uint64_t first_ei
+    cdef readonly uint64_t count
+    cdef readonly memoryview lines  # audit log lines of its records
+    cdef readonly list records  # records of each buffer
+
+    @property
+    def last_ei(self):
+        return self.first_ei + self.count - 1
+
+
+cdef class SessionEvents:
+    """Events decoded for one session and not yet written, as the msgpack
+    list a frame holds; and apart, the audit log lines of those of them the
+    log gets, rendered as they are decoded, so that an open storm is never
+    scanned again in Python."""
+    # The msgpack of each pending event, after room for the list's header.
+    cdef buf body
+    cdef buf lines
+    cdef buf spare[2]  # a body's and a lines' buffer, written and given back
+    cdef buf scratch
+    # The command record last packed, and what its fields mean: for its line.
+    cdef const esr_event_header *viewed
+    cdef command_view view
+    # The form of the line's JSON text: see js_str.
+    cdef bint ensure_ascii
+    cdef public uint64_t next_ei
+    cdef readonly uint64_t count
+    cdef uint64_t counts[ESR_BUF_COUNT]
+    # Bit t set: records of type t are audited.
+    cdef public uint64_t audit_types
+    # Bit t set: failed ones too (return_code < 0).
+    cdef public uint64_t audit_failures
+    # Set once a command runs with a controlling terminal; never cleared.
+    cdef public bint interactive
+    # The session's schema.AuditFormat: the fields its lines share, and the
+    # lines this module leaves to it.
+    cdef object format
+    cdef bytes uid_prefix
+    cdef bytes common
+    cdef int64_t second  # of the last time rendered, and that time up to its seconds
+    cdef char second_text[32]
+    cdef size_t second_len
+
+    def __init__(self, uint64_t next_ei=1, audited_records=(), bint interactive=False,
+                 format=None):
+        """format: the session's schema.AuditFormat, needed once a record type is audited."""
+        self.next_ei = next_ei
+        self.count = 0
+        self.fresh(&self.body, 0)
+        memset(self.counts, 0, sizeof(self.counts))
+        self.format = format
+        if format is not None:
+            self.uid_prefix = format.uid_prefix.encode()
+            self.common = format.common
+        self.second = -1
+        self.audit(audited_records)
+        self.interactive = interactive
+
+    def __dealloc__(self):
+        free(self.body.data)
+        free(self.lines.data)
+        free(self.spare[0].data)
+        free(self.spare[1].data)
+        free(self.scratch.data)
+
+    cdef int fresh(self, buf *b, int kind) except -1:
+        """A buffer to write on in place of one handed over: the spare, or
+        a new one; a body's with room for its list's header."""
+        cdef buf new = self.spare[kind]
+        new.len = 0
+        if kind == 0:
+            reserve(&new, MP_MAX)
+            new.len = MP_MAX
+        self.spare[kind].data = NULL
+        self.spare[kind].cap = 0
+        b[0] = new
+        return 0
+
+    cdef void recycle(self, buf *b, int kind) noexcept:
+        if self.spare[kind].data == NULL:
+            self.spare[kind] = b[0]
+        else:
+            free(b.data)
+        b.data = NULL
+
+    def audit(self, records, failures=None):
+        """Which schema.Record types the audit log gets from now on, and of
+        those, which when they failed too (all of them unless told)."""
+        if records and self.format is None:
+            raise ValueError("auditing needs the session's AuditFormat")
+        self.audit_types = 0
+        for record in records:
+            self.audit_types |= 1 << record.__struct_config__.tag
+        self.audit_failures = self.audit_types
+        if failures is not None:
+            self.audit_failures = 0
+            for record in records:
+                # A record without a return code never failed.
+                if record in failures or "return_code" not in record.__struct_fields__:
+                    self.audit_failures |= 1 << record.__struct_config__.tag
+
+    def add(self, event):
+        """An event of the recorder's own (session.lost, session.end), the
+        session's next: recorded, and audited by the recorder itself."""
+        encoded = _encode_event(event)
+        put(&self.body, <const char *>encoded, len(encoded))
+        self.count += 1
+        self.next_ei += 1
+
+    def take(self):
+        """The pending events as a Taken; pending is emptied."""
+        cdef Taken taken = Taken.__new__(Taken)
+        cdef char head_data[MP_MAX]
+        cdef buf head
+        cdef Chunk payload = Chunk.__new__(Chunk)
+        cdef Chunk lines
+        cdef buf next_body, next_lines
+        cdef int i
+        head.data, head.len, head.cap = head_data, 0, MP_MAX
+        mp_array(&head, self.count)
+        self.fresh(&next_body, 0)
+        # The list's header goes in the room kept before its events.
+        payload.b, self.body = self.body, next_body
+        payload.owner, payload.kind, payload.start = self, 0, MP_MAX - head.len
+        memcpy(payload.b.data + payload.start, head.data, head.len)
+        taken.payload = memoryview(payload)
+        if self.lines.len:
+            self.fresh(&next_lines, 1)
+            lines = Chunk.__new__(Chunk)
+            lines.b, self.lines = self.lines, next_lines
+            lines.owner, lines.kind, lines.start = self, 1, 0
+            taken.lines = memoryview(lines)
+        else:
+            taken.lines = memoryview(b"")
+        taken.first_ei = self.next_ei - self.count
+        taken.count = self.count
+        taken.records = [self.counts[i] for i in range(ESR_BUF_COUNT)]
+        self.count = 0
+        memset(self.counts, 0, sizeof(self.counts))
+        return taken
+
+    cdef int time_text(self, int64_t ns) noexcept:
+        """The line's time as schema.rfc3339 writes it: UTC, to the
+        microsecond at most, without trailing zeros; the seconds are
+        formatted once per second. 1: a time gmtime cannot take."""
+        cdef buf *o = &self.lines
+        cdef int64_t seconds = ns // 1000000000
+        cdef int64_t micros
+        cdef time_t t
+        cdef tm parts
+        cdef char frac[8]
+        cdef int n, i
+        if seconds * 1000000000 > ns:  # floor, as Python's divmod
+            seconds -= 1
+        micros = (ns - seconds * 1000000000) // 1000
+        if seconds != self.second:
+            t = seconds
+            if gmtime_r(&t, &parts) == NULL:
+                return 1
+            self.second_len = strftime(self.second_text, sizeof(self.second_text),
+                                       b"%Y-%m-%dT%H:%M:%S", &parts)
+            self.second = seconds
+        w(o, self.second_text, self.second_len)
+        if micros:
+            frac[0] = c'.'
+            n = 6
+            while micros % 10 == 0:
+                micros //= 10
+                n -= 1
+            for i in range(n, 0, -1):
+                frac[i] = <char>(c'0' + micros % 10)
+                micros //= 10
+            w(o, frac, n + 1)
+        w1(o, c'Z')
+        return 0
+
+    cdef int line(self, const record_type *t, const esr_event_header *hdr, int64_t time,
+                  uint64_t ei, size_t packed_at) except -1:
+        """Append the record's audit log line; AuditFormat renders those
+        this cannot, from the record's msgpack, at packed_at in body."""
+        cdef buf *o = &self.lines
+        cdef size_t start = o.len, fields
+        cdef bint rendered
+        reserve(o, FIXED + LINE_HEAD_LEN[hdr.type] + len(self.uid_prefix) + len(self.common))
+        w(o, LINE_HEAD[hdr.type], LINE_HEAD_LEN[hdr.type])
+        js_uint(o, ei)
+        lit(o, b',"uid":"')
+        w(o, <const char *>self.uid_prefix, len(self.uid_prefix))
+        js_hex12(o, ei)
+        lit(o, b'","time":"')
+        if self.time_text(time) == 0:
+            lit(o, b'",')
+            w(o, <const char *>self.common, len(self.common))
+            w1(o, c',')
+            fields = o.len
+            # The fields reserve their own room, and room for what ends the line.
+            self.ensure_ascii = False
+            rendered = t.render(self, hdr, o) == 0
+            if not rendered:  # text that is not ASCII: json's form
+                o.len = fields
+                self.ensure_ascii = True
+                rendered = t.render(self, hdr, o) == 0
+            if rendered:
+                lit(o, b"}\n")
+                if o.len - start <= MAX_LINE:
+                    return 0
+        o.len = start
+        event = _decode_events(
+            b"\x91" + PyBytes_FromStringAndSize(self.body.data + packed_at, self.body.len - packed_at)
+        )[0]
+        line = self.format.line(event)
+        return put(o, <const char *>line, len(line))
+
+
+# Each type's pack must write its Struct as msgspec does: a record of each
+# type with every field zero decodes as its Struct, or this module is wrong.
+def _check_table():
+    cdef SessionEvents s = SessionEvents()
+    cdef bytes raw
+    cdef esr_event_header *hdr
+    cdef const record_type *t
+    for record in schema.RECORDS:
+        kind = record.__struct_config__.tag
+        t = known(kind)
+        if t == NULL or BUFFERS[t.buffer] != record.buffer:
+            raise ImportError(f"schema.{record.__name__} and the decoder's table disagree on its "
+                              "type or buffer")
+        raw = bytes(t.fixed_size)
+        hdr = <esr_event_header *>PyBytes_AS_STRING(raw)
+        hdr.type = kind
+        t.pack(s, hdr, 0, 0)
+        s.count += 1
+    try:
+        decoded = _decode_events(s.take().payload)
+    except ValueError as err:
+        raise ImportError(f"the decoder packs records its schema cannot read: {err}") from None
+    if [type(e) for e in decoded] != list(schema.RECORDS):
+        raise ImportError("the decoder packs records as other types than its schema's")
+
+
+_check_table()
 
 
 # --- batches -------------------------------------------------------------------------------
@@ -652,9 +1615,10 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
     cdef const record_type *t
     cdef entry *items
     cdef entry *tmp
-    cdef uint64_t orphans = 0, cookie, last_cookie = 0
+    cdef uint64_t orphans = 0, cookie, last_cookie = 0, ei, bit
+    cdef int64_t time
+    cdef size_t packed_at
     cdef SessionEvents target = None
-    cdef object event
 
     n = count_entries(base, size)
     if n == 0:
@@ -681,14 +1645,17 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
             if target is None or t == NULL:
                 orphans += 1
                 continue
-            event = t.decode(target, hdr, <int64_t>hdr.ts_boot_ns + time_offset_ns,
-                             target.next_ei)
+            time = <int64_t>hdr.ts_boot_ns + time_offset_ns
+            ei = target.next_ei
+            packed_at = target.body.len
+            t.pack(target, hdr, time, ei)
             target.next_ei += 1
+            target.count += 1
             target.counts[t.buffer] += 1
-            target.events.append(event)
-            if target.audit_types & (1 << hdr.type) and (
-                    target.audit_failures & (1 << hdr.type) or event.return_code >= 0):
-                target.audited.append(event)
+            bit = <uint64_t>1 << hdr.type
+            if target.audit_types & bit and (
+                    target.audit_failures & bit or t.return_code(hdr) >= 0):
+                target.line(t, hdr, time, ei, packed_at)
     finally:
         free(items)
     return orphans

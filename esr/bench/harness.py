@@ -4,6 +4,11 @@ session, with each consumer in turn, and the figures side by side.
 Every run accounts for every event: the generator knows exactly how many
 records its operations produce, and generated = recorded + lost in the
 kernel + lost in user space must hold.
+
+With repeats, each (workload, rate) runs its consumers in turn, then again,
+so that a noisy minute spreads over every consumer rather than deciding one
+figure; each figure is the median of its runs, with their spread, and the
+ratios between consumers are those of the medians.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,13 +35,27 @@ from esr.errors import BenchError
 # What the bcc peer records; it has no terminal stream.
 BCC_BUFFERS = ("command", "disk", "network")
 
-TARGETS = {
-    "recorder_ns_per_event": 400,
-    "open_cost_vs_floor": 1.15,
-    "bytes_per_open": 20,
-    "vs_bcc": 20,
-    "vs_bcc-wk64": 6,
+# Flat out, from the medians: per workload, the most esr's recorder CPU
+# per event may be, as a multiple of the floor's, and the least bcc's may
+# be as a multiple of esr's; what running outside a session may cost an
+# operation; and what the recorded open() may cost against the floor.
+TARGETS: dict[str, dict[str, float]] = {
+    "open": {"esr_vs_floor": 5, "bcc-wk64_vs_esr": 8, "bcc_vs_esr": 20, "outside_pct": 3},
+    "exec": {"bcc-wk64_vs_esr": 4, "bcc_vs_esr": 20, "outside_pct": 5},
+    "connect": {"bcc-wk64_vs_esr": 4, "bcc_vs_esr": 20, "outside_pct": 5},
 }
+OPEN_COST_VS_FLOOR = 1.15
+BYTES_PER_EVENT = 20
+# Figures of a run that get a median and a spread.
+FIGURES = (
+    "events_per_s",
+    "recorder_ns_per_event",
+    "process_ns_per_op",
+    "bytes_per_event",
+    "peak_rss_mb",
+)
+# Whose recorder CPU is compared with the floor's and bcc's.
+RECORDERS = ("esr", "baseline")
 
 
 @dataclass
@@ -43,6 +63,7 @@ class Result:
     workload: str
     rate: int
     mode: str
+    repeat: int = 0
     seconds: float = 0.0
     generated: int = 0
     recorded: int | None = None
@@ -91,10 +112,30 @@ def _bcc_missing() -> str | None:
     return None if r.returncode == 0 else "python3-bpfcc is not installed"
 
 
+def baseline_python(checkout: str) -> str:
+    """The Python of another esr checkout (`make build` there), whose own
+    recorder the baseline mode runs."""
+    python = os.path.join(checkout, ".venv", "bin", "python")
+    if not os.access(python, os.X_OK) or not os.path.isdir(os.path.join(checkout, "esr")):
+        raise BenchError(f"{checkout}: not an esr checkout built with `make build` (no .venv)")
+    return python
+
+
+# The baseline's recorder: esr.bench.consumers of its own checkout, on this
+# pipe's protocol. -P: its esr, not the one in the current directory.
+_BASELINE = """
+import json, sys
+from esr.bench.consumers import _serve
+pages = tuple(json.loads(sys.argv[1]))
+sys.exit(_serve(sys.stdin.buffer, open(1, "w", buffering=1), pages, sys.argv[2], 0))
+"""
+
+
 class Bench:
-    def __init__(self, seconds: float, pages: tuple[int, ...]):
+    def __init__(self, seconds: float, pages: tuple[int, ...], baseline: str | None = None):
         self.seconds = seconds
         self.pages = pages
+        self.baseline = baseline
         self.tools = tools()
         self.tmp = tempfile.mkdtemp(prefix="esr-bench-")
         self.notes: list[str] = []
@@ -110,6 +151,20 @@ class Bench:
         pages = ",".join(map(str, self.pages))
         if mode in ("esr", "outside"):
             return start_esr(self.pages, os.path.join(self.tmp, f"data{self.runs}"))
+        if mode == "baseline":
+            if self.baseline is None:
+                raise BenchError("baseline: no --baseline checkout given")
+            return start_program(
+                "baseline",
+                [
+                    baseline_python(self.baseline),
+                    "-P",
+                    "-c",
+                    _BASELINE,
+                    json.dumps(list(self.pages)),
+                    os.path.join(self.tmp, f"data{self.runs}"),
+                ],
+            )
         if mode == "floor":
             with resources.as_file(resources.files("esr.bpf").joinpath("esr.bpf.o")) as obj:
                 return start_program("C floor", [self.tools["floor"], str(obj), "--pages", pages])
@@ -130,9 +185,9 @@ class Bench:
             )
         return None
 
-    def run(self, workload: str, rate: int, mode: str) -> Result:
+    def run(self, workload: str, rate: int, mode: str, repeat: int = 0) -> Result:
         self.runs += 1
-        result = Result(workload, rate, mode)
+        result = Result(workload, rate, mode, repeat)
         try:
             consumer = self._consumer(mode, workload)
         except BenchError as err:
@@ -214,15 +269,60 @@ class Bench:
         return result
 
 
-def summarize(results: list[Result]) -> dict:
-    by = {(r.workload, r.rate, r.mode): r for r in results}
+def spread(values: list[float]) -> dict | None:
+    """The median of values, and their range."""
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values)}
+
+
+def aggregate(results: list[Result]) -> list[dict]:
+    """One row per workload, rate and consumer, in the order they first
+    ran: how many runs, their accounting, and the median and spread of each
+    figure over them."""
+    groups: dict[tuple[str, int, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.workload, r.rate, r.mode), []).append(r)
+    rows = []
+    for (workload, rate, mode), runs in groups.items():
+        ok = [r for r in runs if not r.error]
+        row: dict = {
+            "workload": workload,
+            "rate": rate,
+            "mode": mode,
+            "runs": len(ok),
+            "errors": sorted({r.error for r in runs if r.error}),
+            "generated": sum(r.generated for r in ok),
+            "lost": sum((r.lost_kernel or 0) + (r.lost_user or 0) for r in ok),
+            "accounted": None
+            if mode in ("none", "outside") or not ok
+            else all(r.accounted for r in ok),
+        }
+        for figure in FIGURES:
+            row[figure] = spread([v for r in ok if (v := getattr(r, figure)) is not None])
+        rows.append(row)
+    return rows
+
+
+def summarize(results: list[Result], rows: list[dict]) -> dict:
+    """Flat out, from the medians of one invocation: the outside-session
+    overhead, the recorded process's cost, the ratios between consumers'
+    recorder CPU, and the targets."""
+    by = {(r["workload"], r["rate"], r["mode"]): r for r in rows}
+
+    def median(workload: str, mode: str, figure: str) -> float | None:
+        row = by.get((workload, 0, mode))
+        return row[figure]["median"] if row and row[figure] else None
+
     summary: dict = {
         "highest_rate_without_loss": {},
         "outside_session_overhead": {},
         "recorded_process_cost": {},
+        "ratios": {},
         "targets": {},
     }
-    for w in {r.workload for r in results}:
+    targets = summary["targets"]
+    for w in dict.fromkeys(r.workload for r in results):
         clean = [
             r.events_per_s
             for r in results
@@ -233,39 +333,78 @@ def summarize(results: list[Result]) -> dict:
             and r.lost_user == 0
         ]
         summary["highest_rate_without_loss"][w] = max(clean, default=0)
-        none, outside = by.get((w, 0, "none")), by.get((w, 0, "outside"))
-        if none and outside and none.process_ns_per_op and outside.process_ns_per_op:
-            summary["outside_session_overhead"][w] = {
-                "no_bpf_ns_per_op": none.process_ns_per_op,
-                "outside_session_ns_per_op": outside.process_ns_per_op,
-                "overhead_pct": round(
-                    (outside.process_ns_per_op / none.process_ns_per_op - 1) * 100, 1
-                ),
-            }
-        row = {
-            m: by[(w, 0, m)].process_ns_per_op for m in ("none", "esr", "floor") if (w, 0, m) in by
+        # Each repeat's outside run against the none run beside it.
+        flat = {
+            (r.mode, r.repeat): r.process_ns_per_op
+            for r in results
+            if r.workload == w and r.rate == 0 and r.process_ns_per_op
         }
-        if row:
-            summary["recorded_process_cost"][w] = row
-    esr_open = by.get(("open", 0, "esr"))
-    floor_open = by.get(("open", 0, "floor"))
-    targets = summary["targets"]
-    if esr_open and esr_open.recorded:
-        lost = (esr_open.lost_kernel or 0) + (esr_open.lost_user or 0)
-        targets["no_loss_flat_out_open"] = _target(lost, 0, lost == 0)
-        ns, want = esr_open.recorder_ns_per_event, TARGETS["recorder_ns_per_event"]
-        targets["recorder_ns_per_event"] = _target(ns, want, (ns or 1e9) <= want)
-        size, want = esr_open.bytes_per_event, TARGETS["bytes_per_open"]
-        targets["bytes_per_open"] = _target(size, want, (size or 1e9) <= want)
-        if floor_open and floor_open.process_ns_per_op and esr_open.process_ns_per_op:
-            ratio = round(esr_open.process_ns_per_op / floor_open.process_ns_per_op, 3)
-            want = TARGETS["open_cost_vs_floor"]
-            targets["open_cost_vs_floor"] = _target(ratio, want, ratio <= want)
-        for peer in ("bcc", "bcc-wk64"):
-            other = by.get(("open", 0, peer))
-            if other and other.recorder_ns_per_event and ns:
-                ratio, want = other.recorder_ns_per_event / ns, TARGETS[f"vs_{peer}"]
-                targets[f"vs_{peer}"] = _target(round(ratio, 1), want, ratio >= want)
+        pairs = [
+            (flat[("none", k)], flat[("outside", k)])
+            for m, k in flat
+            if m == "none" and ("outside", k) in flat
+        ]
+        overhead = spread([round((o / n - 1) * 100, 1) for n, o in pairs])
+        if overhead:
+            summary["outside_session_overhead"][w] = {
+                "no_bpf_ns_per_op": median(w, "none", "process_ns_per_op"),
+                "outside_session_ns_per_op": median(w, "outside", "process_ns_per_op"),
+                "overhead_pct": overhead,
+            }
+        cost = {
+            m: v
+            for m in ("none", "esr", "baseline", "floor")
+            if (v := median(w, m, "process_ns_per_op")) is not None
+        }
+        if cost:
+            summary["recorded_process_cost"][w] = cost
+        ratios = {}
+        floor = median(w, "floor", "recorder_ns_per_event")
+        for recorder in RECORDERS:
+            ns = median(w, recorder, "recorder_ns_per_event")
+            if not ns:
+                continue
+            if floor:
+                ratios[f"{recorder}_vs_floor"] = round(ns / floor, 2)
+            for peer in ("bcc-wk64", "bcc"):
+                if peer_ns := median(w, peer, "recorder_ns_per_event"):
+                    ratios[f"{peer}_vs_{recorder}"] = round(peer_ns / ns, 2)
+        esr_ns, before = (
+            median(w, "esr", "recorder_ns_per_event"),
+            median(w, "baseline", "recorder_ns_per_event"),
+        )
+        if esr_ns and before:
+            ratios["baseline_vs_esr"] = round(before / esr_ns, 2)
+        if ratios:
+            summary["ratios"][w] = ratios
+        for key, want in TARGETS.get(w, {}).items():
+            if key == "outside_pct":
+                value = overhead["median"] if overhead else None
+                met = value is not None and value <= want
+            else:
+                value = ratios.get(key)
+                met = value is not None and (
+                    value <= want if key.endswith("_floor") else value >= want
+                )
+            if value is not None:
+                targets[f"{w}_{key}"] = _target(value, want, met)
+        esr_row = by.get((w, 0, "esr"))
+        if esr_row and esr_row["runs"]:
+            targets[f"{w}_no_loss_flat_out"] = _target(esr_row["lost"], 0, esr_row["lost"] == 0)
+            size = median(w, "esr", "bytes_per_event")
+            if size is not None and w != "tty":  # a tty run counts bytes, not events
+                targets[f"{w}_bytes_per_event"] = _target(
+                    size, BYTES_PER_EVENT, size <= BYTES_PER_EVENT
+                )
+    esr_op, floor_op = (
+        median("open", "esr", "process_ns_per_op"),
+        median("open", "floor", "process_ns_per_op"),
+    )
+    if esr_op and floor_op:
+        ratio = round(esr_op / floor_op, 3)
+        targets["open_cost_vs_floor"] = _target(
+            ratio, OPEN_COST_VS_FLOOR, ratio <= OPEN_COST_VS_FLOOR
+        )
     return summary
 
 
@@ -273,57 +412,102 @@ def _target(value, target, met: bool) -> dict:
     return {"value": value, "target": target, "met": met}
 
 
-def table(results: list[Result]) -> str:
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _cell(figure: dict | None, runs: int) -> str:
+    """A median, and with repeats, its range."""
+    if figure is None:
+        return "-"
+    if runs < 2:
+        return _num(figure["median"])
+    return f"{_num(figure['median'])} [{_num(figure['min'])}-{_num(figure['max'])}]"
+
+
+def table(rows: list[dict]) -> str:
     head = (
-        f"{'workload':8} {'rate':>7} {'consumer':13} {'events/s':>9} {'generated':>10} "
-        f"{'recorded':>10} {'lost(k)':>8} {'lost(u)':>7} {'exact':>5} {'rec ns/ev':>9} "
-        f"{'RSS MiB':>7} {'proc ns/op':>10} {'B/ev':>6}"
+        f"{'workload':8} {'rate':>5} {'consumer':9} {'runs':>4} {'events/s':>24} {'lost':>6} "
+        f"{'exact':>5} {'rec ns/ev':>20} {'proc ns/op':>22} {'RSS MiB':>16} {'B/ev':>15}"
     )
     lines = [head, "-" * len(head)]
-
-    def f(v, fmt="{}"):
-        return "-" if v is None else fmt.format(v)
-
-    for r in results:
-        rate = "max" if r.rate == 0 else f"{r.rate // 1000}k"
-        if r.error:
-            lines.append(f"{r.workload:8} {rate:>7} {r.mode:13} skipped: {r.error}")
+    for r in rows:
+        rate = "max" if r["rate"] == 0 else f"{r['rate'] // 1000}k"
+        lead = f"{r['workload']:8} {rate:>5} {r['mode']:9}"
+        if not r["runs"]:
+            lines.append(f"{lead} skipped: {'; '.join(r['errors'])}")
             continue
+        n = r["runs"]
+        exact = "-" if r["accounted"] is None else ("yes" if r["accounted"] else "NO")
+        lost = "-" if r["accounted"] is None else str(r["lost"])
         lines.append(
-            f"{r.workload:8} {rate:>7} {r.mode:13} {r.events_per_s:>9} "
-            f"{f(r.generated or None):>10} "
-            f"{f(r.recorded):>10} {f(r.lost_kernel):>8} {f(r.lost_user):>7} "
-            f"{f(None if r.accounted is None else ('yes' if r.accounted else 'NO')):>5} "
-            f"{f(r.recorder_ns_per_event):>9} {f(r.peak_rss_mb):>7} {f(r.process_ns_per_op):>10} "
-            f"{f(r.bytes_per_event):>6}"
+            f"{lead} {n:>4} {_cell(r['events_per_s'], n):>24} {lost:>6} {exact:>5} "
+            f"{_cell(r['recorder_ns_per_event'], n):>20} {_cell(r['process_ns_per_op'], n):>22} "
+            f"{_cell(r['peak_rss_mb'], n):>16} {_cell(r['bytes_per_event'], n):>15}"
         )
     return "\n".join(lines)
 
 
+def ratios_table(summary: dict) -> str:
+    """Flat out, per workload: recorder CPU as ratios of the medians, and
+    the outside-session overhead."""
+    keys = [
+        "esr_vs_floor",
+        "bcc-wk64_vs_esr",
+        "bcc_vs_esr",
+        "baseline_vs_floor",
+        "bcc-wk64_vs_baseline",
+        "bcc_vs_baseline",
+        "baseline_vs_esr",
+    ]
+    shown = [k for k in keys if any(k in r for r in summary["ratios"].values())]
+    head = f"{'workload':8} " + " ".join(f"{k:>20}" for k in shown) + f" {'outside vs none %':>24}"
+    lines = [head, "-" * len(head)]
+    for w in dict.fromkeys([*summary["ratios"], *summary["outside_session_overhead"]]):
+        ratios = summary["ratios"].get(w, {})
+        cells = [f"{ratios[k]:>20}" if k in ratios else f"{'-':>20}" for k in shown]
+        outside = summary["outside_session_overhead"].get(w)
+        pct = _cell(outside["overhead_pct"], 2) if outside else "-"
+        lines.append(f"{w:8} " + " ".join(cells) + f" {pct:>24}")
+    return "\n".join(lines)
+
+
 def main(
-    workloads, rates, modes, seconds: float, as_json: bool, smoke: bool, config: Config
+    workloads,
+    rates,
+    modes,
+    seconds: float,
+    as_json: bool,
+    smoke: bool,
+    config: Config,
+    repeat: int = 1,
+    baseline: str | None = None,
 ) -> int:
     if os.geteuid() != 0:
         raise BenchError(
             "the benchmark loads BPF programs: run it as root (`esr bench --offline` needs no root)"
         )
+    if baseline is not None:
+        baseline_python(baseline)
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    bench = Bench(seconds, config.buffer_pages())
+    bench = Bench(seconds, config.buffer_pages(), baseline)
+    # The consumers in turn within each repeat: a noisy minute spreads over all of them.
     plan = [
-        (w, r, m)
+        (w, r, k, m)
         for w in workloads
         for r in rates
+        for k in range(repeat)
         for m in modes
         if not (w == "tty" and m.startswith("bcc"))  # the peer records no terminal
     ]
     results = []
     started = time.monotonic()
     try:
-        for i, (w, r, m) in enumerate(plan, 1):
-            res = bench.run(w, r, m)
+        for i, (w, r, k, m) in enumerate(plan, 1):
+            res = bench.run(w, r, m, k)
             results.append(res)
             what = (
                 f"skipped ({res.error})"
@@ -332,11 +516,14 @@ def main(
                 f"{res.recorder_ns_per_event or '-'} ns/ev recorder, "
                 f"{res.process_ns_per_op or '-'} ns/op"
             )
-            say(f"[{i}/{len(plan)}] {w} @ {'max' if r == 0 else r} {m}: {what}")
+            again = f" #{k + 1}" if repeat > 1 else ""
+            say(f"[{i}/{len(plan)}] {w} @ {'max' if r == 0 else r} {m}{again}: {what}")
     finally:
         bench.close()
-    say("[offline] decode -> msgpack -> zstd -> write")
+    say("[offline] decode -> zstd -> write -> audit, every record type")
     micro = offline.measure(20_000 if smoke else 200_000, config.compression_level)
+    rows = aggregate(results)
+    summary = summarize(results, rows)
     report = {
         "esr": __version__,
         "host": {
@@ -345,9 +532,12 @@ def main(
             "machine": platform.machine(),
         },
         "seconds_per_run": seconds,
+        "repeat": repeat,
+        "baseline": baseline,
         "buffer_pages": schema.by_buffer(list(config.buffer_pages())),
         "runs": [asdict(r) for r in results],
-        "summary": summarize(results),
+        "figures": rows,
+        "summary": summary,
         "offline": micro,
         "notes": bench.notes,
         "wall_s": round(time.monotonic() - started, 1),
@@ -355,13 +545,11 @@ def main(
     if as_json:
         print(json.dumps(report, indent=1))
     else:
-        print(table(results))
+        print(table(rows))
         print()
-        print(
-            json.dumps(
-                {"summary": report["summary"], "offline": micro, "notes": bench.notes}, indent=1
-            )
-        )
+        print(ratios_table(summary))
+        print()
+        print(json.dumps({"summary": summary, "offline": micro, "notes": bench.notes}, indent=1))
     if smoke:
         return _smoke_verdict(results, say, bcc_installed=not bench.bcc_missing)
     return 0

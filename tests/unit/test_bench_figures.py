@@ -1,0 +1,90 @@
+"""`esr bench --repeat`: medians, spreads and ratios from the runs, without
+running anything."""
+
+from __future__ import annotations
+
+from esr.bench.harness import Result, aggregate, ratios_table, summarize, table
+
+
+def run(mode: str, repeat: int, ns: float | None, op: int, workload: str = "exec") -> Result:
+    recorded = None if mode in ("none", "outside") else 1000
+    return Result(
+        workload,
+        0,
+        mode,
+        repeat,
+        generated=recorded or 0,
+        recorded=recorded,
+        lost_kernel=None if recorded is None else 0,
+        lost_user=None if recorded is None else 0,
+        accounted=None if recorded is None else True,
+        events_per_s=10_000,
+        recorder_ns_per_event=ns,
+        process_ns_per_op=op,
+        bytes_per_event=None if recorded is None else 7.5,
+    )
+
+
+RUNS = [
+    r
+    for k, (esr, floor, wk64, bcc, none, outside) in enumerate(
+        [
+            (1000, 100, 4000, 30_000, 80_000, 84_000),
+            (1500, 150, 6000, 20_000, 100_000, 101_000),  # a noisy minute for everyone
+            (1100, 110, 4400, 22_000, 81_000, 82_000),
+        ]
+    )
+    for r in (
+        run("none", k, None, none),
+        run("outside", k, None, outside),
+        run("esr", k, esr, 90_000),
+        run("floor", k, floor, 88_000),
+        run("bcc-wk64", k, wk64, 91_000),
+        run("bcc", k, bcc, 99_000),
+    )
+]
+
+
+def test_each_figure_is_the_median_of_its_runs_with_their_range():
+    rows = {r["mode"]: r for r in aggregate(RUNS)}
+    assert list(rows) == ["none", "outside", "esr", "floor", "bcc-wk64", "bcc"]
+    esr = rows["esr"]
+    assert esr["runs"] == 3 and esr["accounted"] and esr["lost"] == 0
+    assert esr["recorder_ns_per_event"] == {"median": 1100, "min": 1000, "max": 1500}
+    assert rows["none"]["accounted"] is None and rows["none"]["recorder_ns_per_event"] is None
+
+
+def test_ratios_come_from_the_medians_and_the_overhead_from_neighbouring_runs():
+    summary = summarize(RUNS, aggregate(RUNS))
+    assert summary["ratios"]["exec"] == {
+        "esr_vs_floor": 10.0,
+        "bcc-wk64_vs_esr": 4.0,
+        "bcc_vs_esr": 20.0,
+    }
+    # 5 %, 1 % and 1.2 % against the none run of the same repeat: the noisy
+    # none run of the second repeat does not make outside look cheaper.
+    assert summary["outside_session_overhead"]["exec"]["overhead_pct"] == {
+        "median": 1.2,
+        "min": 1.0,
+        "max": 5.0,
+    }
+    targets = summary["targets"]
+    assert targets["exec_bcc-wk64_vs_esr"]["met"] and targets["exec_bcc_vs_esr"]["met"]
+    assert targets["exec_outside_pct"] == {"value": 1.2, "target": 5, "met": True}
+    assert targets["exec_no_loss_flat_out"]["met"] and targets["exec_bytes_per_event"]["met"]
+
+
+def test_the_tables_show_medians_and_ranges():
+    rows = aggregate(RUNS)
+    text = table(rows)
+    assert "1100 [1000-1500]" in text
+    ratios = ratios_table(summarize(RUNS, rows))
+    assert "esr_vs_floor" in ratios and "1.2 [1-5]" in ratios
+
+
+def test_a_baseline_is_compared_with_the_same_peers_and_with_esr():
+    runs = [*RUNS, *(run("baseline", k, ns, 90_000) for k, ns in enumerate([5000, 5600, 5200]))]
+    ratios = summarize(runs, aggregate(runs))["ratios"]["exec"]
+    assert ratios["baseline_vs_esr"] == round(5200 / 1100, 2)
+    assert ratios["bcc-wk64_vs_baseline"] == round(4400 / 5200, 2)
+    assert ratios["baseline_vs_floor"] == round(5200 / 110, 2)
