@@ -70,6 +70,7 @@ static struct sockaddr_in listener;
 static unsigned long long commands, disks, networks, terminal_bytes, failures;
 
 static int tty_slave = -1, devnull = -1;
+static int tty_warm = -1;	/* readable once the reader has read the warm-up's chunk */
 static pid_t tty_reader;
 
 __attribute__((noreturn, format(printf, 1, 2)))
@@ -229,11 +230,14 @@ static void start_listener(void)
 }
 
 /* A pty in raw mode, so that the bytes written are the bytes read, and a
- * child that reads its master until every writer is gone. */
+ * child that reads its master until every writer is gone. The child says
+ * when it has read the warm-up's chunk: read later, while tracked, it would
+ * count as recorded without being generated. */
 static void start_tty(void)
 {
 	static char buf[65536];
 	struct termios raw;
+	int warm[2];
 	int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 
 	if (master < 0 || grantpt(master) || unlockpt(master))
@@ -244,20 +248,32 @@ static void start_tty(void)
 	cfmakeraw(&raw);
 	if (tcsetattr(tty_slave, TCSANOW, &raw))
 		die("pty slave: %s", strerror(errno));
+	if (pipe2(warm, O_CLOEXEC))
+		die("pipe: %s", strerror(errno));
 	tty_reader = fork();
 	if (tty_reader < 0)
 		die("fork: %s", strerror(errno));
 	if (tty_reader == 0) {
 		struct pollfd readable = { .fd = master, .events = POLLIN };
+		size_t total = 0;
+		ssize_t n;
 
 		/* Wait in poll(), as sshd and esr run do, not in read(): a read
 		 * entered before the consumer tracks this process is not seen. */
 		close(tty_slave);
-		while (poll(&readable, 1, -1) >= 0 && read(master, buf, sizeof(buf)) > 0)
-			;
+		close(warm[0]);
+		while (poll(&readable, 1, -1) >= 0 && (n = read(master, buf, sizeof(buf))) > 0) {
+			total += n;
+			if (warm[1] >= 0 && total >= TTY_CHUNK) {
+				close(warm[1]);
+				warm[1] = -1;
+			}
+		}
 		_exit(0);	/* EIO: the writer closed its end */
 	}
 	close(master);
+	close(warm[1]);
+	tty_warm = warm[0];
 }
 
 /* The default nop: next to gen itself. */
@@ -367,6 +383,13 @@ int main(int argc, char **argv)
 			run_op(i);
 	if (failures)
 		die("the warm-up %s failed", workload_names[workload]);
+	if (uses[OP_TTY]) {
+		char byte;
+
+		if (read(tty_warm, &byte, 1) != 0)
+			die("the pty's reader did not read the warm-up");
+		close(tty_warm);
+	}
 	commands = disks = networks = terminal_bytes = 0;
 
 	if (uses[OP_TTY])
