@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 
 from esr import loader, schema
 from esr._fast.probe import map_type_supported, missing_helper, tracepoints, try_hook
@@ -31,7 +32,7 @@ def release_version(release: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def check(config: Config):
+def check(config: Config) -> Iterator[tuple[str, str | None]]:
     """Yield (line, lacks): lacks is None for what is there or optional, or
     what the kernel lacks that recording cannot do without, in a few words."""
     release = os.uname().release
@@ -102,6 +103,6 @@ def check(config: Config):
         f"io_uring: rings and the kinds of operation they run, through {hook}"
         if hook
         else "io_uring: not in this kernel",
-        True,
+        None,
     )
     probe.close()
