@@ -632,7 +632,9 @@ cdef class Probe:
             names = set()
             prog = bpf_object__next_program(self.obj.obj, NULL)
             while prog != NULL:
-                names.add(bpf_program__name(prog).decode())
+                # Of io_uring's alternatives, only the one this kernel has is attached.
+                if bpf_program__autoload(prog):
+                    names.add(bpf_program__name(prog).decode())
                 prog = bpf_object__next_program(self.obj.obj, prog)
         finally:
             esr_object_close(&self.obj)
