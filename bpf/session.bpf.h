@@ -74,14 +74,23 @@ static __always_inline __u8 *mark_of(__u32 tid)
 {
 	__u32 zero = 0;
 	__u8 *marks = bpf_map_lookup_elem(&tid_marks, &zero);
-	__u64 i = tid;
+	__u64 i = tid, size = tid_marks_size;
 
-	if (!marks || i >= tid_marks_size)
+	if (!marks)
 		return NULL;
+	/* The index first, the size second: before 6.8 the verifier only
+	 * decides a comparison from its right-hand side's known value, and
+	 * clang, left to itself, may put the size on the left. Then a tid
+	 * checked twice (tracked_task, then track) leaves the second check a
+	 * branch the verifier still walks with impossible bounds, and
+	 * marks + i loses its pointer type there (5.10, 6.1). */
+	asm goto("if %[i] >= %[size] goto %l[beyond]" : : [i] "r"(i), [size] "r"(size) : : beyond);
 	/* Index with the register just compared: the verifier proves the
 	 * bound on it, not on a copy clang might make before the compare. */
 	barrier_var(i);
 	return marks + i;
+beyond:
+	return NULL;
 }
 
 /* Whether tid may be tracked: false for (almost) every thread outside a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 
 from esr import loader, schema
 from esr._fast.probe import map_type_supported, missing_helper, tracepoints, try_hook
@@ -31,7 +32,7 @@ def release_version(release: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def check(config: Config):
+def check(config: Config) -> Iterator[tuple[str, str | None]]:
     """Yield (line, lacks): lacks is None for what is there or optional, or
     what the kernel lacks that recording cannot do without, in a few words."""
     release = os.uname().release
@@ -56,8 +57,7 @@ def check(config: Config):
         yield f"tracefs: {err}", f"no tracefs: {err}"
         tracefs = False
     image = loader.bpf_image()
-    # io_uring's programs are chosen from what the kernel has (the last line).
-    for tp in (tp for tp in tracepoints(image) if not tp.startswith("io_uring/")):
+    for tp in tracepoints(image):
         present = tracefs and os.path.exists(os.path.join(loader.TRACEFS, "events", tp, "id"))
         yield (
             f"tracepoint {tp}: {'yes' if present else 'missing'}",

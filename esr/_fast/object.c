@@ -157,15 +157,22 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 
 /* io_uring's tracepoints vary with the kernel (io_uring.bpf.c): keep the
  * programs of those this one has, as its BTF lists their records. */
-static int choose_io_uring_hooks(struct esr_object *o, const char **step)
+int esr_choose_programs(struct bpf_object *obj, const char **io_uring_hook, const char **step)
 {
-	struct esr_bpf *skel = o->skel;
-	struct btf *vmlinux = btf__load_vmlinux_btf();
+	struct esr_bpf *skel = esr_bpf__open(obj);
+	struct btf *vmlinux;
 	int create, req, sqe, err = 0;
 
-	if (!vmlinux) {
-		*step = "cannot read the kernel's BTF";
+	if (!skel) {
+		*step = "the BPF object is not esr.bpf.o";
 		return -errno;
+	}
+	vmlinux = btf__load_vmlinux_btf();
+	if (!vmlinux) {
+		err = -errno;
+		*step = "cannot read the kernel's BTF";
+		esr_bpf__destroy(skel);
+		return err;
 	}
 #define HAS(name) (btf__find_by_name_kind(vmlinux, "trace_event_raw_" name, BTF_KIND_STRUCT) > 0)
 	create = HAS("io_uring_create");
@@ -173,13 +180,14 @@ static int choose_io_uring_hooks(struct esr_object *o, const char **step)
 	sqe = create && !req && HAS("io_uring_submit_sqe");
 #undef HAS
 	btf__free(vmlinux);
-	o->io_uring_hook = req ? "io_uring_submit_req" : sqe ? "io_uring_submit_sqe" : NULL;
+	*io_uring_hook = req ? "io_uring_submit_req" : sqe ? "io_uring_submit_sqe" : NULL;
 	if (bpf_program__set_autoload(skel->progs.io_uring_created, create) ||
 	    bpf_program__set_autoload(skel->progs.io_uring_submit_req, req) ||
 	    bpf_program__set_autoload(skel->progs.io_uring_submit_sqe, sqe)) {
 		*step = "cannot choose the io_uring programs";
 		err = -EINVAL;
 	}
+	esr_bpf__destroy(skel);
 	return err;
 }
 
@@ -198,7 +206,7 @@ int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
 	o->skel = skel = esr_bpf__open(o->obj);
 	if (!skel)
 		return fail(o, step, "the BPF object is not esr.bpf.o", -errno);
-	if ((err = size_maps(skel, settings, step)) || (err = choose_io_uring_hooks(o, step))) {
+	if ((err = size_maps(skel, settings, step)) || (err = esr_choose_programs(o->obj, &o->io_uring_hook, step))) {
 		esr_object_close(o);
 		return err;
 	}
@@ -407,16 +415,23 @@ int esr_missing_helper(const void *image, size_t size, char *out, size_t out_siz
 	enum bpf_prog_type known_for = BPF_PROG_TYPE_UNSPEC;
 	struct bpf_object *obj;
 	struct bpf_program *prog;
-	int found = 0;
+	const char *hook, *step;
+	int found = 0, err;
 
 	capture_reasons();
 	obj = bpf_object__open_mem(image, size, &opts);
 	if (!obj)
 		return -errno;
+	if ((err = esr_choose_programs(obj, &hook, &step))) {
+		bpf_object__close(obj);
+		return err;
+	}
 	bpf_object__for_each_program(prog, obj) {
 		const struct bpf_insn *insn = bpf_program__insns(prog);
 		size_t i, n = bpf_program__insn_cnt(prog);
 
+		if (!bpf_program__autoload(prog))
+			continue;
 		if (bpf_program__type(prog) != known_for) {
 			known_for = bpf_program__type(prog);
 			memset(known, UNKNOWN, sizeof(known));

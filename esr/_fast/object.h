@@ -97,9 +97,15 @@ int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
 enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY };
 int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step);
 
-/* A BPF helper that some program of the image calls and this kernel lacks:
- * writes "bpf_NAME (used by PROGRAM)" into out and returns 1; 0 when it has
- * them all, -errno when the image cannot be read. */
+/* Leave autoloaded only the programs of obj (esr.bpf.o, opened) that this
+ * kernel can run; *io_uring_hook names the io_uring tracepoint chosen, NULL
+ * for none. 0, or -errno with the step that failed in *step. */
+int esr_choose_programs(struct bpf_object *obj, const char **io_uring_hook, const char **step);
+
+/* A BPF helper that a program of the image calls and this kernel lacks,
+ * among the programs esr_choose_programs keeps: writes "bpf_NAME (used by
+ * PROGRAM)" into out and returns 1; 0 when it has them all, -errno when the
+ * image cannot be read. */
 int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size);
 
 /* libbpf reports why a load failed through its print callback: the last

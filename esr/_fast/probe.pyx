@@ -146,6 +146,7 @@ cdef extern from "object.h":
     int esr_untrack(const esr_tracking *t, uint32_t tid)
     int esr_try_hook(const void *image, size_t size, esr_hook hook, const char **step)
     int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size)
+    int esr_choose_programs(bpf_object *obj, const char **io_uring_hook, const char **step)
     const char *esr_libbpf_reason()
 
 cdef extern from "handover.h":
@@ -252,17 +253,23 @@ def missing_helper(bytes image not None):
 
 
 def tracepoints(bytes image not None):
-    """The tracepoints the programs of image attach to: "category/name"."""
+    """The tracepoints the programs of image (esr.bpf.o) attach to on this
+    kernel: "category/name"."""
     cdef bpf_object *obj = bpf_object__open_mem(<const char *>image, len(image), NULL)
     cdef bpf_program *prog = NULL
+    cdef const char *hook = NULL
+    cdef const char *step = NULL
     if obj == NULL:
         raise ProbeError(errno, oserror("cannot read the BPF object"))
     found = set()
     try:
+        err = esr_choose_programs(obj, &hook, &step)
+        if err:
+            raise ProbeError(-err, f"{step.decode()}: {strerror(-err).decode()}")
         prog = bpf_object__next_program(obj, NULL)
         while prog != NULL:
             section = bpf_program__section_name(prog).decode()
-            if section.startswith(("tp/", "tracepoint/")):
+            if bpf_program__autoload(prog) and section.startswith(("tp/", "tracepoint/")):
                 found.add(section.split("/", 1)[1])
             prog = bpf_object__next_program(obj, prog)
     finally:

@@ -2,7 +2,7 @@
 records real processes with the esr binary copied into the guest and checks
 the recording. Stdlib only (it runs on the guest's python3).
 
-    python3 kernel_table.py ESR GEN
+    python3 kernel_table.py ESR GEN URING_OPS
 
 prints one JSON object: row name -> [ok, what was seen]. A daemon records
 the rows' sessions, so the programs are loaded once; the lost-record row
@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-ESR, GEN = sys.argv[1], sys.argv[2]
+ESR, GEN, URING_OPS = sys.argv[1], sys.argv[2], sys.argv[3]
 WORK = tempfile.mkdtemp(prefix="esr-kernel-table-")
 DATA = os.path.join(WORK, "data")
 CONFIG = os.path.join(WORK, "esr.yaml")
@@ -223,6 +223,42 @@ def row_terminal() -> str:
     return f"{len(evs)} terminal events, the output included"
 
 
+def row_ptrace_io_uring() -> str:
+    # A process of no session: the tracer's own children are in its session already.
+    stranger = subprocess.Popen(["sleep", "30"])
+    script = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "pid = int(sys.argv[1])\n"
+        "assert libc.ptrace(16, pid, None, None) == 0, ctypes.get_errno()\n"
+        "os.waitpid(pid, 0)\n"
+        "assert libc.ptrace(17, pid, None, None) == 0, ctypes.get_errno()\n"
+    )
+    port = _listener(socket.AF_INET, "127.0.0.1").getsockname()[1]
+    try:
+        evs = events(
+            run(
+                "sh",
+                "-c",
+                'python3 -c "$0" "$1" && "$2" /etc/hostname "$3"',
+                script,
+                str(stranger.pid),
+                URING_OPS,
+                str(port),
+            )
+        )
+    finally:
+        stranger.kill()
+        stranger.wait()
+    traced = [(e["request"], e["return_code"]) for e in evs if e["event"] == "session.ptrace"]
+    assert traced == [("attach", 0), ("detach", 0)], traced
+    [attach] = [e for e in evs if e["event"] == "session.ptrace" and e["request"] == "attach"]
+    assert attach["target_pid"] == stranger.pid and attach["followed"], attach
+    rings = {e["operation"] for e in evs if e["event"] == "session.io_uring"}
+    assert {"setup", "openat", "connect"} <= rings, rings
+    return f"attach and detach, the tracee followed; io_uring {', '.join(sorted(rings))}"
+
+
 ROWS = {
     "exec": row_exec,
     "argv limits": row_argv_limits,
@@ -232,6 +268,7 @@ ROWS = {
     "cgroup escape": row_cgroup_escape,
     "lost records": row_lost,
     "terminal": row_terminal,
+    "ptrace and io_uring": row_ptrace_io_uring,
 }
 
 
