@@ -21,7 +21,7 @@
  * Protocol: after setup gen prints "ready" (for tty: "ready terminal=PID",
  * the pid reading the master, which the consumer records as the session's
  * terminal), waits for the line "go" on
- * stdin, runs for SECONDS and prints one JSON line. Its "events" are exactly
+ * stdin, runs for SECONDS (or until SIGUSR1) and prints one JSON line. Its "events" are exactly
  * the records esr's BPF programs make for gen and its children meanwhile: a
  * disk record per open() call, a command record per execve() reached, a
  * network record per connect() on a TCP socket, whether they fail or not.
@@ -68,6 +68,7 @@ static struct sockaddr_in listener;
 
 /* What the run did: records expected per type, terminal bytes, failed ops. */
 static unsigned long long commands, disks, networks, terminal_bytes, failures;
+static volatile sig_atomic_t stopped;	/* SIGUSR1: the run ends now */
 
 static int tty_slave = -1, devnull = -1;
 static int tty_warm = -1;	/* readable once the reader has read the warm-up's chunk */
@@ -317,6 +318,12 @@ static void usage(void)
 	die("usage: gen open|exec|connect|mixed|tty|write SECONDS RATE [--cpu N] [--nop PATH]");
 }
 
+static void stop(int sig)
+{
+	(void)sig;
+	stopped = 1;
+}
+
 int main(int argc, char **argv)
 {
 	struct rusage self0, self1, child0, child1;
@@ -327,6 +334,7 @@ int main(int argc, char **argv)
 	char *rest;
 	size_t w;
 	bool uses[OP_COUNT] = { false };
+	struct sigaction on_usr1 = { .sa_handler = stop, .sa_flags = SA_RESTART };
 
 	if (argc < 4)
 		usage();
@@ -397,13 +405,18 @@ int main(int argc, char **argv)
 	else
 		printf("ready\n");
 	fflush(stdout);
+	/* For a run that must outlast something of unknown length (a package
+	 * upgrade): started long, ended when that is done. SA_RESTART: no op
+	 * is cut short and miscounted. */
+	if (sigaction(SIGUSR1, &on_usr1, NULL))
+		die("sigaction: %s", strerror(errno));
 	wait_for_go();
 
 	getrusage(RUSAGE_SELF, &self0);
 	getrusage(RUSAGE_CHILDREN, &child0);
 	t0 = t = now_ns();
 	end = t0 + (unsigned long long)(seconds * 1e9);
-	while (t < end) {
+	while (t < end && !stopped) {
 		run_op(op_of(ops));
 		ops++;
 		if (rate) {
