@@ -28,7 +28,7 @@ import guest
 
 from helpers import REQUIRE_BPF, ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.kernels]
 
 
 @dataclass(frozen=True)
