@@ -372,6 +372,16 @@ def _started(pid):
     return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
+def _alive(tid):
+    """Whether thread tid has not exited: a zombie's exit has happened."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
+
+
 def _unlink(path):
     try:
         os.unlink(path)
@@ -774,7 +784,7 @@ cdef class Probe:
         cdef esr_task task
         cdef uint32_t tid
         tracked = dict(self._tracked())
-        gone = [t for t in tracked if not os.path.exists(f"/proc/{t}")]
+        gone = [t for t in tracked if not _alive(t)]
         for t in gone:
             self.untrack(t)
             del tracked[t]
@@ -808,6 +818,11 @@ cdef class Probe:
                         esr_atomic_add(<long long *>&self._state(cookie & 0xFFFFFFFF).live_tasks, 1)
                         tracked[t] = (cookie, task.flags)
                         found += 1
+            # One that exited between the scan and its tracking stays
+            # counted alive: the exit it made is not coming again.
+            for t in [t for t in tracked if not _alive(t)]:
+                self.untrack(t)
+                del tracked[t]
             joined += found
             if not found:
                 return {"exited": len(gone), "forked": joined}
