@@ -169,7 +169,7 @@ cdef inline void mp_uint(buf *b, uint64_t v) noexcept:
     elif v < 65536:
         w1(b, 0xcd)
         be(b, v, 2)
-    elif v < 4294967296:
+    elif v >> 32 == 0:
         w1(b, 0xce)
         be(b, v, 4)
     else:
