@@ -439,7 +439,7 @@ cdef class Probe:
                  uint64_t recorder_exe_dev=0,
                  uint64_t recorder_exe_ino=0, bint record_input=False,
                  uint64_t terminal_rate=0, uint64_t terminal_burst=0,
-                 size_t batch_limit=64 << 20, unsigned long long ready_at=4096,
+                 size_t batch_limit=64 << 20, unsigned long long ready_at=16384,
                  str pin_dir=None, dict handed=None, tuple owner=(0, 0), str version="",
                  bint keep_rings=False):
         """Load and attach the programs of an esr.bpf.o image, or take over
