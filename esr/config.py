@@ -78,6 +78,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     compression_level: Annotated[int, msgspec.Meta(ge=1, le=19)] = 1
     # How often buffers are drained to disk, at the latest.
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=200)] = 100
+    # How often the recordings that moved are made durable and sealed, at
+    # most: each seal waits for an fdatasync of its recording, whose fixed
+    # cost (a journal commit) outweighs the rest at a flush's scale.
+    seal_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=60000)] = 1000
     # session.disk events are in every recording; in the JSON audit log only
     # when asked, as they outnumber everything else by orders of magnitude.
     audit_disk_events: bool = False

@@ -39,6 +39,7 @@ NICE = -10
 RELOADABLE = (
     "compression_level",
     "flush_interval_ms",
+    "seal_interval_ms",
     "audit_disk_events",
     "audit_failed_connects",
     "cluster_name",

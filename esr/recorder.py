@@ -709,10 +709,10 @@ class Recorder:
 
     def _seal(self) -> None:
         """Seal the sessions whose recording moved since their last seal,
-        and every open session once per epoch; at most once per flush
+        and every open session once per epoch; at most once per seal
         interval, since what a seal vouches for must be on disk first."""
         now = time.monotonic()
-        if now - self._sealed_at < self.config.flush_interval_ms / 1000:
+        if now - self._sealed_at < self.config.seal_interval_ms / 1000:
             return
         self._sealed_at = now
         try:

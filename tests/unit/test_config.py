@@ -54,6 +54,7 @@ def test_the_reference_block_pastes_as_is():
         (b"max_sessions: 0\n", "max_sessions"),
         (b"compression_level: 30\n", "compression_level"),
         (b"flush_interval_ms: fast\n", "flush_interval_ms"),
+        (b"seal_interval_ms: 50\n", "seal_interval_ms"),
         (b'data_dir: "/var/lib/esr\\0/x"\n', "data_dir: contains a NUL byte"),
         (b'control_socket: "/run/\\0"\n', "control_socket: contains a NUL byte"),
         (
