@@ -710,11 +710,16 @@ class Recorder:
     def _seal(self) -> None:
         """Seal the sessions whose recording moved since their last seal,
         and every open session once per epoch; at most once per seal
-        interval, since what a seal vouches for must be on disk first."""
+        interval, since what a seal vouches for must be on disk first. A
+        recording not sealed yet is at the next flush, so that no crash
+        leaves one without a seal that a new recorder could take over."""
         now = time.monotonic()
-        if now - self._sealed_at < self.config.seal_interval_ms / 1000:
+        due = now - self._sealed_at >= self.config.seal_interval_ms / 1000
+        sessions = list(self.registry) if due else [s for s in self.registry if not s.sealer.frames]
+        if not due and not sessions:
             return
-        self._sealed_at = now
+        if due:
+            self._sealed_at = now
         try:
             # Moves the key on when an epoch begins, sessions or not.
             epoch = self.key.current(time.time_ns())[0] if self.key is not None else 0
@@ -722,11 +727,9 @@ class Recorder:
             self.seal_errors += 1
             self.log("seal.key_failed", level="error", error=err.strerror)
             return
-        moved = [s for s in self.registry if s.sealer.frames != s.writer.frames]
+        moved = [s for s in sessions if s.sealer.frames != s.writer.frames]
         idle = [
-            s
-            for s in self.registry
-            if s.sealer.frames == s.writer.frames and s.sealer.epoch < epoch
+            s for s in sessions if s.sealer.frames == s.writer.frames and s.sealer.epoch < epoch
         ]
         if moved:
             try:
