@@ -47,3 +47,27 @@ def test_bench_smoke_accounts_for_every_event():
     )
     assert report["offline"]["ns_per_event"]["decode"] > 0
     assert "[1/" in r.stderr  # progress was shown
+
+
+def test_bench_says_when_pinned_programs_are_attached_to_the_none_runs(daemon):
+    r = subprocess.run(
+        [
+            ESR,
+            "bench",
+            "--json",
+            "--workloads",
+            "open",
+            "--rates",
+            "0",
+            "--modes",
+            "none",
+            "--seconds",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    [note] = [n for n in json.loads(r.stdout)["notes"] if "pinned in" in n]
+    assert f"pinned in {daemon.pin_dir} " in note and "'none' runs are not free of BPF" in note
