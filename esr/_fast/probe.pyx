@@ -362,24 +362,27 @@ cdef _detach(int fd):
     close(fd)
 
 
-def _started(pid):
-    """A process's start time (clock ticks since boot), or None once gone."""
+def _stat(pid):
+    """The fields of /proc/PID/stat after the command's name, from the
+    state on, or None once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def _started(pid):
+    """A process's start time (clock ticks since boot), or None once gone."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def _alive(tid):
     """Whether thread tid has not exited: a zombie's exit has happened."""
-    try:
-        with open(f"/proc/{tid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
+    fields = _stat(tid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
 
 
 def _unlink(path):
