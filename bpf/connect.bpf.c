@@ -43,8 +43,23 @@ struct {
 } connect_attempts SEC(".maps");
 
 /* connect_attempts' entries: while there are none, the state changes of
- * every other TCP socket on the host need no lookup. */
-__u64 connects_pending = 0;
+ * every other TCP socket on the host need no lookup. A map, not a global:
+ * programs loaded again over the pinned maps share it with those attached. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} connects_pending SEC(".maps");
+
+static __always_inline void count_pending(__s64 delta)
+{
+	__u32 zero = 0;
+	__u64 *pending = bpf_map_lookup_elem(&connects_pending, &zero);
+
+	if (pending)
+		__sync_fetch_and_add(pending, delta);
+}
 
 /* Thread -> socket of the connect() it is inside. LRU: a thread whose
  * session ended inside connect() never comes back for its entry. */
@@ -74,7 +89,7 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 static __always_inline void forget_attempt(__u64 *sk)
 {
 	if (!bpf_map_delete_elem(&connect_attempts, sk))
-		__sync_fetch_and_add(&connects_pending, -1);
+		count_pending(-1);
 }
 
 static __always_inline void report(void *ctx, struct connect_attempt *attempt, __s32 result)
@@ -129,7 +144,7 @@ int connect_enter(struct trace_event_raw_sys_enter *ctx)
 	/* A repeated connect() on a socket still connecting only polls it. */
 	if (bpf_map_update_elem(&connect_attempts, &key, &attempt, BPF_NOEXIST))
 		return 0;
-	__sync_fetch_and_add(&connects_pending, 1);
+	count_pending(1);
 	bpf_map_update_elem(&connect_in_flight, &tid, &key, BPF_ANY);
 	return 0;
 }
@@ -163,13 +178,16 @@ int connect_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
 	__u64 sk = (__u64)ctx->skaddr;
 	struct connect_attempt *attempt;
+	__u32 zero = 0;
+	__u64 *pending;
 	int err;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
 	if (ctx->newstate != TCP_SYN_SENT && ctx->oldstate != TCP_SYN_SENT)
 		return 0;
-	if (!connects_pending)
+	pending = bpf_map_lookup_elem(&connects_pending, &zero);
+	if (!pending || !*pending)
 		return 0;
 	attempt = bpf_map_lookup_elem(&connect_attempts, &sk);
 	if (!attempt)

@@ -45,8 +45,22 @@ struct {
 } rings SEC(".maps");
 
 /* Whether a session ever set up a ring: until then, io_uring on the rest
- * of the host costs no lookup. */
-__u64 rings_seen = 0;
+ * of the host costs no lookup. A map, not a global: programs loaded again
+ * over the pinned maps share it with those attached. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} rings_seen SEC(".maps");
+
+static __always_inline bool any_ring_seen(void)
+{
+	__u32 zero = 0;
+	__u64 *seen = bpf_map_lookup_elem(&rings_seen, &zero);
+
+	return seen && *seen;
+}
 
 /* The tracepoint before 6.0; its other fields changed over the versions. */
 struct trace_event_raw_io_uring_submit_sqe___old {
@@ -77,15 +91,19 @@ int io_uring_created(struct trace_event_raw_io_uring_create *ctx)
 
 	ring.session = recorded_session();
 	if (!ring.session) {
-		if (rings_seen)
+		if (any_ring_seen())
 			bpf_map_delete_elem(&rings, &key);
 		return 0;
 	}
 	ring.fd = ctx->fd;
 	ring.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_map_update_elem(&rings, &key, &ring, BPF_ANY);
-	if (!rings_seen)
-		rings_seen = 1;
+	if (!any_ring_seen()) {
+		__u32 zero = 0;
+		__u64 seen = 1;
+
+		bpf_map_update_elem(&rings_seen, &zero, &seen, BPF_ANY);
+	}
 	report(ctx, &ring, 1, 0, ctx->sq_entries, ctx->flags);
 	return 0;
 }
@@ -96,7 +114,7 @@ static __always_inline int submitted(void *ctx, __u64 key, __u8 opcode)
 	__u64 bit = 1ULL << (opcode & 63);
 	__u32 word = (opcode >> 6) & 3;
 
-	if (!rings_seen)
+	if (!any_ring_seen())
 		return 0;
 	ring = bpf_map_lookup_elem(&rings, &key);
 	if (!ring || (ring->opcodes_seen[word] & bit))
