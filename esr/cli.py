@@ -452,7 +452,11 @@ def _cmd_status(args) -> int:
         f"enhanced recording: {status['enhanced_recording']}, buffers (pages per CPU): "
         + ", ".join(f"{k} {v}" for k, v in status["buffer_pages"].items())
     )
-    print(f"sessions open: {status['sessions_open']}")
+    hooks = ""
+    if status["enhanced_recording"]:
+        attached = status["syscall_hooks_attached"]
+        hooks = " (syscall hooks " + ("attached)" if attached else "detached: none recorded)")
+    print(f"sessions open: {status['sessions_open']}{hooks}")
     print("events: " + ", ".join(f"{k} {v}" for k, v in status["events"].items()))
     print(
         "lost per buffer: "

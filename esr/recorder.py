@@ -772,6 +772,8 @@ class Recorder:
         return {
             "uptime_s": round(time.monotonic() - self.started, 1),
             "enhanced_recording": self.probe is not None,
+            # Only while a session is recorded: see docs/design.md.
+            "syscall_hooks_attached": self.probe is not None and self.probe.syscall_hooks_attached,
             "buffer_pages": schema.by_buffer(list(self.config.buffer_pages())),
             "events": schema.by_buffer(self.records),
             "lost": {

@@ -216,3 +216,43 @@ def test_a_pin_dir_holds_one_data_dir(daemons, daemon_root):
     assert b"holds the programs of a recorder of another data dir" in r.stderr
     assert (d.pin_dir / "recorder").exists()  # left to its own daemon
     assert os.path.exists(d.pin_dir)
+
+
+def test_the_syscall_hooks_follow_the_sessions_across_a_restart(daemons):
+    """While no session is recorded, no program is on a syscall tracepoint,
+    so every process on the host takes the kernel's untraced syscall path:
+    the hooks come with the first session and go with the last, also one
+    that a restarted daemon took over."""
+    d = daemons(store=True).start()
+
+    def attached() -> bool:
+        r = d.esr("status", "--config", str(d.config), "--format", "json")
+        status = json.loads(r.stdout)
+        pinned = "openat_enter" in os.listdir(d.pin_dir / "links")
+        assert status["syscall_hooks_attached"] == pinned
+        return pinned
+
+    def detached_soon() -> bool:
+        deadline = time.monotonic() + 10
+        while attached() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not attached()
+
+    assert not attached()
+    assert b"syscall hooks detached" in d.esr("status", "--config", str(d.config)).stdout
+    p = generate(d, "$GEN", 4, 1000)
+    sid = sid_from_stderr(p.stderr.readline())
+    assert attached()
+    restart(d, signal.SIGUSR2)
+    assert attached()
+    generated, events = finish(d, p, sid)
+    assert opens(events) == generated + 1
+    assert detached_soon()
+
+    # The daemon took the programs over without loading them: it loads them
+    # again for the next session.
+    p = generate(d, "$GEN", 1, 1000)
+    sid = sid_from_stderr(p.stderr.readline())
+    generated, events = finish(d, p, sid)
+    assert opens(events) == generated + 1 and generated > 0
+    assert detached_soon()

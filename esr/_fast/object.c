@@ -3,8 +3,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <linux/perf_event.h>
 #include <linux/bpf.h>
 #include <bpf/bpf.h>
 #include <bpf/btf.h>
@@ -191,6 +194,8 @@ int esr_choose_programs(struct bpf_object *obj, const char **io_uring_hook, cons
 	return err;
 }
 
+static void join_reaper(struct esr_object *o);
+
 int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
 		       const struct esr_object_settings *settings, const char **step)
 {
@@ -198,6 +203,7 @@ int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
 	struct esr_bpf *skel;
 	int err;
 
+	join_reaper(o);
 	memset(o, 0, sizeof(*o));
 	capture_reasons();
 	o->obj = bpf_object__open_mem(image, size, &opts);
@@ -236,26 +242,173 @@ int esr_object_load(struct esr_object *o, const char **step)
 	return 0;
 }
 
-int esr_object_attach(struct esr_object *o, const char **step)
+bool esr_is_syscall_hook(const struct bpf_program *prog)
+{
+	return strncmp(bpf_program__section_name(prog), "tp/syscalls/", 12) == 0;
+}
+
+static bool attached(const struct esr_object *o, const struct bpf_program *prog)
+{
+	for (int i = 0; i < o->nlinks; i++)
+		if (o->linked[i] == prog)
+			return true;
+	return false;
+}
+
+static bool wanted(const struct bpf_program *prog, enum esr_hooks which)
+{
+	switch (which) {
+	case ESR_HOOKS_SYSCALLS:
+		return esr_is_syscall_hook(prog);
+	case ESR_HOOKS_NOT_SYSCALLS:
+		return !esr_is_syscall_hook(prog);
+	default:
+		return true;
+	}
+}
+
+int esr_object_attach_hooks(struct esr_object *o, enum esr_hooks which, const char **step)
 {
 	struct bpf_program *prog;
-	int err;
+	int err, before = o->nlinks;
 
 	bpf_object__for_each_program(prog, o->obj) {
-		if (!bpf_program__autoload(prog))
+		if (!bpf_program__autoload(prog) || !wanted(prog, which) || attached(o, prog))
 			continue;
-		if (o->nlinks == ESR_MAX_LINKS)
-			return fail(o, step, "more BPF programs than ESR_MAX_LINKS", -E2BIG);
+		if (o->nlinks == ESR_MAX_LINKS) {
+			err = -E2BIG;
+			*step = "more BPF programs than ESR_MAX_LINKS";
+			goto undo;
+		}
 		o->links[o->nlinks] = bpf_program__attach(prog);
 		if (!o->links[o->nlinks]) {
 			err = -errno;
 			snprintf(reason, sizeof(reason), "%s: %s", bpf_program__name(prog),
 				 strerror(-err));
-			return fail(o, step, "cannot attach a BPF program", err);
+			*step = "cannot attach a BPF program";
+			goto undo;
 		}
 		o->linked[o->nlinks++] = prog;
 	}
 	return 0;
+undo:
+	while (o->nlinks > before)
+		bpf_link__destroy(o->links[--o->nlinks]);
+	return err ? err : -EINVAL;
+}
+
+int esr_object_attach(struct esr_object *o, const char **step)
+{
+	int err = esr_object_attach_hooks(o, ESR_HOOKS_ALL, step);
+
+	if (err)
+		esr_object_close(o);
+	return err;
+}
+
+struct detach_job {
+	struct bpf_link *link;
+	int fd;
+	pthread_t thread;
+	bool started;
+};
+
+static void *detach_one(void *arg)
+{
+	struct detach_job *job = arg;
+
+	if (job->link) {
+		bpf_link__destroy(job->link);
+	} else {
+		/* A perf event attachment may have another copy open (the
+		 * descriptor store): disabled, it stops now all the same. */
+		ioctl(job->fd, PERF_EVENT_IOC_DISABLE, 0);
+		close(job->fd);
+	}
+	return NULL;
+}
+
+/* Detaching a tracepoint's program waits for RCU grace periods, tens of
+ * milliseconds each on recent kernels: one after another, two dozen take
+ * seconds. From a thread each, the waits overlap. */
+static void detach_all(struct detach_job *jobs, int n)
+{
+	for (int i = 0; i < n; i++)
+		jobs[i].started = !pthread_create(&jobs[i].thread, NULL, detach_one, &jobs[i]);
+	for (int i = 0; i < n; i++) {
+		if (jobs[i].started)
+			pthread_join(jobs[i].thread, NULL);
+		else
+			detach_one(&jobs[i]);
+	}
+}
+
+void esr_detach_fds(const int *fds, int n)
+{
+	struct detach_job jobs[ESR_MAX_LINKS] = {};
+
+	for (int done = 0; done < n; done += ESR_MAX_LINKS) {
+		int batch = n - done < ESR_MAX_LINKS ? n - done : ESR_MAX_LINKS;
+
+		for (int i = 0; i < batch; i++)
+			jobs[i] = (struct detach_job){ .fd = fds[done + i] };
+		detach_all(jobs, batch);
+	}
+}
+
+struct reaping {
+	int n;
+	struct detach_job jobs[];
+};
+
+static void *reap(void *arg)
+{
+	struct reaping *r = arg;
+
+	detach_all(r->jobs, r->n);
+	free(r);
+	return NULL;
+}
+
+/* Wait for the links handed to the reaper to be gone. */
+static void join_reaper(struct esr_object *o)
+{
+	if (o->reaping)
+		pthread_join(o->reaper, NULL);
+	o->reaping = false;
+}
+
+void esr_object_detach_syscall_hooks(struct esr_object *o, const int *fds, int nfds)
+{
+	struct reaping *r = calloc(1, sizeof(*r) + (ESR_MAX_LINKS + nfds) * sizeof(r->jobs[0]));
+	int kept = 0;
+
+	join_reaper(o);
+	if (!r) {	/* no memory for the thread's list: detach them here */
+		esr_detach_fds(fds, nfds);
+		for (int i = 0; i < o->nlinks; i++)
+			if (esr_is_syscall_hook(o->linked[i]))
+				bpf_link__destroy(o->links[i]);
+	} else {
+		for (int i = 0; i < nfds; i++)
+			r->jobs[r->n++].fd = fds[i];
+		for (int i = 0; i < o->nlinks; i++)
+			if (esr_is_syscall_hook(o->linked[i]))
+				r->jobs[r->n++].link = o->links[i];
+	}
+	for (int i = 0; i < o->nlinks; i++) {
+		if (esr_is_syscall_hook(o->linked[i]))
+			continue;
+		o->links[kept] = o->links[i];
+		o->linked[kept++] = o->linked[i];
+	}
+	o->nlinks = kept;
+	if (!r || !r->n)
+		free(r);
+	else if (!pthread_create(&o->reaper, NULL, reap, r))
+		o->reaping = true;
+	else
+		reap(r);
 }
 
 int esr_object_open(struct esr_object *o, const void *image, size_t size,
@@ -271,6 +424,7 @@ int esr_object_open(struct esr_object *o, const void *image, size_t size,
 
 void esr_object_close(struct esr_object *o)
 {
+	join_reaper(o);
 	while (o->nlinks)
 		bpf_link__destroy(o->links[--o->nlinks]);
 	esr_bpf__destroy(o->skel);

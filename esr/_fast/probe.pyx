@@ -136,6 +136,14 @@ cdef extern from "object.h":
                            const esr_object_settings *settings, const char **step)
     int esr_object_load(esr_object *o, const char **step)
     int esr_object_attach(esr_object *o, const char **step)
+    enum esr_hooks:
+        ESR_HOOKS_ALL
+        ESR_HOOKS_SYSCALLS
+        ESR_HOOKS_NOT_SYSCALLS
+    int esr_object_attach_hooks(esr_object *o, esr_hooks which, const char **step)
+    void esr_object_detach_syscall_hooks(esr_object *o, const int *fds, int nfds) nogil
+    void esr_detach_fds(const int *fds, int n) nogil
+    bint esr_is_syscall_hook(const bpf_program *prog)
     void esr_object_close(esr_object *o)
     void esr_object_release(esr_object *o)
     struct esr_tracking:
@@ -354,14 +362,6 @@ cdef long _copy_map(int old_fd, int new_fd, int ncpus) except -2:
         free(new_value)
 
 
-cdef _detach(int fd):
-    """Detach a link taken over from a previous recorder: a perf event
-    attachment (kernels without BPF perf links) is disabled first, since
-    another copy of it may stay open in the descriptor store a while."""
-    ioctl(fd, PERF_EVENT_IOC_DISABLE, 0)
-    close(fd)
-
-
 def _stat(pid):
     """The fields of /proc/PID/stat after the command's name, from the
     state on, or None once the process is gone."""
@@ -419,6 +419,14 @@ cdef class Probe:
     cdef list retired       # names of the store's descriptors that are gone
     cdef int keeper_pid, keeper_w
     cdef list taken_over    # the ledger's sessions as the previous recorder left them
+    # Programs on syscall tracepoints are attached only while a session is
+    # recorded (object.h); loading again, to attach them, takes the image
+    # and settings loaded first.
+    cdef bytes image
+    cdef esr_object_settings settings
+    cdef frozenset syscall_hooks
+    cdef bint on_demand     # false where their links cannot be pinned: kept attached
+    cdef readonly bint syscall_hooks_attached
 
     def __cinit__(self):
         memset(&self.obj, 0, sizeof(self.obj))
@@ -435,6 +443,9 @@ cdef class Probe:
         self.adopted = None
         self.keeper_pid, self.keeper_w = 0, -1
         self.taken_over = []
+        self.syscall_hooks = frozenset()
+        self.on_demand = True
+        self.syscall_hooks_attached = False
         memset(self.perf_fds, 0, sizeof(self.perf_fds))
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
@@ -496,6 +507,8 @@ cdef class Probe:
                 recorder_exe_ino, record_input,
                 terminal_rate, terminal_burst)).encode()).digest()
             self.nslots = max_sessions
+            self.image = image
+            self.settings = settings
             if previous is None:
                 self._load(image, &settings)
                 self._create_own(max_sessions)
@@ -560,6 +573,11 @@ cdef class Probe:
             self._map_states()
             if previous is not None and self.adopted.get("maps_changed"):
                 self.adopted["reconciled"] = self._reconcile()
+            # Where links cannot be pinned (perf event attachments, before
+            # Linux 5.15), only the descriptor store keeps them across a
+            # restart, and only as they were at start: keep them all.
+            self.on_demand = not self.unpinned
+            self._follow_sessions()
             self.header.version = ESR_HANDOVER_VERSION
             self.header.flags = 0
             self.header.max_tasks = max_tasks
@@ -630,7 +648,6 @@ cdef class Probe:
         """Whether the programs pinned are this image's, loaded with these
         settings, and all still attached: then nothing needs loading."""
         cdef const char *step = b""
-        cdef bpf_program *prog = NULL
         cdef int err
         for name in [n for n in handed if n.startswith("link.")]:
             self.links[name[5:]] = handed.pop(name)
@@ -642,15 +659,26 @@ cdef class Probe:
         if err:
             raise ProbeError(-err, why(err, step))
         try:
-            names = set()
-            prog = bpf_object__next_program(self.obj.obj, NULL)
-            while prog != NULL:
-                if bpf_program__autoload(prog):  # those this kernel has hooks for
-                    names.add(bpf_program__name(prog).decode())
-                prog = bpf_object__next_program(self.obj.obj, prog)
+            names = self._note_programs()
         finally:
             esr_object_close(&self.obj)
-        return names <= set(self.links)
+        # Those on syscalls were left attached only if a session was recorded.
+        self.syscall_hooks_attached = self.syscall_hooks <= set(self.links)
+        return names - self.syscall_hooks <= set(self.links)
+
+    cdef set _note_programs(self):
+        """The names of the programs this kernel has hooks for, of the image
+        opened; notes those on syscalls."""
+        cdef bpf_program *prog = bpf_object__next_program(self.obj.obj, NULL)
+        names, syscalls = set(), set()
+        while prog != NULL:
+            if bpf_program__autoload(prog):
+                names.add(bpf_program__name(prog).decode())
+                if esr_is_syscall_hook(prog):
+                    syscalls.add(bpf_program__name(prog).decode())
+            prog = bpf_object__next_program(self.obj.obj, prog)
+        self.syscall_hooks = frozenset(syscalls)
+        return names
 
     cdef _load(self, bytes image, esr_object_settings *settings):
         cdef const char *step = b""
@@ -660,8 +688,11 @@ cdef class Probe:
             err = esr_object_load(&self.obj, &step)
         if not err:
             self.loaded = True
-            err = esr_object_attach(&self.obj, &step)
+            self._note_programs()
+            # Those on syscalls when a session needs them (_follow_sessions).
+            err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_NOT_SYSCALLS, &step)
         if err:
+            esr_object_close(&self.obj)
             self.loaded = False
             raise ProbeError(-err, why(err, step))
         self._note_maps()
@@ -715,10 +746,46 @@ cdef class Probe:
         the new programs are attached before the old ones go, so that
         nothing goes unseen."""
         cdef const char *step = b""
+        cdef int err
+        old_maps, old_links = dict(self.maps), dict(self.links)
+        changed = self._load_over(image, settings, old_maps)
+        # Those on syscalls as the previous recorder had them, until the
+        # sessions taken over say otherwise (_follow_sessions).
+        self.syscall_hooks_attached = bool(self.syscall_hooks & set(old_links))
+        self.maps = {}
+        self._note_maps()
+        if TID_MARKS not in old_maps:
+            self._mark_tracked()
+        started = time.time_ns()
+        if changed:
+            self._detach_links(old_links)
+            for name in changed:
+                refused = _copy_map(old_maps[name], self.maps[name], self.ncpus)
+                if refused:
+                    self.adopted.setdefault("not_carried", {})[name] = (
+                        "all" if refused < 0 else refused)
+        err = esr_object_attach_hooks(
+            &self.obj, ESR_HOOKS_ALL if self.syscall_hooks_attached else ESR_HOOKS_NOT_SYSCALLS,
+            &step)
+        if err:
+            esr_object_close(&self.obj)
+            self.loaded = False
+            raise ProbeError(-err, why(err, step))
+        if not changed:
+            self._detach_links(old_links)
+        self.adopted["switch_ns"] = (started, time.time_ns())
+        self.adopted["maps_changed"] = changed
+        for name, fd in old_maps.items():
+            if name not in self.maps or _map_id(self.maps[name]) != _map_id(fd):
+                _unlink(os.path.join(self.pin_dir, "maps", name))
+
+    cdef list _load_over(self, bytes image, esr_object_settings *settings, dict old_maps):
+        """Load image with the maps of old_maps whose definition it keeps;
+        attach nothing. Returns the names of the maps it defines otherwise."""
+        cdef const char *step = b""
         cdef bpf_map *m
         cdef bpf_map_info info
         cdef int err, expected
-        old_maps, old_links = dict(self.maps), dict(self.links)
         err = esr_object_prepare(&self.obj, <const char *>image, len(image), settings, &step)
         if err:
             raise ProbeError(-err, why(err, step))
@@ -745,39 +812,75 @@ cdef class Probe:
         if err:
             raise ProbeError(-err, why(err, step))
         self.loaded = True
-        self.maps = {}
-        self._note_maps()
-        if TID_MARKS not in old_maps:
-            self._mark_tracked()
-        started = time.time_ns()
-        if changed:
-            self._detach_links(old_links)
-            for name in changed:
-                refused = _copy_map(old_maps[name], self.maps[name], self.ncpus)
-                if refused:
-                    self.adopted.setdefault("not_carried", {})[name] = (
-                        "all" if refused < 0 else refused)
-        err = esr_object_attach(&self.obj, &step)
+        self._note_programs()
+        return changed
+
+    # --- syscall hooks, while sessions are recorded ---------------------------
+
+    cdef _follow_sessions(self):
+        """Attach the programs on syscalls when a session is recorded, and
+        detach them when none is."""
+        cdef uint32_t slot
+        cdef bint wanted = not self.on_demand
+        for slot in range(self.nslots):
+            wanted = wanted or self.ledger[slot].session != 0
+        if wanted and not self.syscall_hooks_attached:
+            self._attach_syscall_hooks()
+        elif not wanted and self.syscall_hooks_attached:
+            self._detach_syscall_hooks()
+
+    cdef _attach_syscall_hooks(self):
+        cdef const char *step = b""
+        cdef int err
+        if not self.loaded:
+            # Taken over without loading: load the same programs again over
+            # the pinned maps (their state is all in maps), for these hooks.
+            if self._load_over(self.image, &self.settings, self.maps):
+                raise ProbeError(0, "the pinned maps are not those of the programs pinned")
+        err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_SYSCALLS, &step)
         if err:
-            self.loaded = False
             raise ProbeError(-err, why(err, step))
-        if not changed:
-            self._detach_links(old_links)
-        self.adopted["switch_ns"] = (started, time.time_ns())
-        self.adopted["maps_changed"] = changed
-        for name, fd in old_maps.items():
-            if name not in self.maps or _map_id(self.maps[name]) != _map_id(fd):
-                _unlink(os.path.join(self.pin_dir, "maps", name))
+        self.syscall_hooks_attached = True
+        if self.pin_dir:
+            self._pin()
+
+    cdef _detach_syscall_hooks(self):
+        cdef int *fds = NULL
+        cdef int n = 0
+        if self.pin_dir:
+            for name in self.syscall_hooks:  # a pin would keep them attached
+                _unlink(os.path.join(self.pin_dir, "links", name))
+        taken = {name: fd for name, fd in self.links.items() if name in self.syscall_hooks}
+        fds = self._forget_links(taken, &n)
+        with nogil:
+            esr_object_detach_syscall_hooks(&self.obj, fds, n)
+        free(fds)
+        self.syscall_hooks_attached = False
 
     cdef _detach_links(self, dict links):
+        """Detach links taken over from a previous recorder, and unpin them."""
+        cdef int n = 0
+        cdef int *fds = self._forget_links(links, &n)
+        with nogil:
+            esr_detach_fds(fds, n)
+        free(fds)
+
+    cdef int *_forget_links(self, dict links, int *n) except NULL:
+        """Unpin links taken over and let go of them: their descriptors, to
+        detach, in a buffer the caller frees."""
+        cdef int *fds = <int *>malloc(max(len(links), 1) * sizeof(int))
+        if fds == NULL:
+            raise MemoryError()
         for name, fd in links.items():
             _unlink(os.path.join(self.pin_dir, "links", name))
             if name in self.unpinned:
                 self.retired.append(f"link.{name}")
                 del self.unpinned[name]
             self.own_fds.remove(fd)
-            _detach(fd)
             del self.links[name]
+            fds[n[0]] = fd
+            n[0] += 1
+        return fds
 
     def _reconcile(self):
         """After a switch that left no program attached for a moment: forget
@@ -999,8 +1102,14 @@ cdef class Probe:
 
     @property
     def programs(self):
-        """How many BPF programs are attached."""
-        return self.obj.nlinks if self.loaded else len(self.links)
+        """How many BPF programs record: attached, or (those on syscalls)
+        attached while a session is recorded."""
+        cdef int i
+        names = set(self.links) | self.syscall_hooks
+        if self.loaded:
+            for i in range(self.obj.nlinks):
+                names.add(bpf_program__name(self.obj.linked[i]).decode())
+        return len(names)
 
     def fileno(self):
         """Readable once the drain holds ready_at records: time to take them."""
@@ -1066,6 +1175,11 @@ cdef class Probe:
         memcpy(e.sid, <const char *>encoded, len(encoded))
         e.anchor_pid, e.terminal_pid, e.flags = anchor_pid, terminal_pid, 0
         e.session = cookie
+        try:
+            self._follow_sessions()
+        except BaseException:
+            state.session = e.session = 0
+            raise
         self.header.generation = cookie >> 32
         self._write_header()
 
@@ -1083,11 +1197,11 @@ cdef class Probe:
         cdef uint32_t key
         state.session = 0
         self.ledger[slot].session = 0
-        if cookie == 0 or not forget_tasks:
-            return
-        stale = [tid for tid, (session, _flags) in self._tracked() if session == cookie]
-        for key in stale:
-            esr_untrack(&self.tracking, key)
+        if cookie != 0 and forget_tasks:
+            stale = [tid for tid, (session, _flags) in self._tracked() if session == cookie]
+            for key in stale:
+                esr_untrack(&self.tracking, key)
+        self._follow_sessions()
 
     def session_counters(self, uint32_t slot):
         """(live tasks, lost per buffer (a tuple), untracked forks, terminal
@@ -1204,11 +1318,7 @@ cdef class Probe:
         self._stop_keeper(True)
         self._unmap()
         if unpin and self.pin_dir:
-            for name in list(self.links):
-                _unlink(os.path.join(self.pin_dir, "links", name))
-            for name, fd in self.links.items():
-                self.own_fds.remove(fd)
-                _detach(fd)
+            self._detach_links(dict(self.links))
             for sub in ("links", "maps"):
                 path = os.path.join(self.pin_dir, sub)
                 if os.path.isdir(path):
