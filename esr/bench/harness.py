@@ -27,7 +27,7 @@ from importlib import resources
 from typing import IO, cast
 
 from esr import __version__, schema
-from esr.bench import offline
+from esr.bench import UNRECORDED, offline
 from esr.bench.consumers import start_esr, start_program
 from esr.config import Config
 from esr.errors import BenchError
@@ -170,7 +170,7 @@ class Bench:
 
     def _consumer(self, mode: str, workload: str):
         pages = ",".join(map(str, self.pages))
-        if mode in ("esr", "outside"):
+        if mode in ("esr", "outside", "beside"):
             return start_esr(self.pages, os.path.join(self.tmp, f"data{self.runs}"))
         if mode == "baseline":
             if self.baseline is None:
@@ -230,6 +230,7 @@ class Bench:
             text=True,
             bufsize=1,
         )
+        sleeper = None
         # Pipes, both: asked for above.
         stdin, stdout = cast(IO[str], gen.stdin), cast(IO[str], gen.stdout)
         try:
@@ -238,7 +239,10 @@ class Bench:
                 raise BenchError(f"gen {workload} did not start")
             # The process reading the pty's master, for the tty workload.
             terminal = int(ready[1].split("=")[1]) if len(ready) > 1 else 0
-            if consumer is not None and mode != "outside":
+            if mode == "beside":
+                sleeper = subprocess.Popen(["sleep", "3600"])
+                consumer.track(sleeper.pid, 0)
+            elif consumer is not None and mode != "outside":
                 consumer.track(gen.pid, terminal)
             stdin.write("go\n")
             generated = json.loads(stdout.readline())
@@ -250,6 +254,9 @@ class Bench:
         finally:
             if gen.poll() is None:
                 gen.kill()
+            if sleeper is not None:
+                sleeper.kill()
+                sleeper.wait()
             if consumer is not None:
                 consumer.kill()
         return self._figures(result, generated, consumed)
@@ -258,14 +265,14 @@ class Bench:
         events = sum(gen["events"].values())
         cpu = gen["user_s"] + gen["sys_s"] + gen["children_user_s"] + gen["children_sys_s"]
         result.seconds = gen["seconds"]
-        result.generated = events if result.mode not in ("none", "outside") else 0
+        result.generated = events if result.mode not in UNRECORDED else 0
         if gen["seconds"]:
             result.events_per_s = round(events / gen["seconds"])
             result.ops_per_s = round(gen["ops"] / gen["seconds"])
         if result.rate == 0 and gen["ops"]:
             result.process_ns_per_op = round(cpu / gen["ops"] * 1e9)
         result.detail["generator"] = gen
-        if consumed is None or result.mode == "outside":
+        if consumed is None or result.mode in UNRECORDED:
             return result
         result.detail["consumer"] = consumed
         # What the generator counts is what the consumer must account for:
@@ -315,14 +322,21 @@ def aggregate(results: list[Result]) -> list[dict]:
             "errors": sorted({r.error for r in runs if r.error}),
             "generated": sum(r.generated for r in ok),
             "lost": sum((r.lost_kernel or 0) + (r.lost_user or 0) for r in ok),
-            "accounted": None
-            if mode in ("none", "outside") or not ok
-            else all(r.accounted for r in ok),
+            "accounted": None if mode in UNRECORDED or not ok else all(r.accounted for r in ok),
         }
         for figure in FIGURES:
             row[figure] = spread([v for r in ok if (v := getattr(r, figure)) is not None])
         rows.append(row)
     return rows
+
+
+def _overhead_pct(flat: dict[tuple[str, int], float], mode: str) -> dict | None:
+    """Each repeat's run of mode against the none run next to it: the
+    median and spread of how much slower an operation was, in %."""
+    pairs = [
+        (flat[("none", k)], flat[(mode, k)]) for m, k in flat if m == "none" and (mode, k) in flat
+    ]
+    return spread([round((o / n - 1) * 100, 1) for n, o in pairs])
 
 
 def summarize(results: list[Result], rows: list[dict]) -> dict:
@@ -354,23 +368,21 @@ def summarize(results: list[Result], rows: list[dict]) -> dict:
             and r.lost_user == 0
         ]
         summary["highest_rate_without_loss"][w] = max(clean, default=0)
-        # Each repeat's outside run against the none run beside it.
+        # Each repeat's outside run against the none run next to it.
         flat = {
             (r.mode, r.repeat): r.process_ns_per_op
             for r in results
             if r.workload == w and r.rate == 0 and r.process_ns_per_op
         }
-        pairs = [
-            (flat[("none", k)], flat[("outside", k)])
-            for m, k in flat
-            if m == "none" and ("outside", k) in flat
-        ]
-        overhead = spread([round((o / n - 1) * 100, 1) for n, o in pairs])
-        if overhead:
+
+        overhead, beside = _overhead_pct(flat, "outside"), _overhead_pct(flat, "beside")
+        if overhead or beside:
             summary["outside_session_overhead"][w] = {
                 "no_bpf_ns_per_op": median(w, "none", "process_ns_per_op"),
                 "outside_session_ns_per_op": median(w, "outside", "process_ns_per_op"),
                 "overhead_pct": overhead,
+                "beside_session_ns_per_op": median(w, "beside", "process_ns_per_op"),
+                "beside_overhead_pct": beside,
             }
         cost = {
             m: v
@@ -482,14 +494,21 @@ def ratios_table(summary: dict) -> str:
         "baseline_vs_esr",
     ]
     shown = [k for k in keys if any(k in r for r in summary["ratios"].values())]
-    head = f"{'workload':8} " + " ".join(f"{k:>20}" for k in shown) + f" {'outside vs none %':>24}"
+    head = (
+        f"{'workload':8} "
+        + " ".join(f"{k:>20}" for k in shown)
+        + f" {'outside vs none %':>24} {'beside vs none %':>24}"
+    )
     lines = [head, "-" * len(head)]
     for w in dict.fromkeys([*summary["ratios"], *summary["outside_session_overhead"]]):
         ratios = summary["ratios"].get(w, {})
         cells = [f"{ratios[k]:>20}" if k in ratios else f"{'-':>20}" for k in shown]
-        outside = summary["outside_session_overhead"].get(w)
-        pct = _cell(outside["overhead_pct"], 2) if outside else "-"
-        lines.append(f"{w:8} " + " ".join(cells) + f" {pct:>24}")
+        outside = summary["outside_session_overhead"].get(w, {})
+        pcts = [
+            _cell(outside[k], 2) if outside.get(k) else "-"
+            for k in ("overhead_pct", "beside_overhead_pct")
+        ]
+        lines.append(f"{w:8} " + " ".join(cells) + "".join(f" {p:>24}" for p in pcts))
     return "\n".join(lines)
 
 
@@ -588,7 +607,7 @@ def _smoke_verdict(results: list[Result], say, bcc_installed: bool) -> int:
             continue
         if not r.ops_per_s or (r.rate == 0 and not r.process_ns_per_op):
             bad.append(f"{r.workload}/{r.mode}: no generator figures")
-        if r.mode in ("none", "outside"):
+        if r.mode in UNRECORDED:
             continue
         if not r.accounted:
             bad.append(
