@@ -228,8 +228,12 @@ static __always_inline void send_data(void *ctx, struct terminal_call *call, __u
 		if (off >= len)
 			break;
 		n = len - off;
-		if (n > ESR_TERMINAL_CHUNK)
-			n = ESR_TERMINAL_CHUNK;
+		/* min(n, chunk) with the constant on the right, where kernels
+		 * before 6.8 bound n from; clang, left to itself, compares a
+		 * copy with the constant on the left (6.1 then refuses n). */
+		asm volatile("if %[n] <= %[max] goto +1\n\t%[n] = %[max]"
+			     : [n] "+r"(n)
+			     : [max] "i"(ESR_TERMINAL_CHUNK));
 		if (bpf_probe_read_user(e->data, n, call->buf + off))
 			break;
 		e->len = n;
