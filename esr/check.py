@@ -94,7 +94,8 @@ def check(config: Config) -> Iterator[tuple[str, str | None]]:
         return
     pages = schema.by_buffer(list(probe.buffer_pages))
     yield (
-        f"recorder programs: {probe.programs} loaded and attached; buffers per CPU "
+        f"recorder programs: {probe.programs} loaded and attached (those on syscalls "
+        "only while a session is recorded); buffers per CPU "
         f"(pages): {pages}",
         None,
     )
