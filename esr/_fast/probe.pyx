@@ -135,7 +135,6 @@ cdef extern from "object.h":
     int esr_object_prepare(esr_object *o, const void *image, size_t size,
                            const esr_object_settings *settings, const char **step)
     int esr_object_load(esr_object *o, const char **step)
-    int esr_object_attach(esr_object *o, const char **step)
     enum esr_hooks:
         ESR_HOOKS_ALL
         ESR_HOOKS_SYSCALLS
