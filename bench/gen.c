@@ -18,6 +18,11 @@
  * CLOCK_MONOTONIC; 0 runs flat out. --cpu pins gen, its thread and its
  * children (default 1, -1: no pinning). --nop defaults to `nop` next to gen.
  *
+ * A flat-out run also reports its CPU time per op (its children's included)
+ * in each 100 ms window ("window_ns_per_op"): on a shared host, others'
+ * interference only ever adds to a window, so its low windows show the
+ * cost of the op itself.
+ *
  * Protocol: after setup gen prints "ready" (for tty: "ready terminal=PID",
  * the pid reading the master, which the consumer records as the session's
  * terminal), waits for the line "go" on
@@ -62,6 +67,11 @@ static const char *const workload_names[] = {
 #define MIXED_CONNECTS 5
 #define MIXED_CYCLE (MIXED_OPENS + MIXED_CONNECTS + 1)
 
+#define WINDOW_NS 100000000ULL
+#define MAX_WINDOWS 36000	/* an hour */
+static unsigned long window_ns_per_op[MAX_WINDOWS];
+static int windows;
+
 static enum workload workload;
 static char nop_path[4096];
 static struct sockaddr_in listener;
@@ -98,6 +108,17 @@ static unsigned long long now_ns(void)
 static double seconds_of(struct timeval t)
 {
 	return t.tv_sec + t.tv_usec / 1e6;
+}
+
+/* CPU seconds of gen, its threads and its children waited for. */
+static double cpu_seconds(void)
+{
+	struct rusage self, children;
+
+	getrusage(RUSAGE_SELF, &self);
+	getrusage(RUSAGE_CHILDREN, &children);
+	return seconds_of(self.ru_utime) + seconds_of(self.ru_stime) +
+	       seconds_of(children.ru_utime) + seconds_of(children.ru_stime);
 }
 
 static void do_open(void)
@@ -327,7 +348,8 @@ static void stop(int sig)
 int main(int argc, char **argv)
 {
 	struct rusage self0, self1, child0, child1;
-	unsigned long long t0, t, end, ops = 0;
+	unsigned long long t0, t, end, ops = 0, window_end, window_ops = 0;
+	double window_cpu;
 	unsigned long rate;
 	double seconds;
 	int cpu = 1, i;
@@ -416,6 +438,8 @@ int main(int argc, char **argv)
 	getrusage(RUSAGE_CHILDREN, &child0);
 	t0 = t = now_ns();
 	end = t0 + (unsigned long long)(seconds * 1e9);
+	window_end = t0 + WINDOW_NS;
+	window_cpu = cpu_seconds();
 	while (t < end && !stopped) {
 		run_op(op_of(ops));
 		ops++;
@@ -427,6 +451,15 @@ int main(int argc, char **argv)
 			while (t < next && t < end);
 		} else {
 			t = now_ns();
+			if (t >= window_end && windows < MAX_WINDOWS) {
+				double cpu = cpu_seconds();
+
+				window_ns_per_op[windows++] =
+					(unsigned long)((cpu - window_cpu) * 1e9 / (ops - window_ops));
+				window_cpu = cpu;
+				window_ops = ops;
+				window_end = t + WINDOW_NS;
+			}
 		}
 	}
 	getrusage(RUSAGE_SELF, &self1);
@@ -441,13 +474,16 @@ int main(int argc, char **argv)
 	       "\"events\": {\"command\": %llu, \"disk\": %llu, \"network\": %llu, "
 	       "\"terminal_bytes\": %llu}, "
 	       "\"failures\": %llu, \"user_s\": %.6f, \"sys_s\": %.6f, "
-	       "\"children_user_s\": %.6f, \"children_sys_s\": %.6f}\n",
+	       "\"children_user_s\": %.6f, \"children_sys_s\": %.6f, \"window_ns_per_op\": [",
 	       workload_names[workload], rate, (t - t0) / 1e9, ops, commands, disks, networks,
 	       terminal_bytes, failures,
 	       seconds_of(self1.ru_utime) - seconds_of(self0.ru_utime),
 	       seconds_of(self1.ru_stime) - seconds_of(self0.ru_stime),
 	       seconds_of(child1.ru_utime) - seconds_of(child0.ru_utime),
 	       seconds_of(child1.ru_stime) - seconds_of(child0.ru_stime));
+	for (i = 0; i < windows; i++)
+		printf("%s%lu", i ? ", " : "", window_ns_per_op[i]);
+	printf("]}\n");
 	fflush(stdout);
 	return 0;
 }

@@ -2,10 +2,12 @@
 daemon, and the benchmark's esr consumer.
 
 It keeps the recorder writing: a batch is taken when the drain holds enough
-records to be worth it, and at least every flush_interval_ms, whatever else
-the loop serves at the same time (the daemon's control socket, esr run's
-command, the benchmark's pipe). It is an asyncio loop, so what each caller
-adds is a coroutine, readers and signal handlers.
+records to be worth it, and at least every flush_interval_ms while a session
+is open, whatever else the loop serves at the same time (the daemon's control
+socket, esr run's command, the benchmark's pipe). With no session open it
+sleeps until the recorder has something to do (Recorder.next_flush_s). It is
+an asyncio loop, so what each caller adds is a coroutine, readers and signal
+handlers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class RecordingLoop:
         self.loop = asyncio.new_event_loop()
         self._after_flush: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        recorder.on_open.append(self.wake)
 
     def after_flush(self, callback: Callable[[], None]) -> None:
         """Call back after every flush: sessions may have ended in it."""
@@ -35,18 +38,25 @@ class RecordingLoop:
 
     def _tick(self) -> None:
         self.flush()
-        self._timer = self.loop.call_later(
-            self.recorder.config.flush_interval_ms / 1000, self._tick
-        )
+        self._schedule(self.recorder.next_flush_s())
+
+    def _schedule(self, delay: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None if delay is None else self.loop.call_later(delay, self._tick)
+
+    def wake(self) -> None:
+        """A session opened: flush within the flush interval, and at it from then on."""
+        interval = self.recorder.config.flush_interval_ms / 1000
+        if self._timer is None or self._timer.when() > self.loop.time() + interval:
+            self._schedule(interval)
 
     def run(self, main: Coroutine[Any, Any, Any]) -> Any:
         """Record while main runs; its result."""
         probe = self.recorder.probe
         if probe is not None:
             self.loop.add_reader(probe.fileno(), self.flush)
-        self._timer = self.loop.call_later(
-            self.recorder.config.flush_interval_ms / 1000, self._tick
-        )
+        self._schedule(self.recorder.config.flush_interval_ms / 1000)
         try:
             return self.loop.run_until_complete(main)
         finally:

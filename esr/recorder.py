@@ -20,6 +20,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 from esr import __version__, recording, schema, seal
 from esr._fast.decode import SessionEvents, Taken, decode_batch
@@ -90,6 +91,8 @@ class Recorder:
         self.key = HostKey.load(datadir.seal_key())  # None: seals without a key
         self.seal_errors = 0
         self._sealed_at = 0.0
+        # Called when a session opens: the loop that flushes is woken.
+        self.on_open: list[Callable[[], None]] = []
 
     # --- sessions ------------------------------------------------------------
 
@@ -208,7 +211,22 @@ class Recorder:
             service=service,
             remote=remote_addr,
         )
+        for callback in self.on_open:
+            callback()
         return session
+
+    def next_flush_s(self) -> float | None:
+        """Seconds until a flush is due: the flush interval while a session
+        is open. With none open, a flush has nothing to write, and a recorder
+        that wakes anyway takes CPU time from every other process (see
+        docs/benchmark.md); only the sealing key must still move on when an
+        epoch begins. None: not until a session opens (on_open)."""
+        interval = self.config.flush_interval_ms / 1000
+        if len(self.registry):
+            return interval
+        if self.key is None:
+            return None
+        return max(interval, self.key.next_epoch_s(time.time_ns()) - time.time())
 
     def session_of_task(self, pid: int) -> Session | None:
         """The session recording pid, if any (an anchor is not recorded)."""

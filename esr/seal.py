@@ -235,6 +235,10 @@ class HostKey:
                 os.unlink(tmp)
         return verification
 
+    def next_epoch_s(self, now_ns: int) -> int:
+        """When the epoch after now's begins, in seconds since the Unix epoch."""
+        return self.start + (_epoch_at(self.start, self.period, now_ns) + 1) * self.period
+
     def current(self, now_ns: int) -> tuple[int, bytes]:
         """The epoch to seal in now, and its key, moving the key forward when
         an epoch has begun since."""
