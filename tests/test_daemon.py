@@ -638,3 +638,24 @@ def test_no_session_field_reaches_the_terminal_raw(daemon):
         assert field + escaped + b"'" in starts[1]
     listing = daemon.esr("sessions").stdout
     assert listing.count(b"L" + escaped) == 2
+
+
+def test_an_idle_daemon_still_moves_the_sealing_key_on_each_epoch(tmp_path):
+    """With no session open the daemon sleeps, but not past an epoch: a key
+    left unchanged could still seal for the epochs gone by."""
+    require_bpf()
+    d = Daemon(tmp_path)
+    d.esr("keygen", "--epoch", "1")
+
+    def epoch() -> int:
+        line = (d.data_dir / "seal.key").read_text()
+        return int(line.split(" epoch=")[1].split()[0])
+
+    d.start()
+    try:
+        before = epoch()
+        time.sleep(3.5)
+        assert epoch() >= before + 3
+    finally:
+        d.stop()
+        d.remove_pins()
