@@ -211,6 +211,10 @@ class Recorder:
             service=service,
             remote=remote_addr,
         )
+        if self.probe is not None:
+            # An idle recorder did not beat: a crash before its next flush
+            # must not date the session's gap from before it began.
+            self.probe.heartbeat()
         for callback in self.on_open:
             callback()
         return session
