@@ -386,14 +386,18 @@ def summarize(results: list[Result], rows: list[dict]) -> dict:
         summary["highest_rate_without_loss"][w] = max(clean, default=0)
         # Each repeat's outside run against the none run next to it, by
         # their low windows where every run has them.
-        flat_runs = [r for r in results if r.workload == w and r.rate == 0 and r.process_ns_per_op]
-        figure = (
-            "process_ns_per_op_low"
-            if all(r.process_ns_per_op_low for r in flat_runs)
-            else "process_ns_per_op"
-        )
-        flat = {(r.mode, r.repeat): getattr(r, figure) for r in flat_runs}
-        whole = {(r.mode, r.repeat): r.process_ns_per_op for r in flat_runs}
+        whole = {
+            (r.mode, r.repeat): r.process_ns_per_op
+            for r in results
+            if r.workload == w and r.rate == 0 and r.process_ns_per_op
+        }
+        low = {
+            (r.mode, r.repeat): r.process_ns_per_op_low
+            for r in results
+            if r.workload == w and r.rate == 0 and r.process_ns_per_op_low
+        }
+        figure = "process_ns_per_op_low" if low.keys() == whole.keys() else "process_ns_per_op"
+        flat = low if figure == "process_ns_per_op_low" else whole
         overhead, beside = _overhead_pct(flat, "outside"), _overhead_pct(flat, "beside")
         if overhead or beside:
             summary["outside_session_overhead"][w] = {
