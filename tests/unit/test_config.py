@@ -11,7 +11,7 @@ from esr.errors import ConfigError
 def test_an_empty_file_is_every_default():
     c = config.parse(b"", "esr.yaml")
     assert c == config.Config()
-    assert c.buffer_pages() == (32, 128, 32, 512)
+    assert c.buffer_pages() == (128, 128, 128, 512)
 
 
 def test_a_session_takes_an_eighth_of_the_task_table_unless_told():
@@ -24,7 +24,7 @@ def test_buffer_sizes_are_applied_as_given():
     c = config.parse(
         b"enhanced_recording:\n  command_buffer_size: 64\n  disk_buffer_size: 2\n", "esr.yaml"
     )
-    assert c.buffer_pages() == (64, 2, 32, 512)
+    assert c.buffer_pages() == (64, 2, 128, 512)
 
 
 def test_the_reference_block_pastes_as_is():
