@@ -252,7 +252,7 @@ def test_status_reports_counters(daemon):
     status = json.loads(r.stdout)
     assert status["events"]["command"] >= 1 and status["events"]["disk"] >= 1
     assert status["lost"]["buffer"] == {"command": 0, "disk": 0, "network": 0, "terminal": 0}
-    assert status["buffer_pages"] == {"command": 32, "disk": 128, "network": 32, "terminal": 512}
+    assert status["buffer_pages"] == {"command": 128, "disk": 128, "network": 128, "terminal": 512}
     assert status["uptime_s"] >= 0 and status["bytes_written"] > 0
     text = daemon.esr("status", "--config", str(daemon.config)).stdout.decode()
     assert "sessions open:" in text and "lost per buffer:" in text
