@@ -46,17 +46,19 @@ class RecordingLoop:
         self._timer = None if delay is None else self.loop.call_later(delay, self._tick)
 
     def wake(self) -> None:
-        """A session opened: flush within the flush interval, and at it from then on."""
-        interval = self.recorder.config.flush_interval_ms / 1000
-        if self._timer is None or self._timer.when() > self.loop.time() + interval:
-            self._schedule(interval)
+        """A session opened: flush when the recorder says, if that is sooner."""
+        delay = self.recorder.next_flush_s()
+        if delay is not None and (
+            self._timer is None or self._timer.when() > self.loop.time() + delay
+        ):
+            self._schedule(delay)
 
     def run(self, main: Coroutine[Any, Any, Any]) -> Any:
         """Record while main runs; its result."""
         probe = self.recorder.probe
         if probe is not None:
             self.loop.add_reader(probe.fileno(), self.flush)
-        self._schedule(self.recorder.config.flush_interval_ms / 1000)
+        self._schedule(self.recorder.next_flush_s())
         try:
             return self.loop.run_until_complete(main)
         finally:
