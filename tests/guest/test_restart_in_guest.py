@@ -88,9 +88,19 @@ def user_key(vm, tmp_path_factory):
     return key
 
 
+def rows(vm) -> list[dict]:
+    return [json.loads(line) for line in vm.ssh("esr sessions --format json").stdout.splitlines()]
+
+
 def sids(vm) -> list[str]:
-    out = vm.ssh("esr sessions --format json").stdout
-    return [s["sid"] for s in map(json.loads, out.splitlines()) if s["login"] == USER]
+    return [r["sid"] for r in rows(vm) if r["login"] == USER]
+
+
+def row(vm, sid: str) -> dict:
+    # Not a grep for the sid: root's own ssh session that runs the grep is
+    # recorded too, with the sid in its command.
+    [found] = (r for r in rows(vm) if r["sid"] == sid)
+    return found
 
 
 class Generator:
@@ -124,8 +134,7 @@ class Generator:
         assert self.proc.returncode == 0, err
         generated = json.loads(out.splitlines()[-1])["events"]["disk"]
         for _ in range(100):
-            state = self.vm.ssh(f"esr sessions --format json | grep {sid}").stdout
-            if json.loads(state)["state"] == "closed":
+            if row(self.vm, sid)["state"] == "closed":
                 break
             time.sleep(0.3)
         summary = json.loads(self.vm.ssh(["python3", "-c", SUMMARY, sid], timeout=300).stdout)
@@ -218,8 +227,8 @@ def test_stop_ends_the_sessions_and_purge_leaves_nothing(vm, user_key):
     vm.ssh("systemctl stop esr")
     assert vm.ssh("ls /sys/fs/bpf").stdout.split() == []
     assert vm.ssh("pgrep -x esr-keeper", check=False).returncode == 1
-    row = json.loads(vm.ssh(f"esr sessions --format json | grep {sid}").stdout)
-    assert (row["state"], row["reason"]) == ("closed", "recorder stopped")
+    ended = row(vm, sid)
+    assert (ended["state"], ended["reason"]) == ("closed", "recorder stopped")
     gen.proc.kill()
     gen.proc.wait()
 
