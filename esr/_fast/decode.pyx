@@ -119,10 +119,28 @@ cdef extern from *:
     void lit "ESR_LIT"(buf *b, const char *s) noexcept
 
 
+cdef extern from *:
+    """
+    /* v's low n bytes (2, 4 or 8), big-endian: one store each. */
+    static inline void esr_be(char *p, uint64_t v, int n)
+    {
+        uint16_t v2 = __builtin_bswap16((uint16_t)v);
+        uint32_t v4 = __builtin_bswap32((uint32_t)v);
+        uint64_t v8 = __builtin_bswap64(v);
+
+        if (n == 2)
+            memcpy(p, &v2, 2);
+        else if (n == 4)
+            memcpy(p, &v4, 4);
+        else
+            memcpy(p, &v8, 8);
+    }
+    """
+    void esr_be(char *p, uint64_t v, int n) noexcept
+
+
 cdef inline void be(buf *b, uint64_t v, int n) noexcept:
-    cdef int i
-    for i in range(n):
-        b.data[b.len + i] = <char>(v >> (8 * (n - 1 - i)))
+    esr_be(b.data + b.len, v, n)
     b.len += n
 
 
@@ -320,15 +338,21 @@ cdef int js_str(buf *b, const char *s, size_t n, bint ensure_ascii) noexcept:
 
 
 cdef inline void js_uint(buf *b, uint64_t v) noexcept:
-    cdef char t[20]
-    cdef int i = 20
+    # Its digits, counted first, are written from the last straight into b.
+    cdef int n = 1
+    cdef uint64_t bound = 10
+    cdef char *o
+    while n < 20 and v >= bound:
+        n += 1
+        bound *= 10
+    b.len += n
+    o = b.data + b.len
     while True:
-        i -= 1
-        t[i] = <char>(c'0' + v % 10)
+        o -= 1
+        o[0] = <char>(c'0' + v % 10)
         v //= 10
         if v == 0:
             break
-    w(b, t + i, 20 - i)
 
 
 cdef inline void js_int(buf *b, int64_t v) noexcept:
@@ -368,16 +392,6 @@ cdef inline const char *next_string(const char *p, const char *end, size_t *n) n
         nul += 1
     n[0] = nul - p
     return nul + 1
-
-
-cdef size_t count_strings(const char *block, size_t n):
-    cdef const char *p = block
-    cdef const char *end = block + n
-    cdef size_t count = 0, length
-    while p < end:
-        p = next_string(p, end, &length)
-        count += 1
-    return count
 
 
 cdef int exe_path(buf *out, const char *components, size_t n) except -1:
@@ -445,7 +459,7 @@ cdef inline void pack_head(buf *o, uint64_t fields, uint16_t kind, uint64_t ei,
 
 cdef struct command_view:
     const char *argv  # NUL-separated: interpreter, argv[0], argv[1:]
-    const char *argv_end
+    size_t argv_n
     size_t interpreter  # strings of the kernel's before argv[0]
     size_t skip  # strings before argv[1]
     size_t args  # argv[1:]
@@ -458,119 +472,151 @@ cdef struct command_view:
     bint truncated
 
 
+# The command record viewed last, and what its fields mean: its pack and then
+# its line read them, and both run before the next record is decoded. The
+# GIL is held throughout, so one view serves every session.
+cdef const esr_event_header *viewed = NULL
+cdef command_view view
+# Where each of its argv strings ends (its NUL, or the block's end), so that
+# the block is scanned once however often its strings are written. A string
+# takes at least its NUL: ESR_ARGV_MAX bounds their number.
+cdef uint16_t string_end[ESR_ARGV_MAX]
+# The binary's path, built from its components, and those components: a
+# host runs the same few binaries over and over.
+cdef buf exe_built
+cdef buf exe_components
+
+
 cdef uint64_t command_size(const esr_event_header *hdr):
     cdef const esr_command_event *e = <const esr_command_event *>hdr
     return COMMAND_FIXED + <uint64_t>e.argv_len + e.path_len + e.exe_len
 
 
-cdef int command_view_of(const esr_command_event *e, command_view *v, buf *scratch) except -1:
-    """What the fields of a command record mean; a binary's path is built
-    in scratch."""
-    cdef uint32_t argv_len = e.argv_len if e.argv_len <= ESR_ARGV_MAX else ESR_ARGV_MAX
-    cdef size_t strings = count_strings(e.data, argv_len)
-    cdef const char *exe_at
-    v.argv = <const char *>e.data
-    v.argv_end = e.data + argv_len
-    # A script: the kernel put its interpreter first, then the script's
-    # path where the caller's argv[0] was.
-    if e.interpreter_args and strings > e.interpreter_args:
-        v.interpreter = e.interpreter_args
-        v.skip = v.interpreter + 1
-    else:
-        v.interpreter = 0
-        v.skip = 1
-    v.args = strings - v.skip if strings > v.skip else 0
-    v.path = e.data + argv_len
-    v.path_n = cstr_len(v.path, e.path_len)
-    exe_at = v.path + e.path_len
-    scratch.len = 0
+cdef size_t split_strings(const char *block, size_t n) noexcept:
+    """Note where each string of the block ends; how many there are."""
+    cdef size_t at = 0, count = 0
+    while at < n:
+        while at < n and block[at] != 0:
+            at += 1
+        string_end[count] = <uint16_t>at
+        count += 1
+        at += 1
+    return count
+
+
+cdef inline size_t string_start(size_t i) noexcept:
+    return string_end[i - 1] + 1 if i else 0
+
+
+cdef int exe_of(const esr_command_event *e, const char *components) except -1:
+    """view.exe: a memfd's name, or the binary's path built from its
+    components, as last time when they are the same."""
+    cdef char incomplete = 1 if e.flags & ESR_EXE_INCOMPLETE else 0
     if not e.exe_len:
-        v.exe = exe_at
-        v.exe_n = 0
-    elif e.flags & ESR_COMMAND_MEMFD:
-        v.exe = exe_at
-        v.exe_n = cstr_len(exe_at, e.exe_len)
-    else:
-        if e.flags & ESR_EXE_INCOMPLETE:
-            put(scratch, b"...", 3)
-        exe_path(scratch, exe_at, e.exe_len)
-        v.exe = scratch.data
-        v.exe_n = scratch.len
-    v.cut_args = <int64_t>e.argc - <int64_t>strings
-    v.cut_bytes = <int64_t>e.argv_size - argv_len
-    if v.cut_args < 0:
-        v.cut_args = 0
-    if v.cut_bytes < 0:
-        v.cut_bytes = 0
-    v.truncated = v.cut_args > 0 or v.cut_bytes > 0 or \
-        (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
+        view.exe, view.exe_n = components, 0
+        return 0
+    if e.flags & ESR_COMMAND_MEMFD:
+        view.exe, view.exe_n = components, cstr_len(components, e.exe_len)
+        return 0
+    if exe_components.len != e.exe_len + 1u or exe_components.data[0] != incomplete or \
+            memcmp(exe_components.data + 1, components, e.exe_len) != 0:
+        exe_components.len = 0
+        put(&exe_components, &incomplete, 1)
+        put(&exe_components, components, e.exe_len)
+        exe_built.len = 0
+        if incomplete:
+            put(&exe_built, b"...", 3)
+        exe_path(&exe_built, components, e.exe_len)
+    view.exe, view.exe_n = exe_built.data, exe_built.len
     return 0
 
 
-cdef void pack_strings(buf *o, const command_view *v, size_t first, size_t count) noexcept:
-    cdef const char *p = v.argv
-    cdef const char *s
-    cdef size_t i = 0, n
+cdef int view_command(const esr_event_header *hdr) except -1:
+    """Fill view with what the fields of a command record mean."""
+    global viewed
+    cdef const esr_command_event *e = <const esr_command_event *>hdr
+    cdef uint32_t argv_len = e.argv_len if e.argv_len <= ESR_ARGV_MAX else ESR_ARGV_MAX
+    cdef size_t strings
+    viewed = NULL
+    strings = split_strings(e.data, argv_len)
+    view.argv = <const char *>e.data
+    view.argv_n = argv_len
+    # A script: the kernel put its interpreter first, then the script's
+    # path where the caller's argv[0] was.
+    if e.interpreter_args and strings > e.interpreter_args:
+        view.interpreter = e.interpreter_args
+        view.skip = view.interpreter + 1
+    else:
+        view.interpreter = 0
+        view.skip = 1
+    view.args = strings - view.skip if strings > view.skip else 0
+    view.path = e.data + argv_len
+    view.path_n = cstr_len(view.path, e.path_len)
+    exe_of(e, view.path + e.path_len)
+    view.cut_args = <int64_t>e.argc - <int64_t>strings
+    view.cut_bytes = <int64_t>e.argv_size - argv_len
+    if view.cut_args < 0:
+        view.cut_args = 0
+    if view.cut_bytes < 0:
+        view.cut_bytes = 0
+    view.truncated = view.cut_args > 0 or view.cut_bytes > 0 or \
+        (e.flags & (ESR_ARGV_INCOMPLETE | ESR_ARGV_UNREADABLE)) != 0
+    viewed = hdr
+    return 0
+
+
+cdef void pack_strings(buf *o, size_t first, size_t count) noexcept:
+    cdef size_t i, start
     mp_array(o, count)
-    while p < v.argv_end and i < first + count:
-        s = p
-        p = next_string(p, v.argv_end, &n)
-        if i >= first:
-            mp_bin(o, s, n)
-        i += 1
+    for i in range(first, first + count):
+        start = string_start(i)
+        mp_bin(o, view.argv + start, string_end[i] - start)
 
 
-cdef int render_strings(buf *o, const command_view *v, size_t first, size_t count,
-                        bint ensure_ascii) noexcept:
-    cdef const char *p = v.argv
-    cdef const char *s
-    cdef size_t i = 0, n
+cdef int render_strings(buf *o, size_t first, size_t count, bint ensure_ascii) noexcept:
+    cdef size_t i, start
     w1(o, c'[')
-    while p < v.argv_end and i < first + count:
-        s = p
-        p = next_string(p, v.argv_end, &n)
-        if i >= first:
-            if i > first:
-                w1(o, c',')
-            if js_str(o, s, n, ensure_ascii):
-                return 1
-        i += 1
+    for i in range(first, first + count):
+        if i > first:
+            w1(o, c',')
+        start = string_start(i)
+        if js_str(o, view.argv + start, string_end[i] - start, ensure_ascii):
+            return 1
     w1(o, c']')
     return 0
 
 
-cdef inline size_t command_room(const command_view *v, size_t per_byte) noexcept:
-    """Bytes its fields may take at most, at per_byte for each of its strings' bytes."""
-    return FIXED + 6 * (v.skip + v.args) + \
-        per_byte * (16 + v.path_n + v.exe_n + <size_t>(v.argv_end - v.argv))
+cdef inline size_t command_room(size_t per_byte) noexcept:
+    """Bytes the viewed command's fields may take at most, at per_byte for
+    each of its strings' bytes."""
+    return FIXED + 6 * (view.skip + view.args) + \
+        per_byte * (16 + view.path_n + view.exe_n + view.argv_n)
 
 
 cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time,
                       uint64_t ei) except -1:
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    cdef command_view *v = &s.view
     cdef buf *o = &s.body
-    command_view_of(e, v, &s.scratch)
-    s.viewed = hdr
+    view_command(hdr)
     if e.flags & ESR_COMMAND_TTY:
         s.interactive = True
-    reserve(o, command_room(v, 1))
+    reserve(o, command_room(1))
     pack_head(o, 22, ESR_EVENT_COMMAND, ei, time)
     mp_uint(o, e.hdr.pid)
     mp_uint(o, e.ppid)
     mp_uint(o, e.hdr.cgroup_id)
     pack_comm(o, hdr)
-    mp_bin(o, v.path, v.path_n)
-    pack_strings(o, v, v.skip, v.args)
+    mp_bin(o, view.path, view.path_n)
+    pack_strings(o, view.skip, view.args)
     mp_int(o, e.return_code)
     mp_uint(o, e.uid)
     mp_uint(o, e.gid)
     mp_bool(o, e.flags & ESR_COMMAND_TTY)
-    mp_bool(o, v.truncated)
-    mp_int(o, v.cut_args)
-    mp_int(o, v.cut_bytes)
-    pack_strings(o, v, 0, v.interpreter)
-    mp_bin(o, v.exe, v.exe_n)
+    mp_bool(o, view.truncated)
+    mp_int(o, view.cut_args)
+    mp_int(o, view.cut_bytes)
+    pack_strings(o, 0, view.interpreter)
+    mp_bin(o, view.exe, view.exe_n)
     mp_uint(o, e.exe_dev)
     mp_uint(o, e.exe_ino)
     mp_bool(o, e.flags & ESR_COMMAND_MEMFD)
@@ -580,12 +626,10 @@ cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time
 
 cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    cdef command_view *v = &s.view
-    # Its pack, just before, saw the same record.
-    if s.viewed != hdr:
-        command_view_of(e, v, &s.scratch)
-        s.viewed = hdr
-    reserve(o, command_room(v, 6))
+    # Its pack, just before, viewed the same record.
+    if viewed != hdr:
+        view_command(hdr)
+    reserve(o, command_room(6))
     lit(o, b'"pid":')
     js_uint(o, e.hdr.pid)
     lit(o, b',"ppid":')
@@ -596,10 +640,10 @@ cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) ex
     if render_comm(o, hdr, s.ensure_ascii):
         return 1
     lit(o, b',"path":')
-    if js_str(o, v.path, v.path_n, s.ensure_ascii):
+    if js_str(o, view.path, view.path_n, s.ensure_ascii):
         return 1
     lit(o, b',"argv":')
-    if render_strings(o, v, v.skip, v.args, s.ensure_ascii):
+    if render_strings(o, view.skip, view.args, s.ensure_ascii):
         return 1
     lit(o, b',"return_code":')
     js_int(o, e.return_code)
@@ -607,13 +651,13 @@ cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) ex
     js_uint(o, e.uid)
     lit(o, b',"unix_gid":')
     js_uint(o, e.gid)
-    if v.interpreter:
+    if view.interpreter:
         lit(o, b',"interpreter":')
-        if render_strings(o, v, 0, v.interpreter, s.ensure_ascii):
+        if render_strings(o, 0, view.interpreter, s.ensure_ascii):
             return 1
-    if v.exe_n:
+    if view.exe_n:
         lit(o, b',"exe":')
-        if js_str(o, v.exe, v.exe_n, s.ensure_ascii):
+        if js_str(o, view.exe, view.exe_n, s.ensure_ascii):
             return 1
         lit(o, b',"exe_dev":')
         js_uint(o, e.exe_dev)
@@ -623,11 +667,11 @@ cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) ex
             lit(o, b',"memfd":true')
         if e.flags & ESR_EXE_INCOMPLETE:
             lit(o, b',"exe_truncated":true')
-    if v.truncated:
+    if view.truncated:
         lit(o, b',"argv_truncated":true,"argv_cut_args":')
-        js_int(o, v.cut_args)
+        js_int(o, view.cut_args)
         lit(o, b',"argv_cut_bytes":')
-        js_int(o, v.cut_bytes)
+        js_int(o, view.cut_bytes)
     return 0
 
 
@@ -1304,10 +1348,6 @@ cdef class SessionEvents:
     cdef buf body
     cdef buf lines
     cdef buf spare[2]  # a body's and a lines' buffer, written and given back
-    cdef buf scratch
-    # The command record last packed, and what its fields mean: for its line.
-    cdef const esr_event_header *viewed
-    cdef command_view view
     # The form of the line's JSON text: see js_str.
     cdef bint ensure_ascii
     cdef public uint64_t next_ei
@@ -1348,7 +1388,6 @@ cdef class SessionEvents:
         free(self.lines.data)
         free(self.spare[0].data)
         free(self.spare[1].data)
-        free(self.scratch.data)
 
     cdef int fresh(self, buf *b, int kind) except -1:
         """A buffer to write on in place of one handed over: the spare, or

@@ -291,6 +291,26 @@ def test_cut_arguments_and_unreadable_argv_are_flagged_as_the_schema_flags_them(
     assert events[1].argv_cut_bytes == 40_000 - len(b"/bin/sh\0-e\0/s\0")
 
 
+def test_each_command_has_its_own_binarys_path_whatever_ran_before():
+    def run(exe: bytes, **kw) -> schema.Command:
+        return schema.Command(0, T0, 42, 1, 7, b"x", b"/x", [], 0, 0, 0, exe=exe, exe_ino=3, **kw)
+
+    commands = [
+        run(b"/usr/bin/dash"),
+        run(b"/usr/bin/dash"),
+        run(b".../usr/bin/dash", exe_truncated=True),
+        run(b"/usr/bin/dash"),
+        run(b"/usr/bin/dash (deleted)", memfd=True),
+        run(b"/usr/bin/ls"),
+    ]
+    for i, command in enumerate(commands):
+        command.time += i
+    # Twice: the batches after the first see the same binaries again.
+    for _ in range(2):
+        events = check_as_schema_writes_it(b"".join(encode_record(c, COOKIE) for c in commands))
+        assert [e.exe for e in events] == [c.exe for c in commands]
+
+
 def test_fuzzed_records_decode_as_the_schema_writes_them():
     rng = random.Random(11)
     good = b"".join(encode_record(r, COOKIE) for r in EVERY_TYPE + EDGES[:4] + EDGES[6:8])
