@@ -20,12 +20,15 @@ import os
 _KEEP_SIZE = 0x01  # FALLOC_FL_KEEP_SIZE
 # Errors that mean "no room", as opposed to a failing disk.
 FULL = (errno.ENOSPC, errno.EDQUOT)
-# A big file grows its allocation by an eighth of its size at a time, up
-# to this, so that a busy session calls fallocate once every few frames and
-# the audit log once every few flushes, not each time: in a command storm,
-# allocating each flush's lines alone cost ~50 ns a line, mostly in the
-# write into blocks just allocated.
-_AHEAD = 1 << 20
+# A file grows its allocation ahead of what it needs: by an eighth of its
+# size, or by room for _WRITES_AHEAD more writes like the one that needs it
+# if that is more, up to _AHEAD. A busy session then calls fallocate once
+# every few frames and the audit log once every few flushes, not each time:
+# in a command storm, allocating each flush's lines alone cost ~50 ns a
+# line, mostly in the write into blocks just allocated. An idle session's
+# few small frames take no more than they need.
+_AHEAD = 4 << 20
+_WRITES_AHEAD = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -69,7 +72,7 @@ class Room:
         need = size + n + self.reserve
         if need <= self.allocated:
             return True
-        ahead = min(size // 8, _AHEAD)
+        ahead = min(max(size // 8, _WRITES_AHEAD * n), _AHEAD)
         for end in dict.fromkeys((need + ahead, need)):
             try:
                 _fallocate(self.fd, size, end - size)
