@@ -20,6 +20,7 @@ class AuditLog:
         self.dir = os.path.join(log_dir, server_id)
         self.fd = -1
         self.day = ""
+        self.day_bounds = (0, 0)  # the current day's first second, and the next day's
         self.bytes_written = 0
         self.room: Room | None = None
         self.reserve = RESERVE_BASE
@@ -65,9 +66,11 @@ class AuditLog:
         others raise NoRoom, an OSError, without writing anything."""
         if not lines:
             return
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        if day != self.day or self.fd < 0:
-            self._open(day)
+        now = time.time()
+        if not self.day_bounds[0] <= now < self.day_bounds[1] or self.fd < 0:
+            self._open(time.strftime("%Y-%m-%d", time.gmtime(now)))
+            start = int(now) // 86400 * 86400
+            self.day_bounds = (start, start + 86400)
         if self.room is not None and not reserved and not self.room.take(len(lines)):
             raise NoRoom()
         view = memoryview(lines)
