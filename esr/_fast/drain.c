@@ -415,10 +415,11 @@ struct esr_batch *esr_drain_take(struct esr_drain *d)
 	d->filling = taken == &d->batches[0] ? &d->batches[1] : &d->batches[0];
 	d->filling->len = 0;
 	d->filling->records = 0;
-	d->ready = 0;
-	if (read(d->ready_fd, &count, sizeof(count)) < 0) {
-		/* EAGAIN: it was not readable. */
+	/* Written exactly when ready was set: no read (a syscall each flush) otherwise. */
+	if (d->ready && read(d->ready_fd, &count, sizeof(count)) < 0) {
+		/* Cannot fail: it was written, and only this reads it. */
 	}
+	d->ready = 0;
 	pthread_mutex_unlock(&d->lock);
 	return taken;
 }
