@@ -37,6 +37,7 @@ class RecordingLoop:
             callback()
 
     def _tick(self) -> None:
+        self._timer = None  # it fired: nothing to cancel
         self.flush()
         self._schedule(self.recorder.next_flush_s())
 
