@@ -494,13 +494,12 @@ cdef uint64_t command_size(const esr_event_header *hdr):
 
 cdef size_t split_strings(const char *block, size_t n) noexcept:
     """Note where each string of the block ends; how many there are."""
-    cdef size_t at = 0, count = 0
-    while at < n:
-        while at < n and block[at] != 0:
-            at += 1
-        string_end[count] = <uint16_t>at
+    cdef const char *p = block
+    cdef size_t count = 0, length
+    while p < block + n:
+        p = next_string(p, block + n, &length)
+        string_end[count] = <uint16_t>(p - 1 - block)
         count += 1
-        at += 1
     return count
 
 
