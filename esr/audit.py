@@ -19,7 +19,6 @@ class AuditLog:
         self.log_dir = log_dir
         self.dir = os.path.join(log_dir, server_id)
         self.fd = -1
-        self.day = ""
         self.day_bounds = (0, 0)  # the current day's first second, and the next day's
         self.bytes_written = 0
         self.room: Room | None = None
@@ -35,7 +34,7 @@ class AuditLog:
         )
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd, self.day = fd, day
+        self.fd = fd
         # esr run without the daemon appends to the same file.
         self.room = Room(fd, 0, self.reserve, shared=True)
         link = os.path.join(self.log_dir, "events.log")
@@ -82,7 +81,6 @@ class AuditLog:
     def reopen(self) -> None:
         """After logrotate moved the file away (SIGHUP)."""
         self.close()
-        self.day = ""
 
     def close(self) -> None:
         if self.fd >= 0:
