@@ -454,8 +454,8 @@ def _cmd_status(args) -> int:
     )
     hooks = ""
     if status["enhanced_recording"]:
-        attached = status["syscall_hooks_attached"]
-        hooks = " (syscall hooks " + ("attached)" if attached else "detached: none recorded)")
+        attached = status["session_hooks_attached"]
+        hooks = " (session hooks " + ("attached)" if attached else "detached: none recorded)")
     print(f"sessions open: {status['sessions_open']}{hooks}")
     print("events: " + ", ".join(f"{k} {v}" for k, v in status["events"].items()))
     print(

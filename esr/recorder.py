@@ -795,7 +795,7 @@ class Recorder:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "enhanced_recording": self.probe is not None,
             # Only while a session is recorded: see docs/design.md.
-            "syscall_hooks_attached": self.probe is not None and self.probe.syscall_hooks_attached,
+            "session_hooks_attached": self.probe is not None and self.probe.session_hooks_attached,
             "buffer_pages": schema.by_buffer(list(self.config.buffer_pages())),
             "events": schema.by_buffer(self.records),
             "lost": {

@@ -218,18 +218,21 @@ def test_a_pin_dir_holds_one_data_dir(daemons, daemon_root):
     assert os.path.exists(d.pin_dir)
 
 
-def test_the_syscall_hooks_follow_the_sessions_across_a_restart(daemons):
-    """While no session is recorded, no program is on a syscall tracepoint,
-    so every process on the host takes the kernel's untraced syscall path:
-    the hooks come with the first session and go with the last, also one
-    that a restarted daemon took over."""
+def test_the_session_hooks_follow_the_sessions_across_a_restart(daemons):
+    """While no session is recorded, no program is on a syscall tracepoint
+    or on TCP state changes, so every process on the host takes the
+    kernel's untraced syscall path and its connects run no program: the
+    hooks come with the first session and go with the last, also one that a
+    restarted daemon took over."""
     d = daemons(store=True).start()
 
     def attached() -> bool:
         r = d.esr("status", "--config", str(d.config), "--format", "json")
         status = json.loads(r.stdout)
-        pinned = "openat_enter" in os.listdir(d.pin_dir / "links")
-        assert status["syscall_hooks_attached"] == pinned
+        links = os.listdir(d.pin_dir / "links")
+        pinned = "openat_enter" in links
+        assert ("connect_state" in links) == pinned
+        assert status["session_hooks_attached"] == pinned
         return pinned
 
     def detached_soon() -> bool:
@@ -239,7 +242,7 @@ def test_the_syscall_hooks_follow_the_sessions_across_a_restart(daemons):
         return not attached()
 
     assert not attached()
-    assert b"syscall hooks detached" in d.esr("status", "--config", str(d.config)).stdout
+    assert b"session hooks detached" in d.esr("status", "--config", str(d.config)).stdout
     p = generate(d, "$GEN", 4, 1000)
     sid = sid_from_stderr(p.stderr.readline())
     assert attached()

@@ -242,9 +242,12 @@ int esr_object_load(struct esr_object *o, const char **step)
 	return 0;
 }
 
-bool esr_is_syscall_hook(const struct bpf_program *prog)
+bool esr_is_session_hook(const struct bpf_program *prog)
 {
-	return strncmp(bpf_program__section_name(prog), "tp/syscalls/", 12) == 0;
+	const char *section = bpf_program__section_name(prog);
+
+	return strncmp(section, "tp/syscalls/", 12) == 0 ||
+	       strcmp(section, "tp/sock/inet_sock_set_state") == 0;
 }
 
 static bool attached(const struct esr_object *o, const struct bpf_program *prog)
@@ -258,10 +261,10 @@ static bool attached(const struct esr_object *o, const struct bpf_program *prog)
 static bool wanted(const struct bpf_program *prog, enum esr_hooks which)
 {
 	switch (which) {
-	case ESR_HOOKS_SYSCALLS:
-		return esr_is_syscall_hook(prog);
-	case ESR_HOOKS_NOT_SYSCALLS:
-		return !esr_is_syscall_hook(prog);
+	case ESR_HOOKS_SESSION:
+		return esr_is_session_hook(prog);
+	case ESR_HOOKS_ALWAYS:
+		return !esr_is_session_hook(prog);
 	default:
 		return true;
 	}
@@ -378,7 +381,7 @@ static void join_reaper(struct esr_object *o)
 	o->reaping = false;
 }
 
-void esr_object_detach_syscall_hooks(struct esr_object *o, const int *fds, int nfds)
+void esr_object_detach_session_hooks(struct esr_object *o, const int *fds, int nfds)
 {
 	struct reaping *r = calloc(1, sizeof(*r) + (ESR_MAX_LINKS + nfds) * sizeof(r->jobs[0]));
 	int kept = 0;
@@ -387,17 +390,17 @@ void esr_object_detach_syscall_hooks(struct esr_object *o, const int *fds, int n
 	if (!r) {	/* no memory for the thread's list: detach them here */
 		esr_detach_fds(fds, nfds);
 		for (int i = 0; i < o->nlinks; i++)
-			if (esr_is_syscall_hook(o->linked[i]))
+			if (esr_is_session_hook(o->linked[i]))
 				bpf_link__destroy(o->links[i]);
 	} else {
 		for (int i = 0; i < nfds; i++)
 			r->jobs[r->n++].fd = fds[i];
 		for (int i = 0; i < o->nlinks; i++)
-			if (esr_is_syscall_hook(o->linked[i]))
+			if (esr_is_session_hook(o->linked[i]))
 				r->jobs[r->n++].link = o->links[i];
 	}
 	for (int i = 0; i < o->nlinks; i++) {
-		if (esr_is_syscall_hook(o->linked[i]))
+		if (esr_is_session_hook(o->linked[i]))
 			continue;
 		o->links[kept] = o->links[i];
 		o->linked[kept++] = o->linked[i];

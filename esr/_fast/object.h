@@ -43,7 +43,7 @@ struct esr_object {
 	int tracked_tasks_fd;
 	int session_states_fd;
 	int buffer_lost_fd;
-	pthread_t reaper;	/* esr_object_detach_syscall_hooks' thread, while reaping */
+	pthread_t reaper;	/* esr_object_detach_session_hooks' thread, while reaping */
 	bool reaping;
 	/* The io_uring submit tracepoint attached, or NULL: io_uring.bpf.c. */
 	const char *io_uring_hook;
@@ -68,23 +68,24 @@ int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
 int esr_object_load(struct esr_object *o, const char **step);
 int esr_object_attach(struct esr_object *o, const char **step);
 
-/* The programs on syscall tracepoints ("tp/syscalls/"): while any program is
+/* The programs the recorder attaches only while a session is recorded: those
+ * on syscall tracepoints ("tp/syscalls/"), since while any program is
  * attached to one, every syscall of every thread on the host takes the
- * kernel's slower traced path, so the recorder attaches them only while a
- * session is recorded. */
-bool esr_is_syscall_hook(const struct bpf_program *prog);
+ * kernel's slower traced path; and the one on TCP state changes, which only
+ * finishes connects that a syscall hook began, and would otherwise run for
+ * every state change of every TCP socket on the host. */
+bool esr_is_session_hook(const struct bpf_program *prog);
 
 /* Attach the programs of a class not attached yet: 0, or -errno with *step,
  * after detaching what this call attached; the object stays loaded. */
-enum esr_hooks { ESR_HOOKS_ALL, ESR_HOOKS_SYSCALLS, ESR_HOOKS_NOT_SYSCALLS };
+enum esr_hooks { ESR_HOOKS_ALL, ESR_HOOKS_SESSION, ESR_HOOKS_ALWAYS };
 int esr_object_attach_hooks(struct esr_object *o, enum esr_hooks which, const char **step);
 
-/* Detach the programs on syscall tracepoints, and close fds, the links of
- * those of a previous recorder; the caller unpins them first, or a pin keeps
- * them attached. Each detach waits for RCU grace periods (tens of
+/* Detach the session hooks, and close fds, the links of those of a previous
+ * recorder; the caller unpins them first, or a pin keeps them attached. Each detach waits for RCU grace periods (tens of
  * milliseconds on recent kernels), so a thread of the object's does it
  * meanwhile; closing the object waits for it. */
-void esr_object_detach_syscall_hooks(struct esr_object *o, const int *fds, int nfds);
+void esr_object_detach_session_hooks(struct esr_object *o, const int *fds, int nfds);
 
 /* Detach the links (or perf event attachments) of these descriptors, and
  * close them: those of a previous recorder's programs. */

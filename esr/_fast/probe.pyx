@@ -137,12 +137,12 @@ cdef extern from "object.h":
     int esr_object_load(esr_object *o, const char **step)
     enum esr_hooks:
         ESR_HOOKS_ALL
-        ESR_HOOKS_SYSCALLS
-        ESR_HOOKS_NOT_SYSCALLS
+        ESR_HOOKS_SESSION
+        ESR_HOOKS_ALWAYS
     int esr_object_attach_hooks(esr_object *o, esr_hooks which, const char **step)
-    void esr_object_detach_syscall_hooks(esr_object *o, const int *fds, int nfds) nogil
+    void esr_object_detach_session_hooks(esr_object *o, const int *fds, int nfds) nogil
     void esr_detach_fds(const int *fds, int n) nogil
-    bint esr_is_syscall_hook(const bpf_program *prog)
+    bint esr_is_session_hook(const bpf_program *prog)
     void esr_object_close(esr_object *o)
     void esr_object_release(esr_object *o)
     struct esr_tracking:
@@ -418,14 +418,14 @@ cdef class Probe:
     cdef list retired       # names of the store's descriptors that are gone
     cdef int keeper_pid, keeper_w
     cdef list taken_over    # the ledger's sessions as the previous recorder left them
-    # Programs on syscall tracepoints are attached only while a session is
-    # recorded (object.h); loading again, to attach them, takes the image
-    # and settings loaded first.
+    # The session hooks are attached only while a session is recorded
+    # (object.h); loading again, to attach them, takes the image and
+    # settings loaded first.
     cdef bytes image
     cdef esr_object_settings settings
-    cdef frozenset syscall_hooks
+    cdef frozenset session_hooks
     cdef bint on_demand     # false where their links cannot be pinned: kept attached
-    cdef readonly bint syscall_hooks_attached
+    cdef readonly bint session_hooks_attached
 
     def __cinit__(self):
         memset(&self.obj, 0, sizeof(self.obj))
@@ -442,9 +442,9 @@ cdef class Probe:
         self.adopted = None
         self.keeper_pid, self.keeper_w = 0, -1
         self.taken_over = []
-        self.syscall_hooks = frozenset()
+        self.session_hooks = frozenset()
         self.on_demand = True
-        self.syscall_hooks_attached = False
+        self.session_hooks_attached = False
         memset(self.perf_fds, 0, sizeof(self.perf_fds))
 
     def __init__(self, bytes image not None, tuple buffer_pages not None,
@@ -661,22 +661,22 @@ cdef class Probe:
             names = self._note_programs()
         finally:
             esr_object_close(&self.obj)
-        # Those on syscalls were left attached only if a session was recorded.
-        self.syscall_hooks_attached = self.syscall_hooks <= set(self.links)
-        return names - self.syscall_hooks <= set(self.links)
+        # The session hooks were left attached only if a session was recorded.
+        self.session_hooks_attached = self.session_hooks <= set(self.links)
+        return names - self.session_hooks <= set(self.links)
 
     cdef set _note_programs(self):
         """The names of the programs this kernel has hooks for, of the image
-        opened; notes those on syscalls."""
+        opened; notes the session hooks."""
         cdef bpf_program *prog = bpf_object__next_program(self.obj.obj, NULL)
-        names, syscalls = set(), set()
+        names, session = set(), set()
         while prog != NULL:
             if bpf_program__autoload(prog):
                 names.add(bpf_program__name(prog).decode())
-                if esr_is_syscall_hook(prog):
-                    syscalls.add(bpf_program__name(prog).decode())
+                if esr_is_session_hook(prog):
+                    session.add(bpf_program__name(prog).decode())
             prog = bpf_object__next_program(self.obj.obj, prog)
-        self.syscall_hooks = frozenset(syscalls)
+        self.session_hooks = frozenset(session)
         return names
 
     cdef _load(self, bytes image, esr_object_settings *settings):
@@ -688,8 +688,8 @@ cdef class Probe:
         if not err:
             self.loaded = True
             self._note_programs()
-            # Those on syscalls when a session needs them (_follow_sessions).
-            err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_NOT_SYSCALLS, &step)
+            # The session hooks when a session needs them (_follow_sessions).
+            err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_ALWAYS, &step)
         if err:
             esr_object_close(&self.obj)
             self.loaded = False
@@ -748,9 +748,9 @@ cdef class Probe:
         cdef int err
         old_maps, old_links = dict(self.maps), dict(self.links)
         changed = self._load_over(image, settings, old_maps)
-        # Those on syscalls as the previous recorder had them, until the
+        # The session hooks as the previous recorder had them, until the
         # sessions taken over say otherwise (_follow_sessions).
-        self.syscall_hooks_attached = bool(self.syscall_hooks & set(old_links))
+        self.session_hooks_attached = bool(self.session_hooks & set(old_links))
         self.maps = {}
         self._note_maps()
         if TID_MARKS not in old_maps:
@@ -764,7 +764,7 @@ cdef class Probe:
                     self.adopted.setdefault("not_carried", {})[name] = (
                         "all" if refused < 0 else refused)
         err = esr_object_attach_hooks(
-            &self.obj, ESR_HOOKS_ALL if self.syscall_hooks_attached else ESR_HOOKS_NOT_SYSCALLS,
+            &self.obj, ESR_HOOKS_ALL if self.session_hooks_attached else ESR_HOOKS_ALWAYS,
             &step)
         if err:
             esr_object_close(&self.obj)
@@ -814,21 +814,21 @@ cdef class Probe:
         self._note_programs()
         return changed
 
-    # --- syscall hooks, while sessions are recorded ---------------------------
+    # --- session hooks, while sessions are recorded ---------------------------
 
     cdef _follow_sessions(self):
-        """Attach the programs on syscalls when a session is recorded, and
+        """Attach the session hooks when a session is recorded, and
         detach them when none is."""
         cdef uint32_t slot
         cdef bint wanted = not self.on_demand
         for slot in range(self.nslots):
             wanted = wanted or self.ledger[slot].session != 0
-        if wanted and not self.syscall_hooks_attached:
-            self._attach_syscall_hooks()
-        elif not wanted and self.syscall_hooks_attached:
-            self._detach_syscall_hooks()
+        if wanted and not self.session_hooks_attached:
+            self._attach_session_hooks()
+        elif not wanted and self.session_hooks_attached:
+            self._detach_session_hooks()
 
-    cdef _attach_syscall_hooks(self):
+    cdef _attach_session_hooks(self):
         cdef const char *step = b""
         cdef int err
         if not self.loaded:
@@ -836,25 +836,25 @@ cdef class Probe:
             # the pinned maps (their state is all in maps), for these hooks.
             if self._load_over(self.image, &self.settings, self.maps):
                 raise ProbeError(0, "the pinned maps are not those of the programs pinned")
-        err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_SYSCALLS, &step)
+        err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_SESSION, &step)
         if err:
             raise ProbeError(-err, why(err, step))
-        self.syscall_hooks_attached = True
+        self.session_hooks_attached = True
         if self.pin_dir:
             self._pin()
 
-    cdef _detach_syscall_hooks(self):
+    cdef _detach_session_hooks(self):
         cdef int *fds = NULL
         cdef int n = 0
         if self.pin_dir:
-            for name in self.syscall_hooks:  # a pin would keep them attached
+            for name in self.session_hooks:  # a pin would keep them attached
                 _unlink(os.path.join(self.pin_dir, "links", name))
-        taken = {name: fd for name, fd in self.links.items() if name in self.syscall_hooks}
+        taken = {name: fd for name, fd in self.links.items() if name in self.session_hooks}
         fds = self._forget_links(taken, &n)
         with nogil:
-            esr_object_detach_syscall_hooks(&self.obj, fds, n)
+            esr_object_detach_session_hooks(&self.obj, fds, n)
         free(fds)
-        self.syscall_hooks_attached = False
+        self.session_hooks_attached = False
 
     cdef _detach_links(self, dict links):
         """Detach links taken over from a previous recorder, and unpin them."""
@@ -1101,10 +1101,10 @@ cdef class Probe:
 
     @property
     def programs(self):
-        """How many BPF programs record: attached, or (those on syscalls)
+        """How many BPF programs record: attached, or (the session hooks)
         attached while a session is recorded."""
         cdef int i
-        names = set(self.links) | self.syscall_hooks
+        names = set(self.links) | self.session_hooks
         if self.loaded:
             for i in range(self.obj.nlinks):
                 names.add(bpf_program__name(self.obj.linked[i]).decode())
