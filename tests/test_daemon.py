@@ -576,6 +576,89 @@ def test_a_running_program_cannot_be_claimed_as_a_seed(daemon):
     )
 
 
+# Starts a connect that never finishes (its SYN is dropped), hands the
+# socket to argv[2] and exits while it is still connecting.
+HAND_OVER_CONNECTING = r"""
+import socket, sys
+s = socket.socket()
+s.setblocking(False)
+assert s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 115  # EINPROGRESS
+with socket.socket(socket.AF_UNIX) as u:
+    u.connect(sys.argv[2])
+    socket.send_fds(u, [b"s"], [s.fileno()])
+"""
+
+# Opens argv[2] sockets, all at once, and connects each to port argv[1]:
+# with thousands, one most likely takes the memory of a socket closed just
+# before.
+CONNECTS = r"""
+import resource, socket, sys
+n = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
+sockets = [socket.socket() for _ in range(n)]
+for s in sockets:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+"""
+
+
+def links_held(pid: int) -> int:
+    """How many BPF links and perf events process pid holds: its attached
+    programs."""
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        held += target in ("anon_inode:bpf_link", "anon_inode:[perf_event]")
+    return held
+
+
+def test_a_connect_an_ended_session_left_unfinished_hides_no_later_one(daemon, tmp_path):
+    """The hook on TCP state changes goes with the last session, so a
+    connect still in progress then is never finished. Its socket closes
+    later, and a socket of a later session takes its memory: that socket's
+    connect is recorded all the same, as every other one."""
+    attached_always = links_held(daemon.proc.pid)
+    # A full accept queue (backlog 0, one connection nobody accepts) drops
+    # every further SYN: the connect stays in progress.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    waiting = socket.create_connection(full.getsockname())
+    holder = socket.socket(socket.AF_UNIX)
+    holder.bind(str(tmp_path / "holder"))
+    holder.listen(1)
+    esr_run = ("run", "--config", str(daemon.config), "--", "/usr/bin/python3", "-c")
+    r = daemon.esr(
+        *esr_run, HAND_OVER_CONNECTING, str(full.getsockname()[1]), str(tmp_path / "holder")
+    )
+    daemon.wait_sids_closed(sid_from_stderr(r.stderr))
+    conn, _ = holder.accept()
+    _, [fd], _, _ = socket.recv_fds(conn, 1, 1)
+    deadline = time.monotonic() + 10
+    while json.loads(
+        daemon.esr("status", "--config", str(daemon.config), "--format", "json").stdout
+    )["session_hooks_attached"]:
+        assert time.monotonic() < deadline, "the session hooks stayed attached"
+        time.sleep(0.1)
+    # Detached in a thread of the daemon's: until then they still run.
+    while links_held(daemon.proc.pid) > attached_always:
+        assert time.monotonic() < deadline, "the session hooks were never detached"
+        time.sleep(0.1)
+    srv = listener()
+    os.close(fd)  # with no hook attached
+    r = daemon.esr(*esr_run, CONNECTS, str(srv.getsockname()[1]), "2000")
+    sid = sid_from_stderr(r.stderr)
+    daemon.wait_sids_closed(sid)
+    connects = [
+        e for e in daemon.esr.events(sid, "network") if e["dst_port"] == srv.getsockname()[1]
+    ]
+    for s in (srv, full, waiting, conn, holder):
+        s.close()
+    assert len(connects) == 2000
+
+
 # Opens a session the way a PAM-like client would, with argv[2] in every
 # field it gives, for a child it forked and holds; prints the sid.
 OPEN_FIELDS = r"""

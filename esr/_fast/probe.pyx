@@ -21,7 +21,7 @@ import os
 import signal
 import time
 
-from libc.errno cimport errno
+from libc.errno cimport errno, ENOENT
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport strerror, memset, memcpy, strncpy, strcmp
@@ -836,12 +836,33 @@ cdef class Probe:
             # the pinned maps (their state is all in maps), for these hooks.
             if self._load_over(self.image, &self.settings, self.maps):
                 raise ProbeError(0, "the pinned maps are not those of the programs pinned")
+        self._forget_connects()
         err = esr_object_attach_hooks(&self.obj, ESR_HOOKS_SESSION, &step)
         if err:
             raise ProbeError(-err, why(err, step))
         self.session_hooks_attached = True
         if self.pin_dir:
             self._pin()
+
+    cdef _forget_connects(self):
+        """Empty what the connect hooks keep from a connect's entry to its
+        outcome. They were detached: no session was recorded, so all of it
+        is of sessions that have ended. A connect still in progress then
+        was never finished, and once another socket takes its socket's
+        memory, that socket's connects would pass for polls of the old one
+        and go unrecorded."""
+        cdef uint64_t sk
+        cdef uint32_t tid, zero = 0
+        cdef uint64_t none = 0
+        attempts, threads = self.maps["connect_attempts"], self.maps["connect_in_flight"]
+        while bpf_map_get_next_key(attempts, NULL, &sk) == 0:
+            if bpf_map_delete_elem(attempts, &sk) != 0 and errno != ENOENT:
+                raise ProbeError(errno, oserror("cannot empty connect_attempts"))
+        while bpf_map_get_next_key(threads, NULL, &tid) == 0:
+            if bpf_map_delete_elem(threads, &tid) != 0 and errno != ENOENT:
+                raise ProbeError(errno, oserror("cannot empty connect_in_flight"))
+        if bpf_map_update_elem(self.maps["connects_pending"], &zero, &none, BPF_ANY) != 0:
+            raise ProbeError(errno, oserror("cannot reset connects_pending"))
 
     cdef _detach_session_hooks(self):
         cdef int *fds = NULL
