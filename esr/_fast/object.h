@@ -82,9 +82,10 @@ enum esr_hooks { ESR_HOOKS_ALL, ESR_HOOKS_SESSION, ESR_HOOKS_ALWAYS };
 int esr_object_attach_hooks(struct esr_object *o, enum esr_hooks which, const char **step);
 
 /* Detach the session hooks, and close fds, the links of those of a previous
- * recorder; the caller unpins them first, or a pin keeps them attached. Each detach waits for RCU grace periods (tens of
- * milliseconds on recent kernels), so a thread of the object's does it
- * meanwhile; closing the object waits for it. */
+ * recorder; the caller unpins them first, or a pin keeps them attached. Each
+ * detach waits for RCU grace periods (tens of milliseconds on recent
+ * kernels), so a thread of the object's does it meanwhile; closing the
+ * object waits for it. */
 void esr_object_detach_session_hooks(struct esr_object *o, const int *fds, int nfds);
 
 /* Detach the links (or perf event attachments) of these descriptors, and

@@ -851,17 +851,14 @@ cdef class Probe:
         was never finished, and once another socket takes its socket's
         memory, that socket's connects would pass for polls of the old one
         and go unrecorded."""
-        cdef uint64_t sk
-        cdef uint32_t tid, zero = 0
-        cdef uint64_t none = 0
-        attempts, threads = self.maps["connect_attempts"], self.maps["connect_in_flight"]
-        while bpf_map_get_next_key(attempts, NULL, &sk) == 0:
-            if bpf_map_delete_elem(attempts, &sk) != 0 and errno != ENOENT:
-                raise ProbeError(errno, oserror("cannot empty connect_attempts"))
-        while bpf_map_get_next_key(threads, NULL, &tid) == 0:
-            if bpf_map_delete_elem(threads, &tid) != 0 and errno != ENOENT:
-                raise ProbeError(errno, oserror("cannot empty connect_in_flight"))
-        if bpf_map_update_elem(self.maps["connects_pending"], &zero, &none, BPF_ANY) != 0:
+        cdef uint32_t zero = 0
+        cdef uint64_t key, pending = 0  # key: room for a socket's or a thread's
+        for name in ("connect_attempts", "connect_in_flight"):
+            fd = self.maps[name]
+            while bpf_map_get_next_key(fd, NULL, &key) == 0:
+                if bpf_map_delete_elem(fd, &key) != 0 and errno != ENOENT:
+                    raise ProbeError(errno, oserror(f"cannot empty {name}"))
+        if bpf_map_update_elem(self.maps["connects_pending"], &zero, &pending, BPF_ANY) != 0:
             raise ProbeError(errno, oserror("cannot reset connects_pending"))
 
     cdef _detach_session_hooks(self):
