@@ -376,7 +376,9 @@ class Guest:
         # under TCG, especially for the boot after a reboot (~35 s vs ~60 s).
         self.cpu = cpu
         self.smp, self.memory, self.boot_timeout = smp, memory, boot_timeout
-        self.accel = accel or os.environ.get("ESR_GUEST_ACCEL", "tcg")
+        # One host thread for both vCPUs: with a thread each, a guest whose
+        # syscall tracepoints come and go could lock up (README).
+        self.accel = accel or os.environ.get("ESR_GUEST_ACCEL", "tcg,thread=single")
         self.qemu_args = list(qemu_args)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else None
@@ -560,9 +562,11 @@ class Guest:
             stdin=None if input is not None else subprocess.DEVNULL,
         )
         if check and r.returncode != 0:
+            # 255 is ssh's own failure: what the guest's kernel said tells why.
+            console = f"\n--- console ---\n{self.console_tail()}" if r.returncode == 255 else ""
             raise GuestError(
                 f"guest command {cmd!r} as {user} exited {r.returncode}:\n"
-                f"stdout: {r.stdout}\nstderr: {r.stderr}"
+                f"stdout: {r.stdout}\nstderr: {r.stderr}{console}"
             )
         return r
 
