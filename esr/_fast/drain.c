@@ -242,6 +242,7 @@ static void count(struct esr_drain *d, enum esr_buffer buffer, const struct esr_
 static enum bpf_perf_event_ret on_record(void *ctx, int cpu, struct perf_event_header *header)
 {
 	struct esr_drain *d = ((struct esr_buffer_source *)ctx)->ctx;
+	enum esr_buffer buffer = ((struct esr_buffer_source *)ctx)->buffer;
 	struct esr_batch *b = d->filling;
 
 	if (header->type == PERF_RECORD_SAMPLE) {
@@ -267,7 +268,8 @@ static enum bpf_perf_event_ret on_record(void *ctx, int cpu, struct perf_event_h
 		memset(b->buf + b->len + 4 + s->size, 0, need - 4 - s->size);
 		b->len += need;
 		b->records++;
-		count(d, ((struct esr_buffer_source *)ctx)->buffer, s);
+		b->lines += buffer == ESR_BUF_COMMAND || buffer == ESR_BUF_NETWORK;
+		count(d, buffer, s);
 	} else if (header->type == PERF_RECORD_LOST) {
 		d->lost_notified += ((struct esr_perf_lost *)header)->lost;
 	}
@@ -279,7 +281,8 @@ static void drain_locked(struct esr_drain *d)
 	uint64_t one = 1;
 
 	esr_buffers_consume(&d->buffers);
-	if (!d->ready && d->filling->records >= d->ready_at) {
+	if (!d->ready &&
+	    (d->filling->records >= d->ready_at || d->filling->lines >= d->lines_at)) {
 		d->ready = 1;
 		if (write(d->ready_fd, &one, sizeof(one)) < 0) {
 			/* Only fails when the counter would overflow: already readable. */
@@ -333,7 +336,7 @@ void esr_drain_init(struct esr_drain *d)
 
 int esr_drain_start(struct esr_drain *d, const int map_fds[ESR_BUF_COUNT],
 		    const size_t pages[ESR_BUF_COUNT], const int *ring_fds, size_t limit,
-		    unsigned long long ready_at, const char **step)
+		    unsigned long long ready_at, unsigned long long lines_at, const char **step)
 {
 	int i, err;
 
@@ -342,6 +345,7 @@ int esr_drain_start(struct esr_drain *d, const int map_fds[ESR_BUF_COUNT],
 		return err;
 	d->limit = limit;
 	d->ready_at = ready_at;
+	d->lines_at = lines_at;
 	d->filling = &d->batches[0];
 	for (i = 0; i < 2; i++) {
 		d->batches[i].cap = 1 << 20;
@@ -414,7 +418,7 @@ struct esr_batch *esr_drain_take(struct esr_drain *d)
 	taken = d->filling;
 	d->filling = taken == &d->batches[0] ? &d->batches[1] : &d->batches[0];
 	d->filling->len = 0;
-	d->filling->records = 0;
+	d->filling->records = d->filling->lines = 0;
 	/* Written exactly when ready was set: no read (a syscall each flush) otherwise. */
 	if (d->ready && read(d->ready_fd, &count, sizeof(count)) < 0) {
 		/* Cannot fail: it was written, and only this reads it. */

@@ -106,6 +106,7 @@ struct esr_batch {
 	size_t len;
 	size_t cap;
 	unsigned long long records;
+	unsigned long long lines;	/* of them, command and network records: audit lines */
 };
 
 /* Two batches: the drain fills one while Python decodes the other. */
@@ -116,8 +117,9 @@ struct esr_drain {
 	size_t limit;		/* bytes a batch may hold before records wait in the kernel */
 	struct esr_buffers buffers;
 	int stop_fd;
-	int ready_fd;		/* readable once ready_at records are waiting */
+	int ready_fd;		/* readable once ready_at records, or lines_at lines, are waiting */
 	unsigned long long ready_at;
+	unsigned long long lines_at;
 	int ready;
 	int running;
 	pthread_t thread;
@@ -135,7 +137,7 @@ void esr_drain_init(struct esr_drain *d);
  * stay with Python's main thread. Returns 0, or -errno with *step. */
 int esr_drain_start(struct esr_drain *d, const int map_fds[ESR_BUF_COUNT],
 		    const size_t pages[ESR_BUF_COUNT], const int *ring_fds, size_t limit,
-		    unsigned long long ready_at, const char **step);
+		    unsigned long long ready_at, unsigned long long lines_at, const char **step);
 /* Stop the thread: from now on the rings are read only by esr_drain_take,
  * and what it leaves there stays. */
 void esr_drain_stop(struct esr_drain *d);

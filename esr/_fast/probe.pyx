@@ -201,7 +201,7 @@ cdef extern from "drain.h":
     void esr_drain_init(esr_drain *d)
     int esr_drain_start(esr_drain *d, const int *map_fds, const size_t *pages,
                         const int *ring_fds, size_t limit, unsigned long long ready_at,
-                        const char **step)
+                        unsigned long long lines_at, const char **step)
     void esr_drain_stop(esr_drain *d) nogil
     void esr_drain_close(esr_drain *d) nogil
     esr_batch *esr_drain_take(esr_drain *d) nogil
@@ -453,6 +453,7 @@ cdef class Probe:
                  uint64_t recorder_exe_ino=0, bint record_input=False,
                  uint64_t terminal_rate=0, uint64_t terminal_burst=0,
                  size_t batch_limit=64 << 20, unsigned long long ready_at=16384,
+                 unsigned long long lines_at=2048,
                  str pin_dir=None, dict handed=None, tuple owner=(0, 0), str version="",
                  bint keep_rings=False):
         """Load and attach the programs of an esr.bpf.o image, or take over
@@ -465,7 +466,8 @@ cdef class Probe:
         not the user. record_input, terminal_rate, terminal_burst: the
         terminal stream's keystrokes and budget (terminal.bpf.c).
         batch_limit: bytes the drain may hold before records wait in the
-        kernel. ready_at: records waiting that make fileno() readable.
+        kernel. ready_at: records waiting that make fileno() readable;
+        lines_at: command and network records (audit lines) that do.
 
         pin_dir: where the kernel side is pinned, to outlive this process
         (None: it goes with it). handed: descriptors a previous recorder
@@ -539,7 +541,7 @@ cdef class Probe:
             self.drain.ledger_slots = self.nslots
             given, ring_fds = ring_fds, NULL  # the drain's from now on, whatever happens
             err = esr_drain_start(&self.drain, self.perf_fds, pages, given, batch_limit,
-                                  ready_at, &step)
+                                  ready_at, lines_at, &step)
             free(given)
             if err:
                 raise ProbeError(-err, why(err, step))
@@ -1129,7 +1131,8 @@ cdef class Probe:
         return len(names)
 
     def fileno(self):
-        """Readable once the drain holds ready_at records: time to take them."""
+        """Readable once the drain holds ready_at records, or lines_at of
+        them audit lines: time to take them."""
         return self.drain.ready_fd
 
     def take_batch(self):
