@@ -74,6 +74,7 @@ class Recorder:
         self.audit = AuditLog(datadir.log_dir, self.server_id)
         if probe is not None:
             self.registry = Registry(probe.max_sessions, probe.generation)
+            self._count_lines()
         else:
             self.registry = Registry(config.max_sessions)
         self.started = time.monotonic()
@@ -256,14 +257,23 @@ class Recorder:
                 return session
         return None
 
-    def _audit(self, pending: SessionEvents) -> None:
-        """Tell a session which of its records the audit log gets, besides
-        the recording."""
-        audited = [
+    def _audited(self) -> list[type[schema.Record]]:
+        """The records the audit log gets, besides the recording."""
+        return [
             r
             for r in schema.RECORDS
             if r.audited or (r is schema.Disk and self.config.audit_disk_events)
         ]
+
+    def _count_lines(self) -> None:
+        """Have the drain count the audited records, so that a flush comes
+        before their lines outgrow the cache."""
+        self.probe.line_buffers({schema.BUFFERS.index(r.buffer) for r in self._audited()})
+
+    def _audit(self, pending: SessionEvents) -> None:
+        """Tell a session which of its records the audit log gets, besides
+        the recording."""
+        audited = self._audited()
         # Teleport's UI shows every session.network as a connection made:
         # some would rather not have the failed ones in the log.
         failures = [
@@ -274,6 +284,8 @@ class Recorder:
     def reconfigure(self, config: Config) -> None:
         """Apply what can change while recording (see daemon.RELOADABLE)."""
         self.config = config
+        if self.probe is not None:
+            self._count_lines()
         for session in self.registry:
             session.writer.set_level(config.compression_level)
             self._audit(session.pending)

@@ -268,7 +268,7 @@ static enum bpf_perf_event_ret on_record(void *ctx, int cpu, struct perf_event_h
 		memset(b->buf + b->len + 4 + s->size, 0, need - 4 - s->size);
 		b->len += need;
 		b->records++;
-		b->lines += buffer == ESR_BUF_COMMAND || buffer == ESR_BUF_NETWORK;
+		b->lines += d->line_buffers >> buffer & 1;
 		count(d, buffer, s);
 	} else if (header->type == PERF_RECORD_LOST) {
 		d->lost_notified += ((struct esr_perf_lost *)header)->lost;

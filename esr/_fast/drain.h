@@ -106,7 +106,7 @@ struct esr_batch {
 	size_t len;
 	size_t cap;
 	unsigned long long records;
-	unsigned long long lines;	/* of them, command and network records: audit lines */
+	unsigned long long lines;	/* of them, records of the line_buffers */
 };
 
 /* Two batches: the drain fills one while Python decodes the other. */
@@ -120,6 +120,7 @@ struct esr_drain {
 	int ready_fd;		/* readable once ready_at records, or lines_at lines, are waiting */
 	unsigned long long ready_at;
 	unsigned long long lines_at;
+	unsigned int line_buffers;	/* bit per enum esr_buffer: its records are audit lines */
 	int ready;
 	int running;
 	pthread_t thread;

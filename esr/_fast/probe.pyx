@@ -194,6 +194,7 @@ cdef extern from "drain.h":
         int ncpus
     struct esr_drain:
         int ready_fd
+        unsigned int line_buffers
         unsigned long long lost_notified
         esr_buffers buffers
         esr_ledger *ledger
@@ -467,7 +468,7 @@ cdef class Probe:
         terminal stream's keystrokes and budget (terminal.bpf.c).
         batch_limit: bytes the drain may hold before records wait in the
         kernel. ready_at: records waiting that make fileno() readable;
-        lines_at: command and network records (audit lines) that do.
+        lines_at: audit lines (records of the line_buffers()) that do.
 
         pin_dir: where the kernel side is pinned, to outlive this process
         (None: it goes with it). handed: descriptors a previous recorder
@@ -1134,6 +1135,15 @@ cdef class Probe:
         """Readable once the drain holds ready_at records, or lines_at of
         them audit lines: time to take them."""
         return self.drain.ready_fd
+
+    def line_buffers(self, indexes):
+        """The buffers (by index) whose records become audit lines, which
+        lines_at counts: the audit log's write of a flush then stays small
+        enough to find them in cache."""
+        cdef unsigned int mask = 0
+        for i in indexes:
+            mask |= 1u << i
+        self.drain.line_buffers = mask
 
     def take_batch(self):
         """Every record waiting, in the kernel buffers or in the drain, as a
