@@ -58,6 +58,15 @@ FIGURES = (
 )
 # Whose recorder CPU is compared with the floor's and bcc's.
 RECORDERS = ("esr", "baseline")
+# A consumer's start and end leave the host slower for a moment: in the
+# 0.7 s after esr's recorder was ready, an exec storm's 100 ms windows cost
+# 9-16 % more than before it loaded. Each flat-out run waits this long
+# after its consumer is ready (or, with none, after the last one went).
+SETTLE_S = 1.0
+# What a process outside every session pays is a few % against runs that
+# move by ±10 %: each repeat runs the modes that record no generator this
+# many times, in turn, where there is a none run to compare them with.
+UNRECORDED_CYCLES = 3
 
 
 @dataclass
@@ -152,8 +161,15 @@ def pinned_recorders() -> list[str]:
 
 
 class Bench:
-    def __init__(self, seconds: float, pages: tuple[int, ...], baseline: str | None = None):
+    def __init__(
+        self,
+        seconds: float,
+        pages: tuple[int, ...],
+        baseline: str | None = None,
+        settle: float = SETTLE_S,
+    ):
         self.seconds = seconds
+        self.settle = settle
         self.pages = pages
         self.baseline = baseline
         self.tools = tools()
@@ -218,6 +234,8 @@ class Bench:
         except BenchError as err:
             result.error = str(err)
             return result
+        if rate == 0:
+            time.sleep(self.settle)
         gen = subprocess.Popen(
             [
                 self.tools["gen"],
@@ -346,13 +364,30 @@ def aggregate(results: list[Result]) -> list[dict]:
     return rows
 
 
-def _overhead_pct(flat: dict[tuple[str, int], float], mode: str) -> dict | None:
-    """Each repeat's run of mode against the none run next to it: the
-    median and spread of how much slower an operation was, in %."""
-    pairs = [
-        (flat[("none", k)], flat[(mode, k)]) for m, k in flat if m == "none" and (mode, k) in flat
-    ]
-    return spread([round((o / n - 1) * 100, 1) for n, o in pairs])
+def _neighbour(runs: list[Result], i: int, step: int, figure: str) -> float | None:
+    """The figure of the none run nearest runs[i] in direction step, with
+    only runs that record no generator between them."""
+    j = i + step
+    while 0 <= j < len(runs) and runs[j].mode in UNRECORDED:
+        if runs[j].mode == "none":
+            return getattr(runs[j], figure)
+        j += step
+    return None
+
+
+def _overhead_pct(runs: list[Result], mode: str, figure: str) -> dict | None:
+    """Each run of mode against the none runs right before and after it
+    (their mean, where both are there), so that the host drifting over the
+    three cancels: the median and spread of how much slower an operation
+    was, in %. runs: one workload's flat-out runs, in the order they ran."""
+    pcts = []
+    for i, r in enumerate(runs):
+        if r.mode != mode or (ns := getattr(r, figure)) is None:
+            continue
+        around = [v for step in (-1, 1) if (v := _neighbour(runs, i, step, figure)) is not None]
+        if around:
+            pcts.append(round((ns / statistics.mean(around) - 1) * 100, 1))
+    return spread(pcts)
 
 
 def summarize(results: list[Result], rows: list[dict]) -> dict:
@@ -384,21 +419,16 @@ def summarize(results: list[Result], rows: list[dict]) -> dict:
             and r.lost_user == 0
         ]
         summary["highest_rate_without_loss"][w] = max(clean, default=0)
-        # Each repeat's outside run against the none run next to it, by
-        # their low windows where every run has them.
-        whole = {
-            (r.mode, r.repeat): r.process_ns_per_op
-            for r in results
-            if r.workload == w and r.rate == 0 and r.process_ns_per_op
-        }
-        low = {
-            (r.mode, r.repeat): r.process_ns_per_op_low
-            for r in results
-            if r.workload == w and r.rate == 0 and r.process_ns_per_op_low
-        }
-        figure = "process_ns_per_op_low" if low.keys() == whole.keys() else "process_ns_per_op"
-        flat = low if figure == "process_ns_per_op_low" else whole
-        overhead, beside = _overhead_pct(flat, "outside"), _overhead_pct(flat, "beside")
+        # Compared by their low windows where every run has them.
+        flat = [r for r in results if r.workload == w and r.rate == 0]
+        measured = [r for r in flat if r.mode in UNRECORDED and r.process_ns_per_op]
+        figure = (
+            "process_ns_per_op_low"
+            if all(r.process_ns_per_op_low for r in measured)
+            else "process_ns_per_op"
+        )
+        overhead = _overhead_pct(flat, "outside", figure)
+        beside = _overhead_pct(flat, "beside", figure)
         if overhead or beside:
             summary["outside_session_overhead"][w] = {
                 "figure": figure,
@@ -408,8 +438,8 @@ def summarize(results: list[Result], rows: list[dict]) -> dict:
                 "beside_session_ns_per_op": median(w, "beside", figure),
                 "beside_overhead_pct": beside,
                 # The same pairs by their runs' means, noisier.
-                "overhead_pct_of_means": _overhead_pct(whole, "outside"),
-                "beside_overhead_pct_of_means": _overhead_pct(whole, "beside"),
+                "overhead_pct_of_means": _overhead_pct(flat, "outside", "process_ns_per_op"),
+                "beside_overhead_pct_of_means": _overhead_pct(flat, "beside", "process_ns_per_op"),
             }
         cost = {
             m: v
@@ -539,6 +569,19 @@ def ratios_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def run_order(modes: list[str], k: int, cycles: int) -> list[str]:
+    """Repeat k's runs. The consumers in turn: a noisy minute spreads over
+    all of them. The modes that record no generator first, cycles times in
+    turn when none is among them, so that each outside run has a none run
+    on both sides. Every other repeat in reverse, so that a drift over the
+    repeats favours no consumer over its neighbour."""
+    unrecorded = [m for m in modes if m in UNRECORDED]
+    if "none" not in unrecorded or len(unrecorded) < 2:
+        cycles = 1
+    order = unrecorded * cycles + [m for m in modes if m not in UNRECORDED]
+    return order if k % 2 == 0 else order[::-1]
+
+
 def main(
     workloads,
     rates,
@@ -560,16 +603,15 @@ def main(
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    bench = Bench(seconds, config.buffer_pages(), baseline)
-    # The consumers in turn within each repeat: a noisy minute spreads over
-    # all of them. Every other repeat in reverse, so that a drift over the
-    # repeats favours no consumer over its neighbour.
+    # --smoke checks the accounting, not the figures those serve.
+    bench = Bench(seconds, config.buffer_pages(), baseline, settle=0 if smoke else SETTLE_S)
+    cycles = 1 if smoke else UNRECORDED_CYCLES
     plan = [
         (w, r, k, m)
         for w in workloads
         for r in rates
         for k in range(repeat)
-        for m in (modes if k % 2 == 0 else modes[::-1])
+        for m in run_order(modes, k, cycles if r == 0 else 1)
         if not (w == "tty" and m.startswith("bcc"))  # the peer records no terminal
     ]
     results = []

@@ -3,7 +3,15 @@ running anything."""
 
 from __future__ import annotations
 
-from esr.bench.harness import Result, aggregate, low_decile, ratios_table, summarize, table
+from esr.bench.harness import (
+    Result,
+    aggregate,
+    low_decile,
+    ratios_table,
+    run_order,
+    summarize,
+    table,
+)
 
 
 def run(mode: str, repeat: int, ns: float | None, op: int, workload: str = "exec") -> Result:
@@ -110,3 +118,51 @@ def test_the_outside_overhead_compares_the_runs_least_disturbed_windows():
     assert overhead["overhead_pct"] == {"median": 2.0, "min": 2.0, "max": 2.0}
     assert overhead["overhead_pct_of_means"]["min"] < 0
     assert low_decile([1.0] * 9) is None
+
+
+def test_each_outside_run_is_compared_with_the_none_runs_on_both_sides():
+    # The host slows by 2.5 % a run; outside costs 1 % per op. Against the
+    # none run before it alone, outside would look 3.5 % slower.
+    modes = run_order(["none", "outside", "esr"], 0, 3)
+    assert modes == ["none", "outside", "none", "outside", "none", "outside", "esr"]
+    runs = []
+    for i, mode in enumerate([*modes, *run_order(["none", "outside", "esr"], 1, 3)]):
+        ns = 80_000 * 1.025**i
+        runs.append(
+            run(
+                mode,
+                i // 7,
+                1000 if mode == "esr" else None,
+                round(ns * 1.01) if mode == "outside" else round(ns),
+            )
+        )
+    overhead = summarize(runs, aggregate(runs))["outside_session_overhead"]["exec"]
+    assert overhead["figure"] == "process_ns_per_op"
+    # The end runs of a block have one none run beside them: -1.5 and 3.5 %.
+    assert overhead["overhead_pct"] == {"median": 1.0, "min": -1.5, "max": 3.5}
+
+
+def test_repeats_run_the_unrecorded_modes_in_turn_and_every_other_repeat_in_reverse():
+    modes = ["none", "outside", "beside", "esr", "floor"]
+    assert run_order(modes, 0, 2) == [
+        "none",
+        "outside",
+        "beside",
+        "none",
+        "outside",
+        "beside",
+        "esr",
+        "floor",
+    ]
+    assert run_order(modes, 1, 2) == [
+        "floor",
+        "esr",
+        "beside",
+        "outside",
+        "none",
+        "beside",
+        "outside",
+        "none",
+    ]
+    # Without a none run there is nothing to compare them with: once each.
+    assert run_order(["outside", "esr"], 0, 3) == ["outside", "esr"]
