@@ -33,6 +33,11 @@ def test_bench_smoke_accounts_for_every_event():
             continue
         assert run["ops_per_s"] > 0
         assert run["rate"] != 0 or run["process_ns_per_op"] > 0
+        if run["mode"] == "outside" and run["workload"] in ("open", "connect", "exec"):
+            # With no session, a process's opens and connects run none of
+            # esr's programs; its fork, exec and exit run one each.
+            want = 3 if run["workload"] == "exec" else 0
+            assert want <= run["bpf_runs_per_op"] < want + 0.1, run
         if run["mode"] in bench.UNRECORDED:  # nothing of the generator recorded
             continue
         assert run["generated"] == run["recorded"] + run["lost_kernel"] + run["lost_user"], run

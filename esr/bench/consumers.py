@@ -18,9 +18,10 @@ import subprocess
 import tempfile
 
 from esr import loader, schema
+from esr._fast.probe import run_stats
 from esr.config import Config, EnhancedRecording, Terminal
 from esr.datadir import DataDir
-from esr.errors import BenchError
+from esr.errors import BenchError, ProbeError
 from esr.loop import RecordingLoop
 from esr.recorder import Recorder
 
@@ -93,9 +94,14 @@ def start_program(name: str, argv: list[str]) -> Consumer:
     return Consumer(name, proc.pid, proc.stdin, proc.stdout, stderr)
 
 
-def start_esr(pages: tuple[int, ...], data_dir: str, cpu: int = 0) -> Consumer:
+def start_esr(
+    pages: tuple[int, ...], data_dir: str, cpu: int = 0, count_runs: bool = False
+) -> Consumer:
     """esr's recorder in a forked child (works the same from a venv and from
-    the single binary, which can't run `python -m`)."""
+    the single binary, which can't run `python -m`). With count_runs, the
+    kernel counts its programs' runs and their time, which the reply gives
+    (`bpf_runs`, `bpf_ns`): the kernel's timing adds to every program run,
+    so only where esr records no one."""
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
     pid = os.fork()
@@ -105,7 +111,12 @@ def start_esr(pages: tuple[int, ...], data_dir: str, cpu: int = 0) -> Consumer:
             os.close(down_w)
             os.close(up_r)
             status = _serve(
-                os.fdopen(down_r, "rb"), os.fdopen(up_w, "w", buffering=1), pages, data_dir, cpu
+                os.fdopen(down_r, "rb"),
+                os.fdopen(up_w, "w", buffering=1),
+                pages,
+                data_dir,
+                cpu,
+                count_runs,
             )
         except BaseException as err:  # the parent reads the reason as the reply
             try:
@@ -144,8 +155,14 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _serve(commands, replies, pages, data_dir, cpu) -> int:
+def _serve(commands, replies, pages, data_dir, cpu, count_runs) -> int:
     os.sched_setaffinity(0, {cpu})
+    stats = None
+    if count_runs:
+        try:
+            stats = run_stats()
+        except ProbeError:  # before Linux 5.8: the run goes on without the counts
+            pass
     r = EnhancedRecording(**{f"{name}_buffer_size": n for name, n in zip(schema.BUFFERS, pages)})
     # Every terminal byte recorded: the benchmark measures what that costs.
     terminal = Terminal(max_bytes_per_second=0)
@@ -154,17 +171,22 @@ def _serve(commands, replies, pages, data_dir, cpu) -> int:
     loop = RecordingLoop(recorder)
     replies.write("ready\n")
     try:
-        result = loop.run(_consume(recorder, loop, commands, replies))
+        result = loop.run(_consume(recorder, loop, commands, replies, stats is not None))
     finally:
         recorder.close()
         loop.close()
+        if stats is not None:
+            os.close(stats)
     replies.write(json.dumps(result) + "\n")
     return 0
 
 
-async def _consume(recorder: Recorder, loop: RecordingLoop, commands, replies) -> dict:
+async def _consume(
+    recorder: Recorder, loop: RecordingLoop, commands, replies, count_runs: bool
+) -> dict:
     """Follow the commands on the pipe: "track PID [TERMINAL_PID]" opens the
     session the figures are about, "stop" (or the pipe's end) ends it."""
+    runs_before = recorder.probe.program_runs() if count_runs else (0, 0)
     reader = asyncio.StreamReader()
     await loop.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), commands)
     session = None
@@ -194,6 +216,9 @@ async def _consume(recorder: Recorder, loop: RecordingLoop, commands, replies) -
         "sys_s": end_cpu[1] - start_cpu[1],
         "max_rss_kb": _peak_rss_kb(),
     }
+    if count_runs:
+        runs, ns = recorder.probe.program_runs()
+        result["bpf_runs"], result["bpf_ns"] = runs - runs_before[0], ns - runs_before[1]
     if session is not None:  # none when recording what runs outside sessions
         if session.sid in recorder.registry.by_sid:
             recorder.end(session, "exited")

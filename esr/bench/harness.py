@@ -53,6 +53,8 @@ FIGURES = (
     "recorder_ns_per_event",
     "process_ns_per_op",
     "process_ns_per_op_low",
+    "bpf_runs_per_op",
+    "bpf_ns_per_op",
     "bytes_per_event",
     "peak_rss_mb",
 )
@@ -88,6 +90,10 @@ class Result:
     process_ns_per_op: float | None = None  # flat-out runs only: paced ones busy-wait
     # Its run's least disturbed tenth of 100 ms windows: see low_decile.
     process_ns_per_op_low: float | None = None
+    # Outside and beside: esr's programs' runs per op and their time, as the
+    # kernel counts them (every process's, the generator's above all).
+    bpf_runs_per_op: float | None = None
+    bpf_ns_per_op: float | None = None
     bytes_per_event: float | None = None
     error: str | None = None
     detail: dict = field(default_factory=dict)
@@ -191,7 +197,11 @@ class Bench:
     def _consumer(self, mode: str, workload: str):
         pages = ",".join(map(str, self.pages))
         if mode in ("esr", "outside", "beside"):
-            return start_esr(self.pages, os.path.join(self.tmp, f"data{self.runs}"))
+            return start_esr(
+                self.pages,
+                os.path.join(self.tmp, f"data{self.runs}"),
+                count_runs=mode in UNRECORDED,
+            )
         if mode == "baseline":
             if self.baseline is None:
                 raise BenchError("baseline: no --baseline checkout given")
@@ -295,6 +305,9 @@ class Bench:
             result.process_ns_per_op = round(cpu / gen["ops"] * 1e9)
             result.process_ns_per_op_low = low_decile(gen.get("window_ns_per_op", []))
         result.detail["generator"] = gen
+        if consumed is not None and "bpf_runs" in consumed and gen["ops"]:
+            result.bpf_runs_per_op = round(consumed["bpf_runs"] / gen["ops"], 2)
+            result.bpf_ns_per_op = round(consumed["bpf_ns"] / gen["ops"], 1)
         if consumed is None or result.mode in UNRECORDED:
             return result
         result.detail["consumer"] = consumed
@@ -322,10 +335,9 @@ class Bench:
 
 def low_decile(windows: list[float]) -> float | None:
     """The tenth percentile of a run's per-window costs of an op. Others'
-    work on a shared host only ever adds to a window (the run's mean moved
-    by ±10 % between runs here, its low decile by 2 %), while what BPF adds to
-    each op is in every window: low windows compare runs with less noise.
-    None under ten windows."""
+    work on a shared host only ever adds to a window, while what BPF adds to
+    each op is in every window: low windows compare runs with less of
+    others' work. None under ten windows."""
     if len(windows) < 10:
         return None
     return sorted(windows)[len(windows) // 10]
@@ -435,7 +447,11 @@ def summarize(results: list[Result], rows: list[dict]) -> dict:
                 "no_bpf_ns_per_op": median(w, "none", figure),
                 "outside_session_ns_per_op": median(w, "outside", figure),
                 "overhead_pct": overhead,
+                "bpf_runs_per_op": median(w, "outside", "bpf_runs_per_op"),
+                "bpf_ns_per_op": median(w, "outside", "bpf_ns_per_op"),
                 "beside_session_ns_per_op": median(w, "beside", figure),
+                "beside_bpf_runs_per_op": median(w, "beside", "bpf_runs_per_op"),
+                "beside_bpf_ns_per_op": median(w, "beside", "bpf_ns_per_op"),
                 "beside_overhead_pct": beside,
                 # The same pairs by their runs' means, noisier.
                 "overhead_pct_of_means": _overhead_pct(flat, "outside", "process_ns_per_op"),
@@ -554,7 +570,7 @@ def ratios_table(summary: dict) -> str:
     head = (
         f"{'workload':8} "
         + " ".join(f"{k:>20}" for k in shown)
-        + f" {'outside vs none %':>24} {'beside vs none %':>24}"
+        + f" {'outside vs none %':>24} {'beside vs none %':>24} {'outside: esr BPF/op':>22}"
     )
     lines = [head, "-" * len(head)]
     for w in dict.fromkeys([*summary["ratios"], *summary["outside_session_overhead"]]):
@@ -565,7 +581,14 @@ def ratios_table(summary: dict) -> str:
             _cell(outside[k], 2) if outside.get(k) else "-"
             for k in ("overhead_pct", "beside_overhead_pct")
         ]
-        lines.append(f"{w:8} " + " ".join(cells) + "".join(f" {p:>24}" for p in pcts))
+        bpf = (
+            f"{_num(outside['bpf_runs_per_op'])} runs, {_num(outside['bpf_ns_per_op'])} ns"
+            if outside.get("bpf_runs_per_op") is not None
+            else "-"
+        )
+        lines.append(
+            f"{w:8} " + " ".join(cells) + "".join(f" {p:>24}" for p in pcts) + f" {bpf:>22}"
+        )
     return "\n".join(lines)
 
 

@@ -166,3 +166,14 @@ def test_repeats_run_the_unrecorded_modes_in_turn_and_every_other_repeat_in_reve
     ]
     # Without a none run there is nothing to compare them with: once each.
     assert run_order(["outside", "esr"], 0, 3) == ["outside", "esr"]
+
+
+def test_the_kernels_count_of_esr_programs_per_op_is_shown_beside_the_overhead():
+    runs = [*RUNS]
+    for r in runs:
+        if r.mode == "outside":
+            r.bpf_runs_per_op, r.bpf_ns_per_op = 3.0, 400.0
+    summary = summarize(runs, aggregate(runs))
+    overhead = summary["outside_session_overhead"]["exec"]
+    assert (overhead["bpf_runs_per_op"], overhead["bpf_ns_per_op"]) == (3.0, 400.0)
+    assert "3 runs, 400 ns" in ratios_table(summary)
