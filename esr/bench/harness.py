@@ -68,7 +68,7 @@ SETTLE_S = 1.0
 # What a process outside every session pays is a few % against runs that
 # move by ±10 %: each repeat runs the modes that record no generator this
 # many times, in turn, where there is a none run to compare them with.
-UNRECORDED_CYCLES = 3
+UNRECORDED_CYCLES = 5
 
 
 @dataclass
