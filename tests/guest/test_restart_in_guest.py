@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 USER = "alice"
 GEN = "/usr/lib/esr/bench/gen"
 RATE = 5000
-# Rings big enough for the seconds no daemon runs under emulation: 8 MiB
-# per CPU hold about 80,000 opens.
-CONFIG = "enhanced_recording:\n  disk_buffer_size: 2048\n"
+# Rings big enough for the seconds no daemon runs under emulation, where a
+# restart took up to 18 s: 16 MiB per CPU hold about 160,000 opens.
+CONFIG = "enhanced_recording:\n  disk_buffer_size: 4096\n"
 
 # Run in the guest on a session's recording: what the test checks, without
 # copying 100,000 events out of it.
@@ -148,12 +148,17 @@ def main_pid(vm) -> str:
 
 
 def test_restart_loses_nothing(vm, user_key):
-    gen = Generator(vm, user_key, 15)
+    # The generator runs until the restart is over (SIGUSR1) and a few
+    # seconds more, however long the restart takes under emulation: a
+    # session that ended before it would have nothing to resume.
+    gen = Generator(vm, user_key, 600)
     gen.sid()
     time.sleep(4)
     t0 = time.monotonic()
     vm.ssh("systemctl restart esr")
     print(f"systemctl restart: {time.monotonic() - t0:.1f} s")
+    time.sleep(4)
+    vm.ssh("pkill -USR1 -x gen")
     generated, s = gen.finish()
     [resume] = s["resumes"]
     print(f"restart: generated {generated}, recorded {s['opens'] - 1}, gap {resume['gap_ms']} ms")
