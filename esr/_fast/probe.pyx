@@ -1165,7 +1165,7 @@ cdef class Probe:
         cdef bpf_prog_info prog
         cdef bpf_link_info link
         cdef uint32_t size
-        cdef int i, fd
+        cdef int i, fd, prog_fd
         found = {}
         if self.loaded:
             for i in range(self.obj.nlinks):
@@ -1176,13 +1176,13 @@ cdef class Probe:
             memset(&link, 0, size)
             if bpf_obj_get_info_by_fd(fd, &link, &size) != 0 or link.prog_id in found:
                 continue  # a perf event attachment before Linux 5.15 tells nothing
-            fd = bpf_prog_get_fd_by_id(link.prog_id)
-            if fd < 0:
+            prog_fd = bpf_prog_get_fd_by_id(link.prog_id)
+            if prog_fd < 0:
                 continue
             try:
-                _prog_info(fd, &prog)
+                _prog_info(prog_fd, &prog)
             finally:
-                close(fd)
+                close(prog_fd)
             found[prog.id] = (prog.run_cnt, prog.run_time_ns)
         return sum(r for r, _ in found.values()), sum(ns for _, ns in found.values())
 

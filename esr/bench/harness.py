@@ -595,9 +595,10 @@ def ratios_table(summary: dict) -> str:
 def run_order(modes: list[str], k: int, cycles: int) -> list[str]:
     """Repeat k's runs. The consumers in turn: a noisy minute spreads over
     all of them. The modes that record no generator first, cycles times in
-    turn when none is among them, so that each outside run has a none run
-    on both sides. Every other repeat in reverse, so that a drift over the
-    repeats favours no consumer over its neighbour."""
+    turn when none is among them, so that an outside run has a none run on
+    both sides (the last of a block, on one side). Every other repeat in
+    reverse, so that a drift over the repeats favours no consumer over its
+    neighbour."""
     unrecorded = [m for m in modes if m in UNRECORDED]
     if "none" not in unrecorded or len(unrecorded) < 2:
         cycles = 1
