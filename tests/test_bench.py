@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from esr import bench
-from helpers import ESR
+from helpers import ESR, ROOT
 
 pytestmark = pytest.mark.usefixtures("bpf")
 
@@ -77,3 +77,34 @@ def test_bench_says_when_pinned_programs_are_attached_to_the_none_runs(daemon):
     assert r.returncode == 0, r.stderr[-3000:]
     [note] = [n for n in json.loads(r.stdout)["notes"] if "pinned in" in n]
     assert f"pinned in {daemon.pin_dir} " in note and "'none' runs are not free of BPF" in note
+
+
+def test_a_baseline_checkout_records_as_esr_does():
+    # This checkout as its own baseline: the other recorder's side of the pipe.
+    r = subprocess.run(
+        [
+            ESR,
+            "bench",
+            "--json",
+            "--workloads",
+            "connect",
+            "--rates",
+            "0",
+            "--modes",
+            "esr,baseline",
+            "--seconds",
+            "0.5",
+            "--baseline",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {x["mode"]: x for x in json.loads(r.stdout)["runs"]}
+    base = runs["baseline"]
+    assert base["error"] is None, base
+    assert base["generated"] > 0
+    assert base["generated"] == base["recorded"] + base["lost_kernel"] + base["lost_user"], base
+    assert "baseline_vs_esr" in json.dumps(json.loads(r.stdout)["summary"])
