@@ -807,21 +807,45 @@ cdef size_t address(int family, const uint8_t *raw, char *text):
     return n - 1
 
 
+# The network record viewed last and its addresses as text: its pack and
+# then its line read them (as the command view, above).
+cdef const esr_event_header *net_viewed = NULL
+cdef char net_src[64]
+cdef char net_dst[64]
+cdef size_t net_src_n, net_dst_n
+
+
+cdef void view_network(const esr_event_header *hdr) noexcept:
+    global net_viewed, net_src_n, net_dst_n
+    cdef const esr_network_event *e = <const esr_network_event *>hdr
+    cdef int family = AF_INET if e.family == AF_INET else AF_INET6
+    net_src_n = address(family, e.src_addr, net_src)
+    net_dst_n = address(family, e.dst_addr, net_dst)
+    net_viewed = hdr
+
+
+cdef inline void js_address(buf *o, const char *text, size_t n) noexcept:
+    """An address as address() wrote it: digits, hex, dots and colons, which
+    JSON takes as they are."""
+    w1(o, c'"')
+    w(o, text, n)
+    w1(o, c'"')
+
+
 cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time,
                       uint64_t ei) except -1:
     cdef const esr_network_event *e = <const esr_network_event *>hdr
-    cdef int family = AF_INET if e.family == AF_INET else AF_INET6
-    cdef char text[64]
     cdef buf *o = &s.body
+    view_network(hdr)
     reserve(o, FIXED)
     pack_head(o, 14, ESR_EVENT_NETWORK, ei, time)
     mp_uint(o, e.hdr.pid)
     mp_uint(o, e.hdr.cgroup_id)
     pack_comm(o, hdr)
-    mp_uint(o, 4 if family == AF_INET else 6)
-    mp_str(o, text, address(family, e.src_addr, text))
+    mp_uint(o, 4 if e.family == AF_INET else 6)
+    mp_str(o, net_src, net_src_n)
     mp_uint(o, e.src_port)
-    mp_str(o, text, address(family, e.dst_addr, text))
+    mp_str(o, net_dst, net_dst_n)
     mp_uint(o, e.dst_port)
     mp_int(o, e.return_code)
     mp_uint(o, 0)  # operation: connect
@@ -831,25 +855,25 @@ cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time
 
 cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
     cdef const esr_network_event *e = <const esr_network_event *>hdr
-    cdef int family = AF_INET if e.family == AF_INET else AF_INET6
-    cdef char src[64]
-    cdef char dst[64]
-    cdef size_t src_n = address(family, e.src_addr, src)
-    cdef size_t dst_n = address(family, e.dst_addr, dst)
-    cdef const char *src_at = src
-    cdef const char *dst_at = dst
-    cdef int version = 4 if family == AF_INET else 6
+    cdef size_t src_n, dst_n
+    cdef const char *src_at = net_src
+    cdef const char *dst_at = net_dst
+    cdef int version = 4 if e.family == AF_INET else 6
+    # Its pack, just before, viewed the same record.
+    if net_viewed != hdr:
+        view_network(hdr)
+    src_n, dst_n = net_src_n, net_dst_n
     # An AF_INET6 socket connecting to an IPv4 address: IPv4 on the wire,
     # and in Teleport's log (as schema.Network.fields()).
-    if version == 6 and dst_n > 7 and memcmp(dst, b"::ffff:", 7) == 0 and \
-            memchr(dst, c'.', dst_n) != NULL:
-        if src_n >= 7 and memcmp(src, b"::ffff:", 7) == 0:
-            src_at = src + 7
+    if version == 6 and dst_n > 7 and memcmp(net_dst, b"::ffff:", 7) == 0 and \
+            memchr(net_dst, c'.', dst_n) != NULL:
+        if src_n >= 7 and memcmp(net_src, b"::ffff:", 7) == 0:
+            src_at = net_src + 7
             src_n -= 7
         else:
             src_at = b"0.0.0.0"
             src_n = 7
-        dst_at = dst + 7
+        dst_at = net_dst + 7
         dst_n -= 7
         version = 4
     reserve(o, FIXED + 6 * 16)
@@ -861,11 +885,11 @@ cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) ex
     if render_comm(o, hdr, s.ensure_ascii):
         return 1
     lit(o, b',"src_addr":')
-    js_str(o, src_at, src_n, s.ensure_ascii)
+    js_address(o, src_at, src_n)
     lit(o, b',"src_port":')
     js_uint(o, e.src_port)
     lit(o, b',"dst_addr":')
-    js_str(o, dst_at, dst_n, s.ensure_ascii)
+    js_address(o, dst_at, dst_n)
     lit(o, b',"dst_port":')
     js_uint(o, e.dst_port)
     lit(o, b',"version":')
