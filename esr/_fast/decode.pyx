@@ -139,83 +139,102 @@ cdef extern from *:
     void esr_be(char *p, uint64_t v, int n) noexcept
 
 
-cdef inline void be(buf *b, uint64_t v, int n) noexcept:
-    esr_be(b.data + b.len, v, n)
-    b.len += n
-
-
 # msgpack as msgspec writes it: the shortest form of each value. At most 9
-# bytes each, 5 before a string's bytes.
+# bytes each, 5 before a string's bytes. Each writer takes the cursor and
+# returns it moved past what it wrote: a cursor held in a register, where a
+# buf's length would be stored and loaded again after every byte (a char
+# store may alias it).
 cdef enum:
     MP_MAX = 9
 
-cdef inline void mp_head(buf *b, uint8_t fix, uint8_t fix_max, uint8_t code8, uint8_t code16,
-                         uint8_t code32, uint64_t n) noexcept:
+
+cdef inline char *at(buf *b, size_t n) except NULL:
+    """Where the next bytes go, with room for n of them."""
+    reserve(b, n)
+    return b.data + b.len
+
+
+cdef inline char *mp_head(char *p, uint8_t fix, uint8_t fix_max, uint8_t code8, uint8_t code16,
+                          uint8_t code32, uint64_t n) noexcept:
     if n <= fix_max and fix_max:
-        w1(b, fix | <uint8_t>n)
-    elif n < 256 and code8:
-        w1(b, code8)
-        w1(b, <uint8_t>n)
-    elif n < 65536:
-        w1(b, code16)
-        be(b, n, 2)
-    else:
-        w1(b, code32)
-        be(b, n, 4)
+        p[0] = <char>(fix | <uint8_t>n)
+        return p + 1
+    if n < 256 and code8:
+        p[0] = <char>code8
+        p[1] = <char><uint8_t>n
+        return p + 2
+    if n < 65536:
+        p[0] = <char>code16
+        esr_be(p + 1, n, 2)
+        return p + 3
+    p[0] = <char>code32
+    esr_be(p + 1, n, 4)
+    return p + 5
 
 
-cdef inline void mp_array(buf *b, uint64_t n) noexcept:
-    mp_head(b, 0x90, 15, 0, 0xdc, 0xdd, n)
+cdef inline char *mp_array(char *p, uint64_t n) noexcept:
+    return mp_head(p, 0x90, 15, 0, 0xdc, 0xdd, n)
 
 
-cdef inline void mp_bin(buf *b, const char *p, size_t n) noexcept:
-    mp_head(b, 0, 0, 0xc4, 0xc5, 0xc6, n)
-    w(b, p, n)
+cdef inline char *mp_bin(char *p, const char *src, size_t n) noexcept:
+    p = mp_head(p, 0, 0, 0xc4, 0xc5, 0xc6, n)
+    memcpy(p, src, n)
+    return p + n
 
 
-cdef inline void mp_str(buf *b, const char *p, size_t n) noexcept:
-    mp_head(b, 0xa0, 31, 0xd9, 0xda, 0xdb, n)
-    w(b, p, n)
+cdef inline char *mp_str(char *p, const char *src, size_t n) noexcept:
+    p = mp_head(p, 0xa0, 31, 0xd9, 0xda, 0xdb, n)
+    memcpy(p, src, n)
+    return p + n
 
 
-cdef inline void mp_uint(buf *b, uint64_t v) noexcept:
+cdef inline char *mp_uint(char *p, uint64_t v) noexcept:
     if v < 128:
-        w1(b, <uint8_t>v)
-    elif v < 256:
-        w1(b, 0xcc)
-        w1(b, <uint8_t>v)
-    elif v < 65536:
-        w1(b, 0xcd)
-        be(b, v, 2)
-    elif v >> 32 == 0:
-        w1(b, 0xce)
-        be(b, v, 4)
-    else:
-        w1(b, 0xcf)
-        be(b, v, 8)
+        p[0] = <char><uint8_t>v
+        return p + 1
+    if v < 256:
+        p[0] = <char>0xcc
+        p[1] = <char><uint8_t>v
+        return p + 2
+    if v < 65536:
+        p[0] = <char>0xcd
+        esr_be(p + 1, v, 2)
+        return p + 3
+    if v >> 32 == 0:
+        p[0] = <char>0xce
+        esr_be(p + 1, v, 4)
+        return p + 5
+    p[0] = <char>0xcf
+    esr_be(p + 1, v, 8)
+    return p + 9
 
 
-cdef inline void mp_int(buf *b, int64_t v) noexcept:
+cdef inline char *mp_int(char *p, int64_t v) noexcept:
     if v >= 0:
-        mp_uint(b, <uint64_t>v)
-    elif v >= -32:
-        w1(b, <uint8_t>v)
-    elif v >= -128:
-        w1(b, 0xd0)
-        w1(b, <uint8_t>v)
-    elif v >= -32768:
-        w1(b, 0xd1)
-        be(b, <uint64_t>v, 2)
-    elif v >= -2147483648:
-        w1(b, 0xd2)
-        be(b, <uint64_t>v, 4)
-    else:
-        w1(b, 0xd3)
-        be(b, <uint64_t>v, 8)
+        return mp_uint(p, <uint64_t>v)
+    if v >= -32:
+        p[0] = <char><uint8_t>v
+        return p + 1
+    if v >= -128:
+        p[0] = <char>0xd0
+        p[1] = <char><uint8_t>v
+        return p + 2
+    if v >= -32768:
+        p[0] = <char>0xd1
+        esr_be(p + 1, <uint64_t>v, 2)
+        return p + 3
+    if v >= -2147483648:
+        p[0] = <char>0xd2
+        esr_be(p + 1, <uint64_t>v, 4)
+        return p + 5
+    p[0] = <char>0xd3
+    esr_be(p + 1, <uint64_t>v, 8)
+    return p + 9
 
 
-cdef inline void mp_bool(buf *b, bint v) noexcept:
-    w1(b, 0xc3 if v else 0xc2)
+cdef inline char *mp_bool(char *p, bint v) noexcept:
+    p[0] = <char>(0xc3 if v else 0xc2)
+    return p + 1
 
 
 # JSON text as AuditFormat writes it. Fields of ASCII text are msgspec's;
@@ -430,8 +449,8 @@ cdef void fill_header(esr_event_header *hdr, uint16_t kind, uint64_t session, ev
     memcpy(hdr.comm, <const char *>comm, len(comm))
 
 
-cdef inline void pack_comm(buf *o, const esr_event_header *hdr) noexcept:
-    mp_bin(o, hdr.comm, strnlen(hdr.comm, 16))
+cdef inline char *pack_comm(char *p, const esr_event_header *hdr) noexcept:
+    return mp_bin(p, hdr.comm, strnlen(hdr.comm, 16))
 
 
 cdef inline int render_comm(buf *o, const esr_event_header *hdr, bint ensure_ascii) noexcept:
@@ -444,13 +463,13 @@ cdef enum:
     FIXED = 1024
 
 
-cdef inline void pack_head(buf *o, uint64_t fields, uint16_t kind, uint64_t ei,
-                           int64_t time) noexcept:
+cdef inline char *pack_head(char *p, uint64_t fields, uint16_t kind, uint64_t ei,
+                            int64_t time) noexcept:
     """Every Struct's first elements: its tag, ei and time."""
-    mp_array(o, fields)
-    mp_uint(o, kind)
-    mp_uint(o, ei)
-    mp_int(o, time)
+    p = mp_array(p, fields)
+    p = mp_uint(p, kind)
+    p = mp_uint(p, ei)
+    return mp_int(p, time)
 
 
 # --- the record types ----------------------------------------------------------------
@@ -564,12 +583,13 @@ cdef int view_command(const esr_event_header *hdr) except -1:
     return 0
 
 
-cdef void pack_strings(buf *o, size_t first, size_t count) noexcept:
+cdef char *pack_strings(char *p, size_t first, size_t count) noexcept:
     cdef size_t i, start
-    mp_array(o, count)
+    p = mp_array(p, count)
     for i in range(first, first + count):
         start = string_start(i)
-        mp_bin(o, view.argv + start, string_end[i] - start)
+        p = mp_bin(p, view.argv + start, string_end[i] - start)
+    return p
 
 
 cdef int render_strings(buf *o, size_t first, size_t count, bint ensure_ascii) noexcept:
@@ -595,31 +615,32 @@ cdef inline size_t command_room(size_t per_byte) noexcept:
 cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time,
                       uint64_t ei) except -1:
     cdef const esr_command_event *e = <const esr_command_event *>hdr
-    cdef buf *o = &s.body
+    cdef char *p
     view_command(hdr)
     if e.flags & ESR_COMMAND_TTY:
         s.interactive = True
-    reserve(o, command_room(1))
-    pack_head(o, 22, ESR_EVENT_COMMAND, ei, time)
-    mp_uint(o, e.hdr.pid)
-    mp_uint(o, e.ppid)
-    mp_uint(o, e.hdr.cgroup_id)
-    pack_comm(o, hdr)
-    mp_bin(o, view.path, view.path_n)
-    pack_strings(o, view.skip, view.args)
-    mp_int(o, e.return_code)
-    mp_uint(o, e.uid)
-    mp_uint(o, e.gid)
-    mp_bool(o, e.flags & ESR_COMMAND_TTY)
-    mp_bool(o, view.truncated)
-    mp_int(o, view.cut_args)
-    mp_int(o, view.cut_bytes)
-    pack_strings(o, 0, view.interpreter)
-    mp_bin(o, view.exe, view.exe_n)
-    mp_uint(o, e.exe_dev)
-    mp_uint(o, e.exe_ino)
-    mp_bool(o, e.flags & ESR_COMMAND_MEMFD)
-    mp_bool(o, e.flags & ESR_EXE_INCOMPLETE)
+    p = at(&s.body, command_room(1))
+    p = pack_head(p, 22, ESR_EVENT_COMMAND, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = mp_uint(p, e.ppid)
+    p = mp_uint(p, e.hdr.cgroup_id)
+    p = pack_comm(p, hdr)
+    p = mp_bin(p, view.path, view.path_n)
+    p = pack_strings(p, view.skip, view.args)
+    p = mp_int(p, e.return_code)
+    p = mp_uint(p, e.uid)
+    p = mp_uint(p, e.gid)
+    p = mp_bool(p, e.flags & ESR_COMMAND_TTY)
+    p = mp_bool(p, view.truncated)
+    p = mp_int(p, view.cut_args)
+    p = mp_int(p, view.cut_bytes)
+    p = pack_strings(p, 0, view.interpreter)
+    p = mp_bin(p, view.exe, view.exe_n)
+    p = mp_uint(p, e.exe_dev)
+    p = mp_uint(p, e.exe_ino)
+    p = mp_bool(p, e.flags & ESR_COMMAND_MEMFD)
+    p = mp_bool(p, e.flags & ESR_EXE_INCOMPLETE)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -719,17 +740,18 @@ cdef uint64_t disk_size(const esr_event_header *hdr):
 cdef int pack_disk(SessionEvents s, const esr_event_header *hdr, int64_t time,
                    uint64_t ei) except -1:
     cdef const esr_disk_event *e = <const esr_disk_event *>hdr
-    cdef buf *o = &s.body
+    cdef char *p
     cdef Py_ssize_t path_n = cstr_len(e.path, e.path_len)
-    reserve(o, FIXED + path_n)
-    pack_head(o, 10, ESR_EVENT_DISK, ei, time)
-    mp_uint(o, e.hdr.pid)
-    mp_uint(o, e.hdr.cgroup_id)
-    pack_comm(o, hdr)
-    mp_bin(o, e.path, path_n)
-    mp_int(o, e.flags)
-    mp_int(o, e.return_code)
-    mp_bool(o, e.path_truncated != 0)
+    p = at(&s.body, FIXED + path_n)
+    p = pack_head(p, 10, ESR_EVENT_DISK, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = mp_uint(p, e.hdr.cgroup_id)
+    p = pack_comm(p, hdr)
+    p = mp_bin(p, e.path, path_n)
+    p = mp_int(p, e.flags)
+    p = mp_int(p, e.return_code)
+    p = mp_bool(p, e.path_truncated != 0)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -835,21 +857,22 @@ cdef inline void js_address(buf *o, const char *text, size_t n) noexcept:
 cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time,
                       uint64_t ei) except -1:
     cdef const esr_network_event *e = <const esr_network_event *>hdr
-    cdef buf *o = &s.body
+    cdef char *p
     view_network(hdr)
-    reserve(o, FIXED)
-    pack_head(o, 14, ESR_EVENT_NETWORK, ei, time)
-    mp_uint(o, e.hdr.pid)
-    mp_uint(o, e.hdr.cgroup_id)
-    pack_comm(o, hdr)
-    mp_uint(o, 4 if e.family == AF_INET else 6)
-    mp_str(o, net_src, net_src_n)
-    mp_uint(o, e.src_port)
-    mp_str(o, net_dst, net_dst_n)
-    mp_uint(o, e.dst_port)
-    mp_int(o, e.return_code)
-    mp_uint(o, 0)  # operation: connect
-    mp_uint(o, 0)  # action: observed
+    p = at(&s.body, FIXED)
+    p = pack_head(p, 14, ESR_EVENT_NETWORK, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = mp_uint(p, e.hdr.cgroup_id)
+    p = pack_comm(p, hdr)
+    p = mp_uint(p, 4 if e.family == AF_INET else 6)
+    p = mp_str(p, net_src, net_src_n)
+    p = mp_uint(p, e.src_port)
+    p = mp_str(p, net_dst, net_dst_n)
+    p = mp_uint(p, e.dst_port)
+    p = mp_int(p, e.return_code)
+    p = mp_uint(p, 0)  # operation: connect
+    p = mp_uint(p, 0)  # action: observed
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -929,14 +952,15 @@ cdef int pack_terminal_data(SessionEvents s, const esr_event_header *hdr, int64_
                             uint64_t ei) except -1:
     cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
     cdef bint output = hdr.type == ESR_EVENT_TERMINAL_OUTPUT
-    cdef buf *o = &s.body
-    reserve(o, FIXED + e.len)
-    pack_head(o, 7 if output else 6, hdr.type, ei, time)
-    mp_uint(o, e.hdr.pid)
-    mp_uint(o, e.tty)
-    mp_bin(o, e.data, e.len)
+    cdef char *p
+    p = at(&s.body, FIXED + e.len)
+    p = pack_head(p, 7 if output else 6, hdr.type, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = mp_uint(p, e.tty)
+    p = mp_bin(p, e.data, e.len)
     if output:
-        mp_uint(o, e.skipped)
+        p = mp_uint(p, e.skipped)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -981,14 +1005,15 @@ cdef uint64_t terminal_write_size(const esr_event_header *hdr):
 cdef int pack_terminal_write(SessionEvents s, const esr_event_header *hdr, int64_t time,
                              uint64_t ei) except -1:
     cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
-    cdef buf *o = &s.body
-    reserve(o, FIXED)
-    pack_head(o, 8, ESR_EVENT_TERMINAL_WRITE, ei, time)
-    mp_uint(o, e.hdr.pid)
-    pack_comm(o, hdr)
-    mp_uint(o, e.tty)
-    mp_uint(o, e.major)
-    mp_int(o, e.bytes)
+    cdef char *p
+    p = at(&s.body, FIXED)
+    p = pack_head(p, 8, ESR_EVENT_TERMINAL_WRITE, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = pack_comm(p, hdr)
+    p = mp_uint(p, e.tty)
+    p = mp_uint(p, e.major)
+    p = mp_int(p, e.bytes)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -1030,12 +1055,13 @@ cdef uint64_t terminal_resize_size(const esr_event_header *hdr):
 cdef int pack_terminal_resize(SessionEvents s, const esr_event_header *hdr, int64_t time,
                               uint64_t ei) except -1:
     cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
-    cdef buf *o = &s.body
-    reserve(o, FIXED)
-    pack_head(o, 6, ESR_EVENT_TERMINAL_RESIZE, ei, time)
-    mp_uint(o, e.tty)
-    mp_uint(o, e.rows)
-    mp_uint(o, e.cols)
+    cdef char *p
+    p = at(&s.body, FIXED)
+    p = pack_head(p, 6, ESR_EVENT_TERMINAL_RESIZE, ei, time)
+    p = mp_uint(p, e.tty)
+    p = mp_uint(p, e.rows)
+    p = mp_uint(p, e.cols)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -1083,20 +1109,21 @@ cdef int pack_ptrace(SessionEvents s, const esr_event_header *hdr, int64_t time,
                      uint64_t ei) except -1:
     cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
     cdef bytes request = ptrace_request(e.request)
-    cdef buf *o = &s.body
-    reserve(o, FIXED)
-    pack_head(o, 14, ESR_EVENT_PTRACE, ei, time)
-    mp_uint(o, e.hdr.pid)
-    mp_uint(o, e.hdr.cgroup_id)
-    pack_comm(o, hdr)
-    mp_str(o, <const char *>request, len(request))
-    mp_uint(o, e.target_pid)
-    mp_uint(o, e.target_tgid)
-    mp_bin(o, e.target_comm, strnlen(e.target_comm, 16))
-    mp_int(o, e.return_code)
-    mp_bool(o, e.flags & ESR_PTRACE_FOLLOWED)
-    mp_bool(o, e.flags & ESR_PTRACE_LEFT)
-    mp_bool(o, e.flags & ESR_PTRACE_AS_NAMED)
+    cdef char *p
+    p = at(&s.body, FIXED)
+    p = pack_head(p, 14, ESR_EVENT_PTRACE, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = mp_uint(p, e.hdr.cgroup_id)
+    p = pack_comm(p, hdr)
+    p = mp_str(p, <const char *>request, len(request))
+    p = mp_uint(p, e.target_pid)
+    p = mp_uint(p, e.target_tgid)
+    p = mp_bin(p, e.target_comm, strnlen(e.target_comm, 16))
+    p = mp_int(p, e.return_code)
+    p = mp_bool(p, e.flags & ESR_PTRACE_FOLLOWED)
+    p = mp_bool(p, e.flags & ESR_PTRACE_LEFT)
+    p = mp_bool(p, e.flags & ESR_PTRACE_AS_NAMED)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -1175,18 +1202,19 @@ cdef int pack_io_uring(SessionEvents s, const esr_event_header *hdr, int64_t tim
                        uint64_t ei) except -1:
     cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
     cdef bytes operation = io_uring_operation(e)
-    cdef buf *o = &s.body
-    reserve(o, FIXED)
-    pack_head(o, 12, ESR_EVENT_IO_URING, ei, time)
-    mp_uint(o, e.hdr.pid)
-    mp_uint(o, e.hdr.cgroup_id)
-    pack_comm(o, hdr)
-    mp_str(o, <const char *>operation, len(operation))
-    mp_uint(o, e.opcode)
-    mp_uint(o, e.ring_fd)
-    mp_uint(o, e.ring_pid)
-    mp_uint(o, e.sq_entries)
-    mp_uint(o, e.setup_flags)
+    cdef char *p
+    p = at(&s.body, FIXED)
+    p = pack_head(p, 12, ESR_EVENT_IO_URING, ei, time)
+    p = mp_uint(p, e.hdr.pid)
+    p = mp_uint(p, e.hdr.cgroup_id)
+    p = pack_comm(p, hdr)
+    p = mp_str(p, <const char *>operation, len(operation))
+    p = mp_uint(p, e.opcode)
+    p = mp_uint(p, e.ring_fd)
+    p = mp_uint(p, e.ring_pid)
+    p = mp_uint(p, e.sq_entries)
+    p = mp_uint(p, e.setup_flags)
+    s.body.len = p - s.body.data
     return 0
 
 
@@ -1466,7 +1494,7 @@ cdef class SessionEvents:
         cdef buf next_body, next_lines
         cdef int i
         head.data, head.len, head.cap = head_data, 0, MP_MAX
-        mp_array(&head, self.count)
+        head.len = mp_array(head.data, self.count) - head.data
         self.fresh(&next_body, 0)
         # The list's header goes in the room kept before its events.
         payload.b, self.body = self.body, next_body
