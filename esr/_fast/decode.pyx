@@ -101,22 +101,33 @@ cdef inline int put(buf *b, const void *src, size_t n) except -1:
     return 0
 
 
-cdef inline void w(buf *b, const void *src, size_t n) noexcept:
-    memcpy(b.data + b.len, src, n)
-    b.len += n
+# The writers below take a cursor into a buffer with room reserved and return
+# it moved past what they wrote: a cursor stays in a register, where a buf's
+# length would be stored and loaded again after every byte (a char store may
+# alias it).
+
+cdef inline char *at(buf *b, size_t n) except NULL:
+    """Where the next bytes go, with room for n of them."""
+    reserve(b, n)
+    return b.data + b.len
 
 
-cdef inline void w1(buf *b, uint8_t c) noexcept:
-    b.data[b.len] = <char>c
-    b.len += 1
+cdef inline char *w(char *p, const void *src, size_t n) noexcept:
+    memcpy(p, src, n)
+    return p + n
+
+
+cdef inline char *w1(char *p, char c) noexcept:
+    p[0] = c
+    return p + 1
 
 
 cdef extern from *:
     """
     /* A string literal: its length folds into a constant. */
-    #define ESR_LIT(b, s) (memcpy((b)->data + (b)->len, (s), strlen(s)), (b)->len += strlen(s))
+    #define ESR_LIT(p, s) (memcpy((p), (s), strlen(s)), (p) + strlen(s))
     """
-    void lit "ESR_LIT"(buf *b, const char *s) noexcept
+    char *lit "ESR_LIT"(char *p, const char *s) noexcept
 
 
 cdef extern from *:
@@ -140,18 +151,9 @@ cdef extern from *:
 
 
 # msgpack as msgspec writes it: the shortest form of each value. At most 9
-# bytes each, 5 before a string's bytes. Each writer takes the cursor and
-# returns it moved past what it wrote: a cursor held in a register, where a
-# buf's length would be stored and loaded again after every byte (a char
-# store may alias it).
+# bytes each, 5 before a string's bytes.
 cdef enum:
     MP_MAX = 9
-
-
-cdef inline char *at(buf *b, size_t n) except NULL:
-    """Where the next bytes go, with room for n of them."""
-    reserve(b, n)
-    return b.data + b.len
 
 
 cdef inline char *mp_head(char *p, uint8_t fix, uint8_t fix_max, uint8_t code8, uint8_t code16,
@@ -241,7 +243,7 @@ cdef inline char *mp_bool(char *p, bint v) noexcept:
 # once any is not ASCII, the whole object is json.dumps(ensure_ascii=True)'s:
 # each character outside ASCII \u-escaped (in surrogate pairs beyond the
 # BMP), and DEL too. A string of n bytes takes at most 2 + 6n, a number 20.
-# js_str returns 1 when it cannot: a byte outside ASCII in msgspec's form
+# js_str returns NULL when it cannot: a byte outside ASCII in msgspec's form
 # (the line is rendered again the other way), bytes that are not UTF-8 in
 # json's (U+FFFD and _base64: the line is AuditFormat's to render).
 
@@ -295,13 +297,12 @@ cdef inline int utf8_char(const uint8_t *s, size_t n, uint32_t *code) noexcept:
     return length
 
 
-cdef int js_str(buf *b, const char *s, size_t n, bint ensure_ascii) noexcept:
+cdef char *js_str(char *o, const char *s, size_t n, bint ensure_ascii) noexcept:
     cdef const uint8_t *u = <const uint8_t *>s
     cdef size_t i = 0
     cdef uint8_t c
     cdef uint32_t code
     cdef int length
-    cdef char *o = b.data + b.len
     o[0] = c'"'
     o += 1
     while i < n:
@@ -318,14 +319,14 @@ cdef int js_str(buf *b, const char *s, size_t n, bint ensure_ascii) noexcept:
                     o += 1
                     i += 1
                     continue
-                return 1
+                return NULL
             if c == 0x7F:
                 o = u_escape(o, c)
                 i += 1
                 continue
             length = utf8_char(u + i, n - i, &code)
             if length == 0:
-                return 1
+                return NULL
             if code >= 0x10000:
                 code -= 0x10000
                 o = u_escape(o, 0xD800 + (code >> 10))
@@ -352,37 +353,35 @@ cdef int js_str(buf *b, const char *s, size_t n, bint ensure_ascii) noexcept:
         o += 2
         i += 1
     o[0] = c'"'
-    b.len = o + 1 - b.data
-    return 0
+    return o + 1
 
 
-cdef inline void js_uint(buf *b, uint64_t v) noexcept:
-    # Its digits, counted first, are written from the last straight into b.
+cdef inline char *js_uint(char *p, uint64_t v) noexcept:
+    # Its digits, counted first, are written from the last.
     cdef int n = 1
     cdef uint64_t bound = 10
     cdef char *o
     while n < 20 and v >= bound:
         n += 1
         bound *= 10
-    b.len += n
-    o = b.data + b.len
+    p += n
+    o = p
     while True:
         o -= 1
         o[0] = <char>(c'0' + v % 10)
         v //= 10
         if v == 0:
-            break
+            return p
 
 
-cdef inline void js_int(buf *b, int64_t v) noexcept:
+cdef inline char *js_int(char *p, int64_t v) noexcept:
     if v < 0:
-        w1(b, c'-')
-        js_uint(b, <uint64_t>0 - <uint64_t>v)
-    else:
-        js_uint(b, <uint64_t>v)
+        p[0] = c'-'
+        return js_uint(p + 1, <uint64_t>0 - <uint64_t>v)
+    return js_uint(p, <uint64_t>v)
 
 
-cdef void js_hex12(buf *b, uint64_t v) noexcept:
+cdef char *js_hex12(char *p, uint64_t v) noexcept:
     """f"{v:012x}"."""
     cdef char t[16]
     cdef int i = 16
@@ -390,7 +389,7 @@ cdef void js_hex12(buf *b, uint64_t v) noexcept:
         i -= 1
         t[i] = HEX[v & 15]
         v >>= 4
-    w(b, t + i, 16 - i)
+    return w(p, t + i, 16 - i)
 
 
 # --- strings in records -----------------------------------------------------------------
@@ -453,8 +452,8 @@ cdef inline char *pack_comm(char *p, const esr_event_header *hdr) noexcept:
     return mp_bin(p, hdr.comm, strnlen(hdr.comm, 16))
 
 
-cdef inline int render_comm(buf *o, const esr_event_header *hdr, bint ensure_ascii) noexcept:
-    return js_str(o, hdr.comm, strnlen(hdr.comm, 16), ensure_ascii)
+cdef inline char *render_comm(char *p, const esr_event_header *hdr, bint ensure_ascii) noexcept:
+    return js_str(p, hdr.comm, strnlen(hdr.comm, 16), ensure_ascii)
 
 
 # What a pack or a render function reserves, besides its strings: room for
@@ -592,17 +591,17 @@ cdef char *pack_strings(char *p, size_t first, size_t count) noexcept:
     return p
 
 
-cdef int render_strings(buf *o, size_t first, size_t count, bint ensure_ascii) noexcept:
+cdef char *render_strings(char *p, size_t first, size_t count, bint ensure_ascii) noexcept:
     cdef size_t i, start
-    w1(o, c'[')
+    p = w1(p, c'[')
     for i in range(first, first + count):
         if i > first:
-            w1(o, c',')
+            p = w1(p, c',')
         start = string_start(i)
-        if js_str(o, view.argv + start, string_end[i] - start, ensure_ascii):
-            return 1
-    w1(o, c']')
-    return 0
+        p = js_str(p, view.argv + start, string_end[i] - start, ensure_ascii)
+        if p == NULL:
+            return NULL
+    return w1(p, c']')
 
 
 cdef inline size_t command_room(size_t per_byte) noexcept:
@@ -645,53 +644,60 @@ cdef int pack_command(SessionEvents s, const esr_event_header *hdr, int64_t time
 
 
 cdef int render_command(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_command_event *e = <const esr_command_event *>hdr
     # Its pack, just before, viewed the same record.
     if viewed != hdr:
         view_command(hdr)
-    reserve(o, command_room(6))
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"ppid":')
-    js_uint(o, e.ppid)
-    lit(o, b',"cgroup_id":')
-    js_uint(o, e.hdr.cgroup_id)
-    lit(o, b',"program":')
-    if render_comm(o, hdr, s.ensure_ascii):
+    p = at(o, command_room(6))
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"ppid":')
+    p = js_uint(p, e.ppid)
+    p = lit(p, b',"cgroup_id":')
+    p = js_uint(p, e.hdr.cgroup_id)
+    p = lit(p, b',"program":')
+    p = render_comm(p, hdr, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"path":')
-    if js_str(o, view.path, view.path_n, s.ensure_ascii):
+    p = lit(p, b',"path":')
+    p = js_str(p, view.path, view.path_n, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"argv":')
-    if render_strings(o, view.skip, view.args, s.ensure_ascii):
+    p = lit(p, b',"argv":')
+    p = render_strings(p, view.skip, view.args, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"return_code":')
-    js_int(o, e.return_code)
-    lit(o, b',"unix_uid":')
-    js_uint(o, e.uid)
-    lit(o, b',"unix_gid":')
-    js_uint(o, e.gid)
+    p = lit(p, b',"return_code":')
+    p = js_int(p, e.return_code)
+    p = lit(p, b',"unix_uid":')
+    p = js_uint(p, e.uid)
+    p = lit(p, b',"unix_gid":')
+    p = js_uint(p, e.gid)
     if view.interpreter:
-        lit(o, b',"interpreter":')
-        if render_strings(o, 0, view.interpreter, s.ensure_ascii):
+        p = lit(p, b',"interpreter":')
+        p = render_strings(p, 0, view.interpreter, s.ensure_ascii)
+        if p == NULL:
             return 1
     if view.exe_n:
-        lit(o, b',"exe":')
-        if js_str(o, view.exe, view.exe_n, s.ensure_ascii):
+        p = lit(p, b',"exe":')
+        p = js_str(p, view.exe, view.exe_n, s.ensure_ascii)
+        if p == NULL:
             return 1
-        lit(o, b',"exe_dev":')
-        js_uint(o, e.exe_dev)
-        lit(o, b',"exe_ino":')
-        js_uint(o, e.exe_ino)
+        p = lit(p, b',"exe_dev":')
+        p = js_uint(p, e.exe_dev)
+        p = lit(p, b',"exe_ino":')
+        p = js_uint(p, e.exe_ino)
         if e.flags & ESR_COMMAND_MEMFD:
-            lit(o, b',"memfd":true')
+            p = lit(p, b',"memfd":true')
         if e.flags & ESR_EXE_INCOMPLETE:
-            lit(o, b',"exe_truncated":true')
+            p = lit(p, b',"exe_truncated":true')
     if view.truncated:
-        lit(o, b',"argv_truncated":true,"argv_cut_args":')
-        js_int(o, view.cut_args)
-        lit(o, b',"argv_cut_bytes":')
-        js_int(o, view.cut_bytes)
+        p = lit(p, b',"argv_truncated":true,"argv_cut_args":')
+        p = js_int(p, view.cut_args)
+        p = lit(p, b',"argv_cut_bytes":')
+        p = js_int(p, view.cut_bytes)
+    o.len = p - o.data
     return 0
 
 
@@ -756,25 +762,29 @@ cdef int pack_disk(SessionEvents s, const esr_event_header *hdr, int64_t time,
 
 
 cdef int render_disk(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_disk_event *e = <const esr_disk_event *>hdr
     cdef Py_ssize_t path_n = cstr_len(e.path, e.path_len)
-    reserve(o, FIXED + 6 * (16 + path_n))
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"cgroup_id":')
-    js_uint(o, e.hdr.cgroup_id)
-    lit(o, b',"program":')
-    if render_comm(o, hdr, s.ensure_ascii):
+    p = at(o, FIXED + 6 * (16 + path_n))
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"cgroup_id":')
+    p = js_uint(p, e.hdr.cgroup_id)
+    p = lit(p, b',"program":')
+    p = render_comm(p, hdr, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"path":')
-    if js_str(o, e.path, path_n, s.ensure_ascii):
+    p = lit(p, b',"path":')
+    p = js_str(p, e.path, path_n, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"flags":')
-    js_int(o, e.flags)
-    lit(o, b',"return_code":')
-    js_int(o, e.return_code)
+    p = lit(p, b',"flags":')
+    p = js_int(p, e.flags)
+    p = lit(p, b',"return_code":')
+    p = js_int(p, e.return_code)
     if e.path_truncated:
-        lit(o, b',"path_truncated":true')
+        p = lit(p, b',"path_truncated":true')
+    o.len = p - o.data
     return 0
 
 
@@ -846,12 +856,12 @@ cdef void view_network(const esr_event_header *hdr) noexcept:
     net_viewed = hdr
 
 
-cdef inline void js_address(buf *o, const char *text, size_t n) noexcept:
+cdef inline char *js_address(char *p, const char *text, size_t n) noexcept:
     """An address as address() wrote it: digits, hex, dots and colons, which
     JSON takes as they are."""
-    w1(o, c'"')
-    w(o, text, n)
-    w1(o, c'"')
+    p = w1(p, c'"')
+    p = w(p, text, n)
+    return w1(p, c'"')
 
 
 cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time,
@@ -877,6 +887,7 @@ cdef int pack_network(SessionEvents s, const esr_event_header *hdr, int64_t time
 
 
 cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_network_event *e = <const esr_network_event *>hdr
     cdef size_t src_n, dst_n
     cdef const char *src_at = net_src
@@ -899,26 +910,28 @@ cdef int render_network(SessionEvents s, const esr_event_header *hdr, buf *o) ex
         dst_at = net_dst + 7
         dst_n -= 7
         version = 4
-    reserve(o, FIXED + 6 * 16)
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"cgroup_id":')
-    js_uint(o, e.hdr.cgroup_id)
-    lit(o, b',"program":')
-    if render_comm(o, hdr, s.ensure_ascii):
+    p = at(o, FIXED + 6 * 16)
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"cgroup_id":')
+    p = js_uint(p, e.hdr.cgroup_id)
+    p = lit(p, b',"program":')
+    p = render_comm(p, hdr, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"src_addr":')
-    js_address(o, src_at, src_n)
-    lit(o, b',"src_port":')
-    js_uint(o, e.src_port)
-    lit(o, b',"dst_addr":')
-    js_address(o, dst_at, dst_n)
-    lit(o, b',"dst_port":')
-    js_uint(o, e.dst_port)
-    lit(o, b',"version":')
-    js_uint(o, version)
-    lit(o, b',"operation":0,"action":0,"return_code":')
-    js_int(o, e.return_code)
+    p = lit(p, b',"src_addr":')
+    p = js_address(p, src_at, src_n)
+    p = lit(p, b',"src_port":')
+    p = js_uint(p, e.src_port)
+    p = lit(p, b',"dst_addr":')
+    p = js_address(p, dst_at, dst_n)
+    p = lit(p, b',"dst_port":')
+    p = js_uint(p, e.dst_port)
+    p = lit(p, b',"version":')
+    p = js_uint(p, version)
+    p = lit(p, b',"operation":0,"action":0,"return_code":')
+    p = js_int(p, e.return_code)
+    o.len = p - o.data
     return 0
 
 
@@ -965,18 +978,21 @@ cdef int pack_terminal_data(SessionEvents s, const esr_event_header *hdr, int64_
 
 
 cdef int render_terminal_data(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_terminal_data_event *e = <const esr_terminal_data_event *>hdr
-    reserve(o, FIXED + 6 * <size_t>e.len)
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"tty":')
-    js_uint(o, e.tty)
-    lit(o, b',"data":')
-    if js_str(o, e.data, e.len, s.ensure_ascii):
+    p = at(o, FIXED + 6 * <size_t>e.len)
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"tty":')
+    p = js_uint(p, e.tty)
+    p = lit(p, b',"data":')
+    p = js_str(p, e.data, e.len, s.ensure_ascii)
+    if p == NULL:
         return 1
     if hdr.type == ESR_EVENT_TERMINAL_OUTPUT:
-        lit(o, b',"skipped":')
-        js_uint(o, e.skipped)
+        p = lit(p, b',"skipped":')
+        p = js_uint(p, e.skipped)
+    o.len = p - o.data
     return 0
 
 
@@ -1018,19 +1034,22 @@ cdef int pack_terminal_write(SessionEvents s, const esr_event_header *hdr, int64
 
 
 cdef int render_terminal_write(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_terminal_write_event *e = <const esr_terminal_write_event *>hdr
-    reserve(o, FIXED + 6 * 16)
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"program":')
-    if render_comm(o, hdr, s.ensure_ascii):
+    p = at(o, FIXED + 6 * 16)
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"program":')
+    p = render_comm(p, hdr, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"tty":')
-    js_uint(o, e.tty)
-    lit(o, b',"major":')
-    js_uint(o, e.major)
-    lit(o, b',"bytes":')
-    js_int(o, e.bytes)
+    p = lit(p, b',"tty":')
+    p = js_uint(p, e.tty)
+    p = lit(p, b',"major":')
+    p = js_uint(p, e.major)
+    p = lit(p, b',"bytes":')
+    p = js_int(p, e.bytes)
+    o.len = p - o.data
     return 0
 
 
@@ -1067,14 +1086,16 @@ cdef int pack_terminal_resize(SessionEvents s, const esr_event_header *hdr, int6
 
 cdef int render_terminal_resize(SessionEvents s, const esr_event_header *hdr,
                                 buf *o) except -1:
+    cdef char *p
     cdef const esr_terminal_resize_event *e = <const esr_terminal_resize_event *>hdr
-    reserve(o, FIXED)
-    lit(o, b'"tty":')
-    js_uint(o, e.tty)
-    lit(o, b',"rows":')
-    js_uint(o, e.rows)
-    lit(o, b',"cols":')
-    js_uint(o, e.cols)
+    p = at(o, FIXED)
+    p = lit(p, b'"tty":')
+    p = js_uint(p, e.tty)
+    p = lit(p, b',"rows":')
+    p = js_uint(p, e.rows)
+    p = lit(p, b',"cols":')
+    p = js_uint(p, e.cols)
+    o.len = p - o.data
     return 0
 
 
@@ -1128,36 +1149,42 @@ cdef int pack_ptrace(SessionEvents s, const esr_event_header *hdr, int64_t time,
 
 
 cdef int render_ptrace(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_ptrace_event *e = <const esr_ptrace_event *>hdr
     cdef bytes request = ptrace_request(e.request)
     cdef size_t target_n = strnlen(e.target_comm, 16)
-    reserve(o, FIXED + 6 * 32)
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"cgroup_id":')
-    js_uint(o, e.hdr.cgroup_id)
-    lit(o, b',"program":')
-    if render_comm(o, hdr, s.ensure_ascii):
+    p = at(o, FIXED + 6 * 32)
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"cgroup_id":')
+    p = js_uint(p, e.hdr.cgroup_id)
+    p = lit(p, b',"program":')
+    p = render_comm(p, hdr, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"request":')
-    js_str(o, <const char *>request, len(request), s.ensure_ascii)
-    lit(o, b',"target_pid":')
-    js_uint(o, e.target_pid)
+    p = lit(p, b',"request":')
+    p = js_str(p, <const char *>request, len(request), s.ensure_ascii)
+    if p == NULL:
+        return 1
+    p = lit(p, b',"target_pid":')
+    p = js_uint(p, e.target_pid)
     if e.target_tgid:
-        lit(o, b',"target_tgid":')
-        js_uint(o, e.target_tgid)
+        p = lit(p, b',"target_tgid":')
+        p = js_uint(p, e.target_tgid)
     if target_n:
-        lit(o, b',"target_program":')
-        if js_str(o, e.target_comm, target_n, s.ensure_ascii):
+        p = lit(p, b',"target_program":')
+        p = js_str(p, e.target_comm, target_n, s.ensure_ascii)
+        if p == NULL:
             return 1
-    lit(o, b',"return_code":')
-    js_int(o, e.return_code)
+    p = lit(p, b',"return_code":')
+    p = js_int(p, e.return_code)
     if e.flags & ESR_PTRACE_FOLLOWED:
-        lit(o, b',"followed":true')
+        p = lit(p, b',"followed":true')
     if e.flags & ESR_PTRACE_LEFT:
-        lit(o, b',"left":true')
+        p = lit(p, b',"left":true')
     if e.flags & ESR_PTRACE_AS_NAMED:
-        lit(o, b',"pid_as_named":true')
+        p = lit(p, b',"pid_as_named":true')
+    o.len = p - o.data
     return 0
 
 
@@ -1219,30 +1246,35 @@ cdef int pack_io_uring(SessionEvents s, const esr_event_header *hdr, int64_t tim
 
 
 cdef int render_io_uring(SessionEvents s, const esr_event_header *hdr, buf *o) except -1:
+    cdef char *p
     cdef const esr_io_uring_event *e = <const esr_io_uring_event *>hdr
     cdef bytes operation = io_uring_operation(e)
-    reserve(o, FIXED + 6 * 16)
-    lit(o, b'"pid":')
-    js_uint(o, e.hdr.pid)
-    lit(o, b',"cgroup_id":')
-    js_uint(o, e.hdr.cgroup_id)
-    lit(o, b',"program":')
-    if render_comm(o, hdr, s.ensure_ascii):
+    p = at(o, FIXED + 6 * 16)
+    p = lit(p, b'"pid":')
+    p = js_uint(p, e.hdr.pid)
+    p = lit(p, b',"cgroup_id":')
+    p = js_uint(p, e.hdr.cgroup_id)
+    p = lit(p, b',"program":')
+    p = render_comm(p, hdr, s.ensure_ascii)
+    if p == NULL:
         return 1
-    lit(o, b',"operation":')
-    js_str(o, <const char *>operation, len(operation), s.ensure_ascii)
-    lit(o, b',"ring_fd":')
-    js_uint(o, e.ring_fd)
-    lit(o, b',"ring_pid":')
-    js_uint(o, e.ring_pid)
+    p = lit(p, b',"operation":')
+    p = js_str(p, <const char *>operation, len(operation), s.ensure_ascii)
+    if p == NULL:
+        return 1
+    p = lit(p, b',"ring_fd":')
+    p = js_uint(p, e.ring_fd)
+    p = lit(p, b',"ring_pid":')
+    p = js_uint(p, e.ring_pid)
     if e.setup:
-        lit(o, b',"sq_entries":')
-        js_uint(o, e.sq_entries)
-        lit(o, b',"setup_flags":')
-        js_uint(o, e.setup_flags)
+        p = lit(p, b',"sq_entries":')
+        p = js_uint(p, e.sq_entries)
+        p = lit(p, b',"setup_flags":')
+        p = js_uint(p, e.setup_flags)
     else:
-        lit(o, b',"opcode":')
-        js_uint(o, e.opcode)
+        p = lit(p, b',"opcode":')
+        p = js_uint(p, e.opcode)
+    o.len = p - o.data
     return 0
 
 
@@ -1516,11 +1548,10 @@ cdef class SessionEvents:
         memset(self.counts, 0, sizeof(self.counts))
         return taken
 
-    cdef int time_text(self, int64_t ns) noexcept:
+    cdef char *time_text(self, char *p, int64_t ns) noexcept:
         """The line's time as schema.rfc3339 writes it: UTC, to the
         microsecond at most, without trailing zeros; the seconds are
-        formatted once per second. 1: a time gmtime cannot take."""
-        cdef buf *o = &self.lines
+        formatted once per second. NULL: a time gmtime cannot take."""
         cdef int64_t seconds = ns // 1000000000
         cdef int64_t micros
         cdef time_t t
@@ -1533,11 +1564,11 @@ cdef class SessionEvents:
         if seconds != self.second:
             t = seconds
             if gmtime_r(&t, &parts) == NULL:
-                return 1
+                return NULL
             self.second_len = strftime(self.second_text, sizeof(self.second_text),
                                        b"%Y-%m-%dT%H:%M:%S", &parts)
             self.second = seconds
-        w(o, self.second_text, self.second_len)
+        p = w(p, self.second_text, self.second_len)
         if micros:
             frac[0] = c'.'
             n = 6
@@ -1547,9 +1578,8 @@ cdef class SessionEvents:
             for i in range(n, 0, -1):
                 frac[i] = <char>(c'0' + micros % 10)
                 micros //= 10
-            w(o, frac, n + 1)
-        w1(o, c'Z')
-        return 0
+            p = w(p, frac, n + 1)
+        return w1(p, c'Z')
 
     cdef int line(self, const record_type *t, const esr_event_header *hdr, int64_t time,
                   uint64_t ei, size_t packed_at) except -1:
@@ -1558,18 +1588,20 @@ cdef class SessionEvents:
         cdef buf *o = &self.lines
         cdef size_t start = o.len, fields
         cdef bint rendered
-        reserve(o, FIXED + LINE_HEAD_LEN[hdr.type] + len(self.uid_prefix) + len(self.common))
-        w(o, LINE_HEAD[hdr.type], LINE_HEAD_LEN[hdr.type])
-        js_uint(o, ei)
-        lit(o, b',"uid":"')
-        w(o, <const char *>self.uid_prefix, len(self.uid_prefix))
-        js_hex12(o, ei)
-        lit(o, b'","time":"')
-        if self.time_text(time) == 0:
-            lit(o, b'",')
-            w(o, <const char *>self.common, len(self.common))
-            w1(o, c',')
-            fields = o.len
+        cdef char *p = at(
+            o, FIXED + LINE_HEAD_LEN[hdr.type] + len(self.uid_prefix) + len(self.common))
+        p = w(p, LINE_HEAD[hdr.type], LINE_HEAD_LEN[hdr.type])
+        p = js_uint(p, ei)
+        p = lit(p, b',"uid":"')
+        p = w(p, <const char *>self.uid_prefix, len(self.uid_prefix))
+        p = js_hex12(p, ei)
+        p = lit(p, b'","time":"')
+        p = self.time_text(p, time)
+        if p != NULL:
+            p = lit(p, b'",')
+            p = w(p, <const char *>self.common, len(self.common))
+            p = w1(p, c',')
+            fields = o.len = p - o.data
             # The fields reserve their own room, and room for what ends the line.
             self.ensure_ascii = False
             rendered = t.render(self, hdr, o) == 0
@@ -1578,7 +1610,7 @@ cdef class SessionEvents:
                 self.ensure_ascii = True
                 rendered = t.render(self, hdr, o) == 0
             if rendered:
-                lit(o, b"}\n")
+                o.len = lit(o.data + o.len, b"}\n") - o.data
                 if o.len - start <= MAX_LINE:
                     return 0
         o.len = start
