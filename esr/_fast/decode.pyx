@@ -1696,8 +1696,9 @@ cdef void merge_runs(entry *items, entry *tmp, Py_ssize_t n):
             start = stop
 
 
-cdef Py_ssize_t count_entries(const uint8_t *base, Py_ssize_t size) except -1:
-    """How many entries the batch holds, every length checked."""
+cdef Py_ssize_t list_entries(const uint8_t *base, Py_ssize_t size, entry *items) except -1:
+    """Each entry of the batch in items, every length checked; how many
+    there are. One pass: a flat-out batch is megabytes, past the cache."""
     cdef Py_ssize_t pos = 0, n = 0
     cdef uint32_t length
     cdef const esr_event_header *hdr
@@ -1716,6 +1717,8 @@ cdef Py_ssize_t count_entries(const uint8_t *base, Py_ssize_t size) except -1:
         if t != NULL and (length < t.fixed_size or t.size(hdr) > length):
             raise BatchError(f"damaged batch: record {n} (type {hdr.type}) of {length} bytes "
                              f"claims more")
+        items[n].offset = pos + 4
+        items[n].ts = hdr.ts_boot_ns
         pos += (4 + <Py_ssize_t>length + 7) & ~7
         n += 1
     return n
@@ -1731,8 +1734,7 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
     """
     cdef Py_ssize_t size = batch.shape[0]
     cdef const uint8_t *base = &batch[0] if size else NULL
-    cdef Py_ssize_t pos = 0, n, i
-    cdef uint32_t length
+    cdef Py_ssize_t n, i
     cdef const esr_event_header *hdr
     cdef const record_type *t
     cdef entry *items
@@ -1742,19 +1744,17 @@ def decode_batch(const uint8_t[::1] batch not None, dict sessions not None, int6
     cdef size_t packed_at
     cdef SessionEvents target = None
 
-    n = count_entries(base, size)
-    if n == 0:
+    # Room for as many entries as the batch could hold: each takes at least
+    # a length and a header, 8-aligned.
+    cdef Py_ssize_t most = size // ((4 + HEADER_SIZE + 7) & ~7) + 1
+    if size == 0:
         return 0
-    items = <entry *>malloc(2 * n * sizeof(entry))
+    items = <entry *>malloc(2 * most * sizeof(entry))
     if items == NULL:
         raise MemoryError()
-    tmp = items + n
     try:
-        for i in range(n):
-            length = (<const uint32_t *>(base + pos))[0]
-            items[i].offset = pos + 4
-            items[i].ts = (<const esr_event_header *>(base + pos + 4)).ts_boot_ns
-            pos += (4 + length + 7) & ~7
+        n = list_entries(base, size, items)
+        tmp = items + n
         merge_runs(items, tmp, n)
 
         for i in range(n):
