@@ -4,10 +4,11 @@
  * perf_event_attr (watermark at a quarter of the buffer), and only counts
  * the records per type: no decoding, no storage.
  *
- *   floor OBJECT --pages C,D,N [--cpu N]
+ *   floor OBJECT --pages C,D,N [--cpu N] [--raw-tracepoints 0|1]
  *
  * C, D, N...: per-CPU pages of each buffer, in esr_events.h's order (powers
- * of two). --cpu pins floor (default 0, -1: no pinning).
+ * of two). --cpu pins floor (default 0, -1: no pinning). --raw-tracepoints:
+ * fork, exec and exit hooked as esr hooks them on this kernel (default 0).
  *
  * Protocol, one line each way:
  *   floor prints "ready" once everything is attached;
@@ -247,7 +248,7 @@ static void print_counts(const char *name, const unsigned long long counts[ESR_B
 	printf("\"terminal_bytes\": %llu}, ", terminal_bytes);
 }
 
-#define USAGE "usage: floor OBJECT --pages C,D,N... [--cpu N]"
+#define USAGE "usage: floor OBJECT --pages C,D,N... [--cpu N] [--raw-tracepoints 0|1]"
 
 int main(int argc, char **argv)
 {
@@ -276,6 +277,10 @@ int main(int argc, char **argv)
 			cpu = strtol(argv[i + 1], &rest, 10);
 			if (*rest || !argv[i + 1][0])
 				die(NULL, "--cpu: expected a number, not %s", argv[i + 1]);
+		} else if (!strcmp(argv[i], "--raw-tracepoints")) {
+			if (strcmp(argv[i + 1], "0") && strcmp(argv[i + 1], "1"))
+				die(NULL, "--raw-tracepoints: expected 0 or 1, not %s", argv[i + 1]);
+			settings.raw_tracepoints = argv[i + 1][0] == '1';
 		} else {
 			die(NULL, USAGE);
 		}

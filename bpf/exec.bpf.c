@@ -16,6 +16,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
 #include "session.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -342,10 +343,11 @@ static __always_inline __u16 interpreter_args(struct exec_call *call, __u64 argc
 	return argc - call->argc <= 2 * 4 ? argc - call->argc : 0;	/* 4 levels at most */
 }
 
-SEC("tp/sched/sched_process_exec")
-int exec_done(struct trace_event_raw_sched_process_exec *ctx)
+/* A successful exec of old_tid, now new_tid (a thread's exec takes over
+ * its leader's id), running filename. */
+static __always_inline int on_exec(void *ctx, __u32 old_tid, __u32 new_tid,
+				     const char *filename)
 {
-	__u32 old_tid = ctx->old_pid, new_tid = ctx->pid;
 	struct esr_task *tracked = task_after_exec(old_tid, new_tid);
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct esr_command_event *e;
@@ -396,10 +398,24 @@ int exec_done(struct trace_event_raw_sched_process_exec *ctx)
 	e->argv_size = size;
 	e->argv_len = copied;
 
-	n = bpf_probe_read_kernel_str(&e->data[copied], ESR_PATH_MAX,
-				      (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
+	n = bpf_probe_read_kernel_str(&e->data[copied], ESR_PATH_MAX, filename);
 	e->path_len = n > 0 ? n : 0;
 	describe_exe(e, task, copied + e->path_len);
 	emit(ctx, &command_events, ESR_BUF_COMMAND, session, e, record_size(e));
 	return 0;
+}
+
+/* One of the two is loaded: the raw tracepoint where the kernel allows it,
+ * as it skips building the tracepoint's record (session.bpf.c). */
+SEC("tp/sched/sched_process_exec")
+int exec_done(struct trace_event_raw_sched_process_exec *ctx)
+{
+	return on_exec(ctx, ctx->old_pid, ctx->pid,
+			 (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
+}
+
+SEC("raw_tp/sched_process_exec")
+int BPF_PROG(exec_done_raw, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	return on_exec(ctx, old_pid, current_tid(), BPF_CORE_READ(bprm, filename));
 }

@@ -18,3 +18,9 @@ int BPF_PROG(probe_fentry, int dfd)
 {
 	return 0;
 }
+
+SEC("raw_tp/sched_process_exit")
+int probe_raw_tp(void *ctx)
+{
+	return 0;
+}

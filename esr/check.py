@@ -57,7 +57,9 @@ def check(config: Config) -> Iterator[tuple[str, str | None]]:
         yield f"tracefs: {err}", f"no tracefs: {err}"
         tracefs = False
     image = loader.bpf_image()
-    for tp in tracepoints(image):
+    raw_refused = loader.raw_tracepoints()
+    raw = raw_refused is None
+    for tp in tracepoints(image, raw):
         present = tracefs and os.path.exists(os.path.join(loader.TRACEFS, "events", tp, "id"))
         yield (
             f"tracepoint {tp}: {'yes' if present else 'missing'}",
@@ -68,7 +70,7 @@ def check(config: Config) -> Iterator[tuple[str, str | None]]:
     yield f"perf buffer: {'yes' if perf else 'no'}", None if perf else "no perf event array maps"
     yield f"ring buffer: {'yes' if map_type_supported('ringbuf') else 'no'} (not used)", None
 
-    helper = missing_helper(image)
+    helper = missing_helper(image, raw)
     yield (
         f"BPF helpers: {'all there' if helper is None else f'missing {helper}'}",
         None if helper is None else f"no BPF helper {helper}",
@@ -78,6 +80,13 @@ def check(config: Config) -> Iterator[tuple[str, str | None]]:
     for hook in ("kprobe", "fentry"):
         why = try_hook(probes, hook)
         yield f"{hook}: {'available' if why is None else f'unavailable ({why})'} (optional)", None
+    yield (
+        "raw tracepoints: available, fork, exec and exit hooked through them"
+        if raw
+        else f"raw tracepoints: unavailable ({raw_refused}), fork, exec and exit hooked "
+        "through tracepoints (optional)",
+        None,
+    )
 
     cgroup = config.enhanced_recording.cgroup_path or cgroup2_mount()
     yield f"cgroup v2: {cgroup or 'not mounted'} (cgroup ids only; sessions follow processes)", None

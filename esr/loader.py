@@ -9,7 +9,7 @@ import os
 from importlib import resources
 
 from esr import __version__
-from esr._fast.probe import Probe
+from esr._fast.probe import Probe, try_hook
 from esr.config import Config
 from esr.errors import LoadError, ProbeError
 
@@ -19,6 +19,13 @@ BPFFS = "/sys/fs/bpf"
 
 def bpf_image(name: str = "esr.bpf.o") -> bytes:
     return resources.files("esr.bpf").joinpath(name).read_bytes()
+
+
+def raw_tracepoints() -> str | None:
+    """None where this kernel loads and attaches a raw tracepoint program,
+    which fork, exec and exit are then hooked through (session.bpf.c), or
+    why not."""
+    return try_hook(bpf_image("feature_probe.bpf.o"), "raw_tp")
 
 
 def kernel_dev(st_dev: int) -> int:
@@ -76,6 +83,7 @@ def load(
     handed: dict[str, int] | None = None,
     owner: tuple[int, int] = (0, 0),
     keep_rings: bool = False,
+    raw: bool | None = None,
 ):
     """The attached probe, or None when enhanced recording is disabled.
 
@@ -85,7 +93,8 @@ def load(
     previous one's is taken over (the daemon); handed: what that one left in
     systemd's descriptor store; owner: the data dir's (st_dev, st_ino);
     keep_rings: the rings go to that store, and what they hold is kept for
-    the next recorder."""
+    the next recorder. raw: whether fork, exec and exit go through raw
+    tracepoints; by default, wherever the kernel allows it."""
     if not config.enhanced_recording.enabled:
         return None
     if os.geteuid() != 0:
@@ -115,6 +124,7 @@ def load(
             owner=owner,
             version=__version__,
             keep_rings=keep_rings,
+            raw_tracepoints=raw_tracepoints() is None if raw is None else raw,
         )
     except ProbeError as err:
         reason = str(err)

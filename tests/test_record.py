@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from esr import recording, seal
-from helpers import ESR, ROOT, commands, executed, free_port, listener, sid_from_stderr
+from esr import loader, recording, seal
+from esr.config import Config
+from esr.datadir import DataDir
+from esr.recorder import Recorder
+from helpers import ESR, ROOT, Esr, commands, executed, free_port, listener, sid_from_stderr
 
 pytestmark = pytest.mark.usefixtures("bpf")
 
@@ -369,6 +372,37 @@ def test_double_forked_daemon_is_recorded_after_the_shell_exits(esr, tmp_path):
     assert opened(events, str(marker))
     leave = [e for e in events if e["event"] == "session.leave"]
     assert leave and leave[0]["live_tasks"] > 0
+    assert events[-1]["event"] == "session.end" and events[-1]["reason"] == "exited"
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw tracepoints", "tracepoints"])
+def test_forks_execs_and_exits_are_followed_through_either_hook(tmp_path, raw):
+    if raw and (why := loader.raw_tracepoints()):
+        pytest.skip(f"this kernel refuses raw tracepoints: {why}")
+    config = Config(data_dir=str(tmp_path / "data"))
+    probe = loader.load(config, raw=raw)
+    assert probe.raw_tracepoints == raw
+    recorder = Recorder(config, probe, DataDir(config.data_dir))
+    try:
+        shell = subprocess.Popen(
+            [
+                "/usr/bin/sh",
+                "-c",
+                "read go; /usr/bin/sh -c '/usr/bin/head -c1 /etc/hostname' & wait",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+        )
+        session = recorder.open_session(login="t", user="t", seed_pid=shell.pid)
+        shell.communicate(b"go\n", timeout=30)
+        recorder.flush()
+        # Every thread's exit was seen: the session ended with its last one.
+        assert session.sid not in recorder.registry.by_sid
+    finally:
+        recorder.close()
+    events = Esr(tmp_path / "data").events(session.sid)
+    assert ["/usr/bin/sh", "-c", "/usr/bin/head -c1 /etc/hostname"] in executed(events)
+    assert ["/usr/bin/head", "-c1", "/etc/hostname"] in executed(events)
     assert events[-1]["event"] == "session.end" and events[-1]["reason"] == "exited"
 
 

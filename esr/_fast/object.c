@@ -160,7 +160,8 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 
 /* io_uring's tracepoints vary with the kernel (io_uring.bpf.c): keep the
  * programs of those this one has, as its BTF lists their records. */
-int esr_choose_programs(struct bpf_object *obj, const char **io_uring_hook, const char **step)
+int esr_choose_programs(struct bpf_object *obj, bool raw_tracepoints,
+			const char **io_uring_hook, const char **step)
 {
 	struct esr_bpf *skel = esr_bpf__open(obj);
 	struct btf *vmlinux;
@@ -189,6 +190,14 @@ int esr_choose_programs(struct bpf_object *obj, const char **io_uring_hook, cons
 	    bpf_program__set_autoload(skel->progs.io_uring_submit_sqe, sqe)) {
 		*step = "cannot choose the io_uring programs";
 		err = -EINVAL;
+	} else if (bpf_program__set_autoload(skel->progs.track_fork, !raw_tracepoints) ||
+		   bpf_program__set_autoload(skel->progs.track_fork_raw, raw_tracepoints) ||
+		   bpf_program__set_autoload(skel->progs.exec_done, !raw_tracepoints) ||
+		   bpf_program__set_autoload(skel->progs.exec_done_raw, raw_tracepoints) ||
+		   bpf_program__set_autoload(skel->progs.untrack_exit, !raw_tracepoints) ||
+		   bpf_program__set_autoload(skel->progs.untrack_exit_raw, raw_tracepoints)) {
+		*step = "cannot choose the fork, exec and exit programs";
+		err = -EINVAL;
 	}
 	esr_bpf__destroy(skel);
 	return err;
@@ -212,7 +221,8 @@ int esr_object_prepare(struct esr_object *o, const void *image, size_t size,
 	o->skel = skel = esr_bpf__open(o->obj);
 	if (!skel)
 		return fail(o, step, "the BPF object is not esr.bpf.o", -errno);
-	if ((err = size_maps(skel, settings, step)) || (err = esr_choose_programs(o->obj, &o->io_uring_hook, step))) {
+	if ((err = size_maps(skel, settings, step)) ||
+	    (err = esr_choose_programs(o->obj, settings->raw_tracepoints, &o->io_uring_hook, step))) {
 		esr_object_close(o);
 		return err;
 	}
@@ -537,7 +547,9 @@ int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char 
 		*step = "open";
 		goto out;
 	}
-	wanted = hook == ESR_HOOK_KPROBE ? skel->progs.probe_kprobe : skel->progs.probe_fentry;
+	wanted = hook == ESR_HOOK_KPROBE ? skel->progs.probe_kprobe
+	       : hook == ESR_HOOK_FENTRY ? skel->progs.probe_fentry
+					 : skel->progs.probe_raw_tp;
 	bpf_object__for_each_program(prog, obj)
 		bpf_program__set_autoload(prog, prog == wanted);
 	if ((err = bpf_object__load(obj))) {
@@ -563,7 +575,8 @@ out:
 static const char *const helper_names[] = { __BPF_FUNC_MAPPER(HELPER_NAME) };
 #undef HELPER_NAME
 
-int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size)
+int esr_missing_helper(const void *image, size_t size, bool raw_tracepoints, char *out,
+		       size_t out_size)
 {
 	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = "esr.bpf.o");
 	/* Each helper is probed once per program type: a probe is a load. */
@@ -579,7 +592,7 @@ int esr_missing_helper(const void *image, size_t size, char *out, size_t out_siz
 	obj = bpf_object__open_mem(image, size, &opts);
 	if (!obj)
 		return -errno;
-	if ((err = esr_choose_programs(obj, &hook, &step))) {
+	if ((err = esr_choose_programs(obj, raw_tracepoints, &hook, &step))) {
 		bpf_object__close(obj);
 		return err;
 	}

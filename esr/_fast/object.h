@@ -31,6 +31,9 @@ struct esr_object_settings {
 	__u8 record_input;
 	__u64 terminal_rate;	/* output bytes per second a session may record; 0: all */
 	__u64 terminal_burst;
+	/* Fork, exec and exit through raw tracepoints (session.bpf.c): where
+	 * esr_try_hook(ESR_HOOK_RAW_TP) says the kernel allows them. */
+	bool raw_tracepoints;
 };
 
 struct esr_object {
@@ -122,19 +125,22 @@ int esr_object_buffer_fd(const struct esr_object *o, enum esr_buffer buffer);
 
 /* Whether this kernel loads and attaches one of feature_probe.bpf.o's
  * hooks: 0, or -errno with the step that failed in *step. */
-enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY };
+enum esr_hook { ESR_HOOK_KPROBE, ESR_HOOK_FENTRY, ESR_HOOK_RAW_TP };
 int esr_try_hook(const void *image, size_t size, enum esr_hook hook, const char **step);
 
 /* Leave autoloaded only the programs of obj (esr.bpf.o, opened) that this
- * kernel can run; *io_uring_hook names the io_uring tracepoint chosen, NULL
- * for none. 0, or -errno with the step that failed in *step. */
-int esr_choose_programs(struct bpf_object *obj, const char **io_uring_hook, const char **step);
+ * kernel can run, fork, exec and exit's raw tracepoint or tracepoint ones as
+ * raw_tracepoints says; *io_uring_hook names the io_uring tracepoint chosen,
+ * NULL for none. 0, or -errno with the step that failed in *step. */
+int esr_choose_programs(struct bpf_object *obj, bool raw_tracepoints,
+			const char **io_uring_hook, const char **step);
 
 /* A BPF helper that a program of the image calls and this kernel lacks,
  * among the programs esr_choose_programs keeps: writes "bpf_NAME (used by
  * PROGRAM)" into out and returns 1; 0 when it has them all, -errno when the
  * image cannot be read. */
-int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size);
+int esr_missing_helper(const void *image, size_t size, bool raw_tracepoints, char *out,
+		       size_t out_size);
 
 /* libbpf reports why a load failed through its print callback: the last
  * line it printed, or "" (captured from the first esr_object_open on). */

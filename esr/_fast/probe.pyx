@@ -134,6 +134,7 @@ cdef extern from "object.h":
         uint8_t record_input
         uint64_t terminal_rate
         uint64_t terminal_burst
+        bint raw_tracepoints
     struct esr_object:
         bpf_object *obj
         bpf_link *links[64]
@@ -143,6 +144,7 @@ cdef extern from "object.h":
     enum esr_hook:
         ESR_HOOK_KPROBE
         ESR_HOOK_FENTRY
+        ESR_HOOK_RAW_TP
     int esr_object_prepare(esr_object *o, const void *image, size_t size,
                            const esr_object_settings *settings, const char **step)
     int esr_object_load(esr_object *o, const char **step)
@@ -163,8 +165,10 @@ cdef extern from "object.h":
     int esr_track(const esr_tracking *t, uint32_t tid, const esr_task *task)
     int esr_untrack(const esr_tracking *t, uint32_t tid)
     int esr_try_hook(const void *image, size_t size, esr_hook hook, const char **step)
-    int esr_missing_helper(const void *image, size_t size, char *out, size_t out_size)
-    int esr_choose_programs(bpf_object *obj, const char **io_uring_hook, const char **step)
+    int esr_missing_helper(const void *image, size_t size, bint raw_tracepoints, char *out,
+                           size_t out_size)
+    int esr_choose_programs(bpf_object *obj, bint raw_tracepoints, const char **io_uring_hook,
+                            const char **step)
     const char *esr_libbpf_reason()
 
 cdef extern from "handover.h":
@@ -252,28 +256,32 @@ def map_type_supported(str kind):
     return libbpf_probe_bpf_map_type(map_type, NULL) == 1
 
 
+HOOKS = {"kprobe": ESR_HOOK_KPROBE, "fentry": ESR_HOOK_FENTRY, "raw_tp": ESR_HOOK_RAW_TP}
+
+
 def try_hook(bytes image not None, str hook):
-    """Load and attach the "kprobe" or "fentry" program of feature_probe.bpf.o
-    alone, and undo it. Returns None when that works, or why not."""
+    """Load and attach the "kprobe", "fentry" or "raw_tp" program of
+    feature_probe.bpf.o alone, and undo it. Returns None when that works, or
+    why not."""
     cdef const char *step = b""
-    cdef int err = esr_try_hook(<const char *>image, len(image),
-                                ESR_HOOK_KPROBE if hook == "kprobe" else ESR_HOOK_FENTRY, &step)
+    cdef int err = esr_try_hook(<const char *>image, len(image), HOOKS[hook], &step)
     return None if err == 0 else why(err, step)
 
 
-def missing_helper(bytes image not None):
+def missing_helper(bytes image not None, bint raw_tracepoints):
     """A BPF helper the programs of image call and this kernel lacks, as
-    "bpf_NAME (used by PROGRAM)", or None."""
+    "bpf_NAME (used by PROGRAM)", or None; raw_tracepoints: as Probe's."""
     cdef char out[256]
-    cdef int found = esr_missing_helper(<const char *>image, len(image), out, sizeof(out))
+    cdef int found = esr_missing_helper(<const char *>image, len(image), raw_tracepoints, out,
+                                        sizeof(out))
     if found < 0:
         raise ProbeError(-found, f"cannot read the BPF object: {strerror(-found).decode()}")
     return out.decode() if found else None
 
 
-def tracepoints(bytes image not None):
+def tracepoints(bytes image not None, bint raw_tracepoints):
     """The tracepoints the programs of image (esr.bpf.o) attach to on this
-    kernel: "category/name"."""
+    kernel, raw_tracepoints as Probe's: "category/name"."""
     cdef bpf_object *obj = bpf_object__open_mem(<const char *>image, len(image), NULL)
     cdef bpf_program *prog = NULL
     cdef const char *hook = NULL
@@ -282,7 +290,7 @@ def tracepoints(bytes image not None):
         raise ProbeError(errno, oserror("cannot read the BPF object"))
     found = set()
     try:
-        err = esr_choose_programs(obj, &hook, &step)
+        err = esr_choose_programs(obj, raw_tracepoints, &hook, &step)
         if err:
             raise ProbeError(-err, f"{step.decode()}: {strerror(-err).decode()}")
         prog = bpf_object__next_program(obj, NULL)
@@ -454,6 +462,7 @@ cdef class Probe:
     cdef frozenset session_hooks
     cdef bint on_demand     # false where their links cannot be pinned: kept attached
     cdef readonly bint session_hooks_attached
+    cdef readonly bint raw_tracepoints  # fork, exec and exit's hooks: see __init__
 
     def __cinit__(self):
         memset(&self.obj, 0, sizeof(self.obj))
@@ -483,7 +492,7 @@ cdef class Probe:
                  size_t batch_limit=64 << 20, unsigned long long ready_at=16384,
                  unsigned long long lines_at=2048,
                  str pin_dir=None, dict handed=None, tuple owner=(0, 0), str version="",
-                 bint keep_rings=False):
+                 bint keep_rings=False, bint raw_tracepoints=False):
         """Load and attach the programs of an esr.bpf.o image, or take over
         those a previous recorder left in pin_dir.
 
@@ -504,6 +513,8 @@ cdef class Probe:
         pin_dir belongs to. version: esr's, noted for the next recorder.
         keep_rings: the rings are stored for the next recorder: a keeper
         process (drain.h) keeps what they hold while no recorder runs.
+        raw_tracepoints: hook fork, exec and exit through raw tracepoints
+        (session.bpf.c), where try_hook(..., "raw_tp") says the kernel can.
         """
         cdef esr_object_settings settings
         cdef size_t pages[ESR_BUF_COUNT]
@@ -531,10 +542,12 @@ cdef class Probe:
             settings.record_input = record_input
             settings.terminal_rate = terminal_rate
             settings.terminal_burst = terminal_burst
+            settings.raw_tracepoints = raw_tracepoints
+            self.raw_tracepoints = raw_tracepoints
             fingerprint = hashlib.sha256(image + repr((
                 max_sessions, max_tasks, settings.tasks_per_session, recorder_exe_dev,
                 recorder_exe_ino, record_input,
-                terminal_rate, terminal_burst)).encode()).digest()
+                terminal_rate, terminal_burst, raw_tracepoints)).encode()).digest()
             self.nslots = max_sessions
             self.image = image
             self.settings = settings

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import IO, cast
 
-from esr import __version__, schema
+from esr import __version__, loader, schema
 from esr.bench import UNRECORDED, offline
 from esr.bench.consumers import start_esr, start_program
 from esr.config import Config
@@ -218,7 +218,17 @@ class Bench:
             )
         if mode == "floor":
             with resources.as_file(resources.files("esr.bpf").joinpath("esr.bpf.o")) as obj:
-                return start_program("C floor", [self.tools["floor"], str(obj), "--pages", pages])
+                return start_program(
+                    "C floor",
+                    [
+                        self.tools["floor"],
+                        str(obj),
+                        "--pages",
+                        pages,
+                        "--raw-tracepoints",
+                        "1" if loader.raw_tracepoints() is None else "0",
+                    ],
+                )
         if mode in ("bcc", "bcc-wk64"):
             if self.bcc_missing or not self.tools["bccpeer"]:
                 raise BenchError(self.bcc_missing or "bench/bcc/bccpeer.py is missing")

@@ -111,6 +111,12 @@ def test_esr_check_passes(booted):
     assert f"kernel: {KERNELS[kernel].version}" in check.stdout
 
 
+def test_forks_execs_and_exits_are_hooked_through_raw_tracepoints(booted):
+    # Every supported kernel has them: the tracepoints are only the fallback.
+    _kernel, _uname, check, _table = booted
+    assert "raw tracepoints: available" in check.stdout, check.stdout
+
+
 def test_esr_check_says_in_one_line_what_the_kernel_lacks(booted):
     _kernel, _uname, check, _table = booted
     if check.returncode != 0:
