@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from importlib import resources
 
@@ -21,10 +22,11 @@ def bpf_image(name: str = "esr.bpf.o") -> bytes:
     return resources.files("esr.bpf").joinpath(name).read_bytes()
 
 
+@functools.cache
 def raw_tracepoints() -> str | None:
     """None where this kernel loads and attaches a raw tracepoint program,
     which fork, exec and exit are then hooked through (session.bpf.c), or
-    why not."""
+    why not. Asked once per process: the kernel's answer does not change."""
     return try_hook(bpf_image("feature_probe.bpf.o"), "raw_tp")
 
 

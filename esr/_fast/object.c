@@ -159,7 +159,8 @@ static int size_maps(struct esr_bpf *skel, const struct esr_object_settings *set
 }
 
 /* io_uring's tracepoints vary with the kernel (io_uring.bpf.c): keep the
- * programs of those this one has, as its BTF lists their records. */
+ * programs of those this one has, as its BTF lists their records. Fork,
+ * exec and exit's come twice (session.bpf.c): keep one of each pair. */
 int esr_choose_programs(struct bpf_object *obj, bool raw_tracepoints,
 			const char **io_uring_hook, const char **step)
 {

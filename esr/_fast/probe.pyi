@@ -20,7 +20,6 @@ class Probe:
     # rings, and when programs were replaced, switch_ns, maps_changed,
     # reconciled, not_carried.
     adopted: dict[str, Any] | None
-    raw_tracepoints: bool
     def __init__(
         self,
         image: bytes,
@@ -45,6 +44,8 @@ class Probe:
     ) -> None: ...
     @property
     def programs(self) -> int: ...
+    @property
+    def raw_tracepoints(self) -> bool: ...
     @property
     def io_uring_hook(self) -> str | None: ...
     @property

@@ -462,7 +462,6 @@ cdef class Probe:
     cdef frozenset session_hooks
     cdef bint on_demand     # false where their links cannot be pinned: kept attached
     cdef readonly bint session_hooks_attached
-    cdef readonly bint raw_tracepoints  # fork, exec and exit's hooks: see __init__
 
     def __cinit__(self):
         memset(&self.obj, 0, sizeof(self.obj))
@@ -543,7 +542,6 @@ cdef class Probe:
             settings.terminal_rate = terminal_rate
             settings.terminal_burst = terminal_burst
             settings.raw_tracepoints = raw_tracepoints
-            self.raw_tracepoints = raw_tracepoints
             fingerprint = hashlib.sha256(image + repr((
                 max_sessions, max_tasks, settings.tasks_per_session, recorder_exe_dev,
                 recorder_exe_ino, record_input,
@@ -1114,6 +1112,11 @@ cdef class Probe:
     def retired_names(self):
         """Names of stored descriptors this Probe let go (replaced links)."""
         return list(self.retired)
+
+    @property
+    def raw_tracepoints(self):
+        """Whether fork, exec and exit are hooked through raw tracepoints."""
+        return bool(self.settings.raw_tracepoints)
 
     @property
     def io_uring_hook(self):
